@@ -1,0 +1,58 @@
+"""`mplaunch SPEC`: boot and supervise a VM; `mplaunch --check SPEC`: validate only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from launcher import status
+from launcher.runfolder import RunFolderBusy
+from launcher.spec import SpecError, load_spec
+from launcher.status import LOG
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mplaunch",
+        description="Boot a VM whose SCSI disks are served by sandboxed, supervised emulator "
+        "processes, and supervise it until it stops.",
+    )
+    parser.add_argument("spec", help="the VM spec (TOML)")
+    parser.add_argument(
+        "--check", action="store_true", help="only validate the spec: exit 0, or 1 listing every problem"
+    )
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="count", default=0, help="more detail on stderr")
+    noise.add_argument("-q", "--quiet", action="store_true", help="errors only on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    if args.check:
+        if not args.quiet:
+            print(f"{args.spec}: ok", file=sys.stderr)
+        return 0
+    status.configure(-1 if args.quiet else args.verbose, spec.vm.name)
+    from launcher.supervisor import Supervisor
+
+    try:
+        return asyncio.run(Supervisor(spec).run())
+    except RunFolderBusy as e:
+        LOG.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The VM's lifetime, from run folder to reaped children.
+
+Theory of operation: one asyncio task per thing that can end the VM (QEMU's
+exit, a stop signal) is raced; whichever comes first starts the same orderly
+teardown: QMP quit, terminate, kill, then the emulators, then the run folder.
+Teardown is in `finally` blocks so that no path, including an error during
+start-up, leaves a child or the run folder behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass, field
+
+from launcher.accel import AccelChoice, choose_accel
+from launcher.qemu import Qemu, bind_qmp_listener
+from launcher.runfolder import RunFolder
+from launcher.spec import Spec
+from launcher.status import LOG
+from launcher.vmm import QemuFds, qemu_argv
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+@dataclass
+class VmOutcome:
+    """How the VM ended, for the exit status and the last status line."""
+
+    guest_shutdown: bool = False
+    stop_signal: str | None = None
+    events: list[str] = field(default_factory=list)
+
+
+class Supervisor:
+    """Owns one VM: its run folder, its QEMU, (later) its emulators."""
+
+    def __init__(self, spec: Spec, accel: AccelChoice | None = None) -> None:
+        self.spec = spec
+        self.accel = accel or choose_accel(spec.vm.accel)
+        self.outcome = VmOutcome()
+        self._stop = asyncio.Event()
+
+    def request_stop(self, reason: str) -> None:
+        if not self._stop.is_set():
+            LOG.info("%s received: stopping the VM", reason)
+            self.outcome.stop_signal = reason
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        try:
+            with RunFolder.acquire(self.spec.vm.run_dir) as run:
+                if run.stale_cleaned:
+                    LOG.info("cleaned a stale run folder %s", run.path)
+                LOG.info("run folder %s", run.path)
+                LOG.info("accelerator %s (%s)", self.accel.accel, self.accel.reason)
+                return await self._run_in(run)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    async def _run_in(self, run: RunFolder) -> int:
+        listener = bind_qmp_listener(run.qemu_sock)
+        fds = QemuFds(qmp_listener=listener.fileno(), vhost_user={})
+        argv = qemu_argv(self.spec, self.accel.accel, fds)
+        qemu: Qemu | None = None
+        try:
+            if self._stop.is_set():
+                return EXIT_OK
+            qemu = await Qemu.start(
+                self.spec.vm.name, argv, fds.all(), run.qemu_sock, self.spec.vm.console == "stdio"
+            )
+            listener.close()
+            LOG.info("QEMU started (pid %d)", qemu.pid)
+            return await self._supervise(qemu)
+        finally:
+            listener.close()
+            if qemu is not None:
+                status = await qemu.stop()
+                LOG.info("QEMU exited (%s)", _describe_status(status))
+            LOG.info("stopped")
+
+    async def _supervise(self, qemu: Qemu) -> int:
+        stop = asyncio.create_task(self._stop.wait())
+        connect = asyncio.create_task(qemu.connect())
+        try:
+            await asyncio.wait({connect, stop, qemu.exited}, return_when=asyncio.FIRST_COMPLETED)
+            if connect.done() and connect.exception() is None:
+                LOG.debug("connected to QEMU's QMP")
+                events = asyncio.create_task(self._follow_events(qemu))
+                try:
+                    await asyncio.wait({stop, qemu.exited}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    events.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await events
+            elif connect.done() and not qemu.exited.done():
+                LOG.error("cannot talk to QEMU: %s", connect.exception())
+                return EXIT_FAILED
+        finally:
+            for task in (stop, connect):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self._stop.is_set():
+            return EXIT_OK
+        status = await qemu.exited
+        if self.outcome.guest_shutdown and status == 0:
+            return EXIT_OK
+        LOG.error("QEMU died unexpectedly (%s)", _describe_status(status))
+        return EXIT_FAILED
+
+    async def _follow_events(self, qemu: Qemu) -> None:
+        async for name, data in qemu.events():
+            self.outcome.events.append(name)
+            if name == "SHUTDOWN":
+                self.outcome.guest_shutdown = bool(data.get("guest"))
+                LOG.info("guest %s", "powered off" if data.get("guest") else "shut down")
+            elif name == "RESET":
+                LOG.info("guest reset%s", "" if data.get("guest") else " (by the host)")
+            elif name == "STOP":
+                LOG.info("VM paused")
+            elif name == "RESUME":
+                LOG.info("VM running")
+            else:
+                LOG.debug("QEMU event %s %s", name, data)
+
+
+def _describe_status(status: int) -> str:
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"status {status}"

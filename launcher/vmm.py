@@ -1,0 +1,90 @@
+"""QEMU's command line, built from the spec: pure, so tests read it directly.
+
+Choices that matter for what follows:
+- guest RAM is a shared memfd (memory-backend-memfd, share=on, bound to a
+  NUMA node) because vhost-user emulators map the same pages;
+- every socket QEMU uses is made by mplaunch and handed over as an fd, so no
+  path is raced and QEMU's own sandbox can forbid it from opening more;
+- -nodefaults and -no-user-config: the guest sees only what the spec names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from launcher.spec import Accel, Spec
+
+QEMU_BINARY = "qemu-system-x86_64"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True, slots=True)
+class QemuFds:
+    """Descriptors QEMU inherits: its QMP listening socket and, per
+    controller id, its end of the vhost-user socket."""
+
+    qmp_listener: int
+    vhost_user: Mapping[str, int]
+
+    def all(self) -> list[int]:
+        return [self.qmp_listener, *self.vhost_user.values()]
+
+
+def chardev_id(controller_id: str) -> str:
+    return f"vhost-{controller_id}"
+
+
+def qemu_argv(spec: Spec, accel: Accel, fds: QemuFds, binary: str = QEMU_BINARY) -> list[str]:
+    """The complete argv; `accel` is already resolved (never AUTO)."""
+    if accel is Accel.AUTO:
+        raise ValueError("resolve accel = auto before building QEMU's command line")
+    vm = spec.vm
+    mem = f"{vm.memory // (1024 * 1024)}M"
+    argv = [
+        binary,
+        "-name", f"guest={vm.name},debug-threads=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-machine", "q35",
+        "-accel", str(accel),
+        "-cpu", "host" if accel is Accel.KVM else "max",
+        "-smp", str(vm.cpus),
+        "-m", mem,
+        "-object", f"memory-backend-memfd,id=ram0,size={mem},share=on",
+        "-numa", "node,memdev=ram0",
+        "-chardev", f"socket,id=qmp,fd={fds.qmp_listener},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-sandbox", SANDBOX,
+    ]
+    if vm.kernel is not None:
+        argv += ["-kernel", str(vm.kernel)]
+        if vm.initrd is not None:
+            argv += ["-initrd", str(vm.initrd)]
+        if vm.append:
+            argv += ["-append", vm.append]
+    argv += _console_args(vm.console)
+    for controller in spec.controllers:
+        chardev = chardev_id(controller.id)
+        argv += [
+            "-chardev", f"socket,id={chardev},fd={fds.vhost_user[controller.id]}",
+            "-device",
+            f"vhost-user-scsi-pci,id={controller.id},chardev={chardev},num_queues={controller.queues}",
+        ]
+    return argv
+
+
+def _console_args(console: str) -> list[str]:
+    if console == "none":
+        return []
+    if console == "stdio":
+        # signal=on keeps Ctrl-C a signal (to mplaunch and QEMU), not a byte for the guest.
+        return ["-chardev", "stdio,id=console,signal=on", "-serial", "chardev:console"]
+    path = escape_option(console)
+    return ["-chardev", f"file,id=console,path={path}", "-serial", "chardev:console"]
+
+
+def escape_option(value: str) -> str:
+    """QEMU's option syntax doubles a comma that belongs to a value."""
+    return value.replace(",", ",,")
