@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("spec", help="the VM spec (TOML)")
     parser.add_argument(
-        "--check", action="store_true", help="only validate the spec: exit 0, or 1 listing every problem"
+        "--check",
+        action="store_true",
+        help="only validate the spec: exit 0, or 1 listing every problem",
     )
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="count", default=0, help="more detail on stderr")

@@ -87,7 +87,9 @@ class Qemu:
 
     async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         async for event in self.qmp.events:
-            yield event["event"], event.get("data", {})
+            name = str(event["event"])
+            data = event.get("data", {})
+            yield name, data if isinstance(data, dict) else {}
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         return await self.qmp.execute(command, arguments)
@@ -97,7 +99,8 @@ class Qemu:
         if not self.exited.done() and self.qmp.runstate.name == "RUNNING":
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.execute("quit"), QUIT_TIMEOUT)
-        for sig, timeout in ((None, QUIT_TIMEOUT), (signal.SIGTERM, TERM_TIMEOUT), (signal.SIGKILL, None)):
+        steps = ((None, QUIT_TIMEOUT), (signal.SIGTERM, TERM_TIMEOUT), (signal.SIGKILL, None))
+        for sig, timeout in steps:
             if self.exited.done():
                 break
             if sig is not None:

@@ -35,26 +35,6 @@ from typing import Any, TypeVar
 
 from launcher.sizes import SIZE_SYNTAX, G, M, format_size, parse_size
 
-__all__ = [
-    "CONSOLE_NONE",
-    "CONSOLE_STDIO",
-    "Accel",
-    "ControllerSpec",
-    "DiskSpec",
-    "EmulatorKind",
-    "EmulatorSpec",
-    "GiveUpAction",
-    "RestartMode",
-    "SandboxMode",
-    "Spec",
-    "SpecError",
-    "VmConfig",
-    "load_spec",
-    "parse_size",
-    "parse_spec",
-    "render_value",
-]
-
 
 class Accel(StrEnum):
     """How QEMU runs the guest's CPUs. ``auto`` means KVM if usable, else TCG."""
@@ -176,24 +156,15 @@ class Spec:
 
     def emulator(self, emulator_id: str) -> EmulatorSpec:
         """The emulator with this id; KeyError if there is none."""
-        for emulator in self.emulators:
-            if emulator.id == emulator_id:
-                return emulator
-        raise KeyError(emulator_id)
+        return _by_id(self.emulators, emulator_id)
 
     def controller(self, controller_id: str) -> ControllerSpec:
         """The controller with this id; KeyError if there is none."""
-        for controller in self.controllers:
-            if controller.id == controller_id:
-                return controller
-        raise KeyError(controller_id)
+        return _by_id(self.controllers, controller_id)
 
     def disk(self, disk_id: str) -> DiskSpec:
         """The disk with this id; KeyError if there is none."""
-        for disk in self.disks:
-            if disk.id == disk_id:
-                return disk
-        raise KeyError(disk_id)
+        return _by_id(self.disks, disk_id)
 
     def controllers_of(self, emulator_id: str) -> tuple[ControllerSpec, ...]:
         """The controllers ``emulator_id`` serves, in spec order."""
@@ -202,6 +173,16 @@ class Spec:
     def disks_of(self, controller_id: str) -> tuple[DiskSpec, ...]:
         """The disks attached to ``controller_id``, in spec order."""
         return tuple(d for d in self.disks if d.controller == controller_id)
+
+
+_Item = TypeVar("_Item", EmulatorSpec, ControllerSpec, DiskSpec)
+
+
+def _by_id(items: tuple[_Item, ...], ident: str) -> _Item:
+    for item in items:
+        if item.id == ident:
+            return item
+    raise KeyError(ident)
 
 
 class SpecError(Exception):
@@ -218,6 +199,8 @@ class SpecError(Exception):
 
 # --- rendering values the way the user wrote them --------------------------
 
+_MAX_DEPTH = 3
+_MAX_ITEMS = 8
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
             "\r": "\\r"}
@@ -242,8 +225,12 @@ def render_key(key: object) -> str:
     return text if _BARE_KEY.fullmatch(text) else _render_string(text)
 
 
-def render_value(value: object) -> str:
-    """``value`` in TOML syntax: strings quoted, ints bare, bools true/false."""
+def render_value(value: object, depth: int = 0) -> str:
+    """``value`` in TOML syntax: strings quoted, ints bare, bools true/false.
+
+    Arrays and inline tables are cut short (deep or long ones would bury
+    the message they appear in).
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -261,11 +248,17 @@ def render_value(value: object) -> str:
         return repr(value)
     if isinstance(value, datetime.date | datetime.time):
         return value.isoformat()
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(render_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        inner = ", ".join(f"{render_key(k)} = {render_value(v)}" for k, v in value.items())
-        return "{" + (f" {inner} " if inner else "") + "}"
+    if isinstance(value, list | tuple | Mapping):
+        if isinstance(value, Mapping):
+            items = [f"{render_key(k)} = {render_value(v, depth + 1)}"
+                     for k, v in list(value.items())[:_MAX_ITEMS] if depth < _MAX_DEPTH]
+            opening, closing = "{ ", " }"
+        else:
+            items = [render_value(v, depth + 1) for v in value[:_MAX_ITEMS] if depth < _MAX_DEPTH]
+            opening, closing = "[", "]"
+        if len(value) > len(items):
+            items.append("...")
+        return opening + ", ".join(items) + closing if items else opening.strip() + closing.strip()
     return repr(value)
 
 
@@ -399,7 +392,11 @@ class _Table:
         if "\0" in value:
             self.bad(key, value, "must not contain a NUL character")
             return None
-        return base / value
+        try:
+            return (base / value).resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop, for one
+            self.bad(key, value, f"cannot be resolved: {exc}")
+            return None
 
     def file(self, key: str, path: Path | None, block_ok: bool) -> os.stat_result | None:
         """Check that ``path`` (from field ``key``) is an existing file."""
@@ -463,26 +460,20 @@ def _memory(t: _Table) -> int | None:
 
 
 def _console(t: _Table, base: Path) -> str | None:
-    value = t.data.get("console", _ABSENT)
-    if value is _ABSENT:
-        return CONSOLE_STDIO
-    rule = "must be stdio, none or a file path"
-    if not isinstance(value, str) or not value:
-        t.bad("console", value, rule)
-        return None
+    value = t.data.get("console", CONSOLE_STDIO)
     if value in (CONSOLE_STDIO, CONSOLE_NONE):
-        return value
-    if "\0" in value:
-        t.bad("console", value, "must not contain a NUL character")
+        return str(value)
+    path = t.path("console", base, "stdio, none or a file path", required=False)
+    if path is None:
         return None
-    path = base / value
-    if path.is_dir():
-        t.bad("console", value, f"is a folder; {rule}")
-        return None
-    if not path.parent.is_dir():
+    # os.path's checks answer False on any OSError (EACCES too); Path's may raise.
+    if os.path.isdir(path):
+        t.bad("console", value, "is a folder; must be stdio, none or a file path")
+    elif not os.path.isdir(path.parent):
         t.bad("console", value, "its folder does not exist")
-        return None
-    return str(path)
+    else:
+        return str(path)
+    return None
 
 
 def _uid_range(t: _Table, emulator_count: int) -> tuple[int, int] | None:
@@ -527,7 +518,7 @@ def _parse_vm(t: _Table, base: Path, emulator_count: int) -> Fields:
               "direct kernel boot")
     f["console"] = _console(t, base)
     run_dir = t.path("run_dir", base, "a path to a folder", required=False)
-    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+    if run_dir is not None and os.path.lexists(run_dir) and not os.path.isdir(run_dir):
         t.bad("run_dir", t.data["run_dir"], "exists and is not a folder")
     if run_dir is None and not t.has("run_dir") and f["name"] is not None:
         run_dir = DEFAULT_RUN_ROOT / f["name"]
@@ -712,7 +703,7 @@ def parse_spec(data: Mapping[str, Any], path: str | Path) -> Spec:
     if not isinstance(data, Mapping):
         out.add("document", "must be a TOML table")
         raise SpecError(out.lines)
-    base = Path(path).absolute().parent
+    base = Path(path).absolute().parent  # resolved per path, in _Table.path
     vm_data, arrays = _top_level(out, data)
     vm_fields: Fields | None = None
     if vm_data is not None:
@@ -733,7 +724,7 @@ def parse_spec(data: Mapping[str, Any], path: str | Path) -> Spec:
     if out.lines or vm_fields is None:
         raise SpecError(out.lines)
     return Spec(
-        path=Path(path).absolute(),
+        path=Path(path).resolve(),
         vm=VmConfig(**vm_fields),
         emulators=tuple(EmulatorSpec(**e.fields) for e in emulators),
         controllers=tuple(ControllerSpec(**c.fields) for c in controllers),
@@ -751,7 +742,9 @@ def load_spec(path: str | Path) -> Spec:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpecError([f"{file}: not UTF-8 text (bad byte at offset {exc.start})"]) from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise SpecError([f"{file}: not UTF-8 text (at line {line}, column {column})"]) from None
     try:
         data = tomllib.loads(text)
     except ValueError as exc:  # TOMLDecodeError, and tomllib's int size limit

@@ -14,6 +14,7 @@ import contextlib
 import signal
 from dataclasses import dataclass, field
 
+from launcher import emulators
 from launcher.accel import AccelChoice, choose_accel
 from launcher.qemu import Qemu, bind_qmp_listener
 from launcher.runfolder import RunFolder
@@ -31,6 +32,7 @@ class VmOutcome:
 
     guest_shutdown: bool = False
     stop_signal: str | None = None
+    emulator_died: str | None = None
     events: list[str] = field(default_factory=list)
 
 
@@ -66,27 +68,45 @@ class Supervisor:
 
     async def _run_in(self, run: RunFolder) -> int:
         listener = bind_qmp_listener(run.qemu_sock)
-        fds = QemuFds(qmp_listener=listener.fileno(), vhost_user={})
-        argv = qemu_argv(self.spec, self.accel.accel, fds)
+        resources: list[emulators.EmulatorResources] = []
+        procs: list[emulators.EmulatorProcess] = []
         qemu: Qemu | None = None
         try:
+            for emulator in self.spec.emulators:
+                resources.append(emulators.prepare(self.spec, emulator))
+            vhost = {cid: sock.fileno() for cid, sock in emulators.qemu_ends(resources)}
+            fds = QemuFds(qmp_listener=listener.fileno(), vhost_user=vhost)
+            argv = qemu_argv(self.spec, self.accel.accel, fds)
+            for res in resources:
+                if self._stop.is_set():
+                    return EXIT_OK
+                procs.append(await emulators.start(res))
+                res.close_emulator_side()
             if self._stop.is_set():
                 return EXIT_OK
             qemu = await Qemu.start(
                 self.spec.vm.name, argv, fds.all(), run.qemu_sock, self.spec.vm.console == "stdio"
             )
             listener.close()
+            for res in resources:
+                res.close()
             LOG.info("QEMU started (pid %d)", qemu.pid)
-            return await self._supervise(qemu)
+            return await self._supervise(qemu, procs)
         finally:
             listener.close()
+            for res in resources:
+                res.close()
             if qemu is not None:
                 status = await qemu.stop()
                 LOG.info("QEMU exited (%s)", _describe_status(status))
+            for proc in procs:
+                status = await proc.stop()
+                LOG.info("emulator %s exited (%s)", proc.id, _describe_status(status))
             LOG.info("stopped")
 
-    async def _supervise(self, qemu: Qemu) -> int:
+    async def _supervise(self, qemu: Qemu, procs: list[emulators.EmulatorProcess]) -> int:
         stop = asyncio.create_task(self._stop.wait())
+        watchers = [asyncio.create_task(self._watch_emulator(p)) for p in procs]
         connect = asyncio.create_task(qemu.connect())
         try:
             await asyncio.wait({connect, stop, qemu.exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -103,10 +123,12 @@ class Supervisor:
                 LOG.error("cannot talk to QEMU: %s", connect.exception())
                 return EXIT_FAILED
         finally:
-            for task in (stop, connect):
+            for task in (stop, connect, *watchers):
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+        if self.outcome.emulator_died:
+            return EXIT_FAILED
         if self._stop.is_set():
             return EXIT_OK
         status = await qemu.exited
@@ -114,6 +136,14 @@ class Supervisor:
             return EXIT_OK
         LOG.error("QEMU died unexpectedly (%s)", _describe_status(status))
         return EXIT_FAILED
+
+    async def _watch_emulator(self, proc: emulators.EmulatorProcess) -> None:
+        """Until recovery exists, a dead emulator stops the VM: its guest would hang."""
+        status = await proc.exited
+        if not self._stop.is_set():
+            LOG.error("emulator %s died (%s)", proc.id, _describe_status(status))
+            self.outcome.emulator_died = proc.id
+            self._stop.set()
 
     async def _follow_events(self, qemu: Qemu) -> None:
         async for name, data in qemu.events():

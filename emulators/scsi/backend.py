@@ -98,7 +98,7 @@ def _resolve_fallocate() -> Callable[[int, int, int, int], int] | None:
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 class FdBackend:

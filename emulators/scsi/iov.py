@@ -63,7 +63,9 @@ def gather(views: Sequence[memoryview], offset: int, length: int) -> bytes:
     return b"".join(bytes(v) for v in iov_slice(views, offset, length))
 
 
-def scatter(data: bytes | bytearray | memoryview, views: Sequence[memoryview], offset: int = 0) -> int:
+def scatter(
+    data: bytes | bytearray | memoryview, views: Sequence[memoryview], offset: int = 0
+) -> int:
     """Copy ``data`` into ``views`` from ``offset``; returns the bytes copied.
 
     Copies as much as fits: the guest's buffer may be shorter than the data

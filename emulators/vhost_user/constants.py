@@ -69,7 +69,7 @@ class HeaderFlag(enum.IntFlag):
 VERSION_MASK: Final = 0x3
 """Bits 0-1 hold the protocol version; only version 1 exists."""
 
-KNOWN_FLAGS: Final = HeaderFlag.VERSION_1 | HeaderFlag.REPLY | HeaderFlag.NEED_REPLY
+KNOWN_FLAGS: Final = int(HeaderFlag.VERSION_1 | HeaderFlag.REPLY | HeaderFlag.NEED_REPLY)
 
 HEADER = struct.Struct("<III")
 """request u32, flags u32, size u32, little-endian (the spec's byte order)."""

@@ -288,16 +288,17 @@ class GuestMemory:
             raise GuestMemoryError("range not inside guest memory", gpa, length)
         out: list[memoryview] = []
         addr, left = gpa, length
-        while left:
-            if i >= len(self._regions) or self._starts[i] != addr:
-                raise GuestMemoryError("range crosses a hole in guest memory", gpa, length)
+        while True:
             chunk = min(left, self._ends[i] - addr)
             off = addr - self._starts[i]
             out.append(self._views[i][off : off + chunk])
             addr += chunk
             left -= chunk
+            if not left:
+                return out
             i += 1
-        return out
+            if i >= len(self._starts) or self._starts[i] != addr:
+                raise GuestMemoryError("range crosses a hole in guest memory", gpa, length)
 
     # ------------------------------------------------------------------
     # copies

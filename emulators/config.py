@@ -1,0 +1,124 @@
+"""What an emulator process is told at start: its controllers, LUNs and fds.
+
+The launcher opens every file and makes every socket; the emulator receives
+descriptor numbers only, so it needs no path and no open() at all. The
+description travels as JSON in argv (the environment is empty) and is
+validated here, on the emulator's side, before anything uses it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+BLOCK_SIZES = (512, 4096)
+MAX_LUN = 255
+MAX_QUEUES = 16
+
+
+class ConfigError(ValueError):
+    """The launcher handed a description this emulator cannot serve."""
+
+
+@dataclass(frozen=True, slots=True)
+class LunConfig:
+    lun: int
+    disk_id: str
+    fd: int
+    readonly: bool
+    block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    id: str
+    socket_fd: int
+    queues: int
+    luns: tuple[LunConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorConfig:
+    id: str
+    controllers: tuple[ControllerConfig, ...]
+    control_fd: int = -1
+    state_fd: int = -1
+    first_start: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> EmulatorConfig:
+        try:
+            raw = json.loads(text)
+            return cls(
+                id=_str(raw, "id"),
+                controllers=tuple(_controller(c) for c in _list(raw, "controllers")),
+                control_fd=_int(raw, "control_fd", -1, 1 << 20),
+                state_fd=_int(raw, "state_fd", -1, 1 << 20),
+                first_start=_bool(raw, "first_start"),
+            )
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"bad emulator configuration: {e}") from None
+
+    def all_fds(self) -> list[int]:
+        fds = [fd for fd in (self.control_fd, self.state_fd) if fd >= 0]
+        for c in self.controllers:
+            fds.append(c.socket_fd)
+            fds.extend(lun.fd for lun in c.luns)
+        return fds
+
+
+def _controller(raw: Any) -> ControllerConfig:
+    luns = tuple(_lun(x) for x in _list(raw, "luns"))
+    if len({x.lun for x in luns}) != len(luns):
+        raise ValueError("duplicate LUN on a controller")
+    return ControllerConfig(
+        id=_str(raw, "id"),
+        socket_fd=_int(raw, "socket_fd", 0, 1 << 20),
+        queues=_int(raw, "queues", 1, MAX_QUEUES),
+        luns=luns,
+    )
+
+
+def _lun(raw: Any) -> LunConfig:
+    block_size = _int(raw, "block_size", 512, 4096)
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} is not one of {BLOCK_SIZES}")
+    return LunConfig(
+        lun=_int(raw, "lun", 0, MAX_LUN),
+        disk_id=_str(raw, "disk_id"),
+        fd=_int(raw, "fd", 0, 1 << 20),
+        readonly=_bool(raw, "readonly"),
+        block_size=block_size,
+    )
+
+
+def _list(raw: Any, key: str) -> list[Any]:
+    value = raw[key]
+    if not isinstance(value, list):
+        raise TypeError(f"{key} must be a list")
+    return value
+
+
+def _str(raw: Any, key: str) -> str:
+    value = raw[key]
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{key} must be a non-empty string")
+    return value
+
+
+def _bool(raw: Any, key: str) -> bool:
+    value = raw[key]
+    if not isinstance(value, bool):
+        raise TypeError(f"{key} must be a boolean")
+    return value
+
+
+def _int(raw: Any, key: str, low: int, high: int) -> int:
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{key} must be an integer from {low} to {high}, not {value!r}")
+    return value

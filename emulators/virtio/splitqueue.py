@@ -1,0 +1,448 @@
+"""The device side of a split virtqueue (virtio 1.1 section 2.6).
+
+Theory of operation
+-------------------
+Three areas in guest RAM make a split queue: the descriptor table (16 bytes
+per entry), the avail ring written by the driver (flags, idx, ring[size],
+and ``used_event`` with VIRTIO_F_EVENT_IDX) and the used ring written by us
+(flags, idx, ring[size] of (id u32, len u32), and ``avail_event`` with
+EVENT_IDX). Indexes are free-running u16 counters; a ring slot is the index
+modulo the (power of two) size.
+
+The queue keeps memoryviews of the three areas, taken once through
+:class:`GuestMemory` when the queue is built (after range checks), and reads
+fields with precompiled ``struct`` objects: no per-byte work on the hot
+path. Progress (last avail index, used index, heads in flight) is written
+through to a :class:`QueueState` so that a new emulator can resume after a
+crash; the order of those writes is what makes resuming exact, see
+:mod:`emulators.virtio.state`.
+
+Memory ordering
+---------------
+The guest runs on other CPUs while we read and write its rings. On x86,
+loads are not reordered with loads and stores not with stores, so reading
+``avail->idx`` before the ring entries, and writing used elements before
+``used->idx``, is enough -- provided each access is one machine access in
+program order, which ``struct`` pack/unpack on a memoryview are. The one
+reordering x86 does allow is a later load passing an earlier store: the
+read of ``used_event`` / avail flags after publishing ``used->idx``, and the
+re-read of ``avail->idx`` after writing ``avail_event``. Python has no fence
+primitive; we take and release a lock there, which is a locked instruction
+and so a full fence on x86. This module targets x86-64 hosts; the choice is
+kept in one function (:func:`full_fence`).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Sequence
+from typing import NoReturn
+
+from emulators.virtio.chain import DEFAULT_MAX_INDIRECT, BadChain, DescriptorChain, walk_chain
+from emulators.virtio.errors import (
+    ChainError,
+    GuestMemoryError,
+    QueueConfigError,
+    QueueError,
+    QueueFault,
+)
+from emulators.virtio.memory import GuestMemory
+from emulators.virtio.state import (
+    W_BATCH_LEN,
+    W_COUNTERS,
+    W_LAST_AVAIL,
+    W_NEXT_COUNTER,
+    W_USED,
+    QueueState,
+    ResumePlan,
+    reset_state,
+    resume,
+)
+
+__all__ = [
+    "MAX_QUEUE_SIZE",
+    "VRING_AVAIL_F_NO_INTERRUPT",
+    "SplitQueue",
+    "full_fence",
+    "vring_need_event",
+]
+
+#: Largest split queue size the spec allows (2.6: "Queue Size ... maximum 32768").
+MAX_QUEUE_SIZE = 32768
+VRING_AVAIL_F_NO_INTERRUPT = 1
+
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+_U32_MAX = 0xFFFF_FFFF
+
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """Order earlier stores before later loads (see module docstring)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """True if moving an index from ``old_idx`` to ``new_idx`` passed ``event_idx``.
+
+    Virtio 1.1 section 2.6.7.2 / 2.6.10: all arithmetic is modulo 2**16, so
+    it works across the wrap at 65535.
+    """
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+def _ring_view(memory: GuestMemory, gpa: int, length: int, what: str) -> memoryview:
+    try:
+        return memory.view(gpa, length)
+    except GuestMemoryError as exc:
+        raise QueueConfigError(f"{what} not inside guest memory: {exc}") from exc
+
+
+class SplitQueue:
+    """One split virtqueue, device side. Not thread-safe: one owner loop."""
+
+    __slots__ = (
+        "_memory",
+        "_size",
+        "_mask",
+        "_event_idx",
+        "_indirect",
+        "_max_indirect",
+        "_state",
+        "_words",
+        "_batch_base",
+        "_desc",
+        "_avail",
+        "_used",
+        "_used_event_off",
+        "_avail_event_off",
+        "_last_avail",
+        "_used_idx",
+        "_inflight",
+        "_signalled_used",
+        "_signalled_valid",
+        "_broken",
+    )
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_gpa: int,
+        avail_gpa: int,
+        used_gpa: int,
+        *,
+        event_idx: bool,
+        state: QueueState,
+        indirect: bool = True,
+        max_size: int = MAX_QUEUE_SIZE,
+        max_indirect: int = DEFAULT_MAX_INDIRECT,
+    ) -> None:
+        """Check the ring layout (2.6) and attach to it; ``state`` is not changed.
+
+        ``indirect`` says whether VIRTIO_F_INDIRECT_DESC was negotiated and
+        ``event_idx`` whether VIRTIO_F_EVENT_IDX was. For a fresh start call
+        :meth:`set_base`; after an emulator restart call :meth:`resume`.
+        """
+        if not 0 < size <= max_size or size & (size - 1):
+            raise QueueConfigError(
+                f"queue size {size} is not a power of two between 1 and {max_size}"
+            )
+        if state.size != size:
+            raise QueueConfigError(f"state holds {state.size} heads, queue size is {size}")
+        # 2.6: descriptor table 16-byte aligned, avail ring 2, used ring 4.
+        for what, gpa, align in (
+            ("descriptor table", desc_gpa, 16),
+            ("avail ring", avail_gpa, 2),
+            ("used ring", used_gpa, 4),
+        ):
+            if gpa % align:
+                raise QueueConfigError(f"{what} at {gpa:#x} is not {align}-byte aligned")
+        extra = 2 if event_idx else 0
+        self._desc = _ring_view(memory, desc_gpa, 16 * size, "descriptor table")
+        self._avail = _ring_view(memory, avail_gpa, 4 + 2 * size + extra, "avail ring")
+        self._used = _ring_view(memory, used_gpa, 4 + 8 * size + extra, "used ring")
+        self._memory = memory
+        self._size = size
+        self._mask = size - 1
+        self._event_idx = event_idx
+        self._indirect = indirect
+        self._max_indirect = max_indirect
+        self._state = state
+        self._words = state.words
+        self._batch_base = W_COUNTERS + size
+        self._used_event_off = 4 + 2 * size
+        self._avail_event_off = 4 + 8 * size
+        self._last_avail = state.last_avail_idx & 0xFFFF
+        self._used_idx = state.used_idx & 0xFFFF
+        self._inflight = sum(1 for h in range(size) if state.counter(h))
+        self._signalled_used = 0
+        self._signalled_valid = False
+        self._broken: QueueError | None = None
+
+    # ------------------------------------------------------------------
+    # properties
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def inflight(self) -> int:
+        """Heads taken and not yet completed (progress counters, heartbeat)."""
+        return self._inflight
+
+    @property
+    def broken(self) -> QueueError | None:
+        """The error that stopped the queue, or None while it works."""
+        return self._broken
+
+    @property
+    def used_idx(self) -> int:
+        return self._used_idx
+
+    def avail_idx(self) -> int:
+        """The driver's current ``avail->idx``."""
+        return int(_U16.unpack_from(self._avail, 2)[0])
+
+    def guest_used_idx(self) -> int:
+        """``used->idx`` as the guest sees it (equal to ours except mid-publish)."""
+        return int(_U16.unpack_from(self._used, 2)[0])
+
+    # ------------------------------------------------------------------
+    # base (SET_VRING_BASE / GET_VRING_BASE)
+
+    def set_base(self, last_avail_idx: int) -> None:
+        """Fresh start at ``last_avail_idx`` with nothing in flight.
+
+        The used index starts equal to it: a frontend sends the base it got
+        from GET_VRING_BASE, answered only once every request was completed,
+        so the guest's ``used->idx`` is the same number (0 after a reset).
+        """
+        if not 0 <= last_avail_idx <= 0xFFFF:
+            raise QueueConfigError(f"vring base {last_avail_idx} is not a u16")
+        reset_state(self._state, last_avail_idx, last_avail_idx)
+        self._last_avail = self._used_idx = last_avail_idx
+        self._inflight = 0
+        self._signalled_valid = False
+        self._broken = None
+        self._write_avail_event()
+
+    def get_base(self) -> int:
+        """The next avail index to consume (GET_VRING_BASE's answer)."""
+        return self._last_avail
+
+    def resume(self) -> ResumePlan:
+        """Resume from persisted state after a restart (see :func:`state.resume`).
+
+        Run the plan's ``rerun`` heads (via :meth:`chain_for`) and complete
+        them as usual. The next :meth:`needs_notification` answers True, so
+        an interrupt lost in the crash is delivered.
+        """
+        plan = resume(self._state, self.guest_used_idx())
+        self._last_avail = plan.last_avail_idx
+        self._used_idx = plan.used_idx
+        self._inflight = len(plan.rerun)
+        self._signalled_valid = False
+        self._write_avail_event()
+        return plan
+
+    # ------------------------------------------------------------------
+    # taking requests
+
+    def pop(self) -> DescriptorChain | BadChain | None:
+        """Take the next available chain, or None if the ring is empty.
+
+        Raises :class:`QueueError` if the guest corrupted the ring; the queue
+        then stays broken. A malformed chain is returned as :class:`BadChain`
+        (in flight; complete it with length 0).
+        """
+        if self._broken is not None:
+            raise self._broken
+        avail_idx = _U16.unpack_from(self._avail, 2)[0]
+        pending = (avail_idx - self._last_avail) & 0xFFFF
+        if not pending:
+            return None
+        if pending > self._size:
+            self._fail(QueueFault.AVAIL_IDX_JUMP, avail_idx)
+        chain = self._take()
+        self._write_avail_event()
+        return chain
+
+    def pop_all(self) -> list[DescriptorChain | BadChain]:
+        """Take every available chain; the batch form of :meth:`pop`.
+
+        With EVENT_IDX it then publishes ``avail_event``, fences and looks
+        again, so a chain added meanwhile is either returned or will be
+        kicked: a caller that drains with pop_all on each kick never misses
+        one. A QueueError raised midway loses nothing already taken: those
+        chains stay in flight and are still in the state.
+        """
+        if self._broken is not None:
+            raise self._broken
+        out: list[DescriptorChain | BadChain] = []
+        take = self._take
+        while True:
+            avail_idx = _U16.unpack_from(self._avail, 2)[0]
+            pending = (avail_idx - self._last_avail) & 0xFFFF
+            if pending > self._size:
+                self._fail(QueueFault.AVAIL_IDX_JUMP, avail_idx)
+            for _ in range(pending):
+                out.append(take())
+            if not self._event_idx:
+                return out
+            _U16.pack_into(self._used, self._avail_event_off, self._last_avail)
+            full_fence()
+            if _U16.unpack_from(self._avail, 2)[0] == self._last_avail:
+                return out
+
+    def chain_for(self, head: int) -> DescriptorChain | BadChain:
+        """Walk an in-flight head again (to re-execute it after :meth:`resume`)."""
+        if not 0 <= head < self._size or not self._words[W_COUNTERS + head]:
+            raise ValueError(f"head {head} is not in flight")
+        return self._walk(head)
+
+    def _take(self) -> DescriptorChain | BadChain:
+        last = self._last_avail
+        head: int = _U16.unpack_from(self._avail, 4 + 2 * (last & self._mask))[0]
+        if head >= self._size:
+            self._fail(QueueFault.HEAD_OUT_OF_RANGE, head)
+        words = self._words
+        if words[W_COUNTERS + head]:
+            # 2.6.13: a head is reused only after the device returned it.
+            self._fail(QueueFault.HEAD_IN_FLIGHT, head)
+        chain = self._walk(head)
+        # State order matters for resume(): see emulators.virtio.state.
+        number = words[W_NEXT_COUNTER]
+        words[W_NEXT_COUNTER] = number + 1
+        words[W_COUNTERS + head] = number
+        last = (last + 1) & 0xFFFF
+        words[W_LAST_AVAIL] = last
+        self._last_avail = last
+        self._inflight += 1
+        return chain
+
+    def _walk(self, head: int) -> DescriptorChain | BadChain:
+        try:
+            return walk_chain(
+                self._memory,
+                self._desc,
+                self._size,
+                head,
+                indirect=self._indirect,
+                max_indirect=self._max_indirect,
+            )
+        except ChainError as exc:
+            return BadChain(head, exc)
+
+    def _fail(self, fault: QueueFault, value: int) -> NoReturn:
+        self._broken = QueueError(fault, value)
+        raise self._broken
+
+    def _write_avail_event(self) -> None:
+        if self._event_idx:
+            _U16.pack_into(self._used, self._avail_event_off, self._last_avail)
+
+    # ------------------------------------------------------------------
+    # completing requests
+
+    def push_used(self, head: int, used_len: int) -> None:
+        """Complete one in-flight head; ``used_len`` is bytes written to the guest.
+
+        The one-element case of :meth:`push_used_many`, kept separate because
+        it is the common one.
+        """
+        words = self._words
+        if not 0 <= head < self._size or not words[W_COUNTERS + head]:
+            raise ValueError(f"head {head} is not in flight")
+        if not 0 <= used_len <= _U32_MAX:
+            raise ValueError(f"used length {used_len} is not a u32")
+        words[self._batch_base] = head  # P1
+        words[W_BATCH_LEN] = 1
+        used = self._used_idx
+        _USED_ELEM.pack_into(self._used, 4 + 8 * (used & self._mask), head, used_len)  # P2
+        new = (used + 1) & 0xFFFF
+        self._publish_used_idx(new)  # P3
+        words[W_COUNTERS + head] = 0  # P4
+        words[W_USED] = new  # P5
+        self._used_idx = new
+        self._inflight -= 1
+
+    def push_used_many(self, completions: Sequence[tuple[int, int]]) -> None:
+        """Complete several heads and publish ``used->idx`` once.
+
+        Completing a head that is not in flight, twice in one batch, or with
+        a length outside u32, is a bug in the caller: ValueError, and nothing
+        is written. The steps P1..P5 are those of :mod:`emulators.virtio.state`.
+        """
+        n = len(completions)
+        if not n:
+            return
+        words = self._words
+        size = self._size
+        for head, length in completions:
+            if not 0 <= head < size or not words[W_COUNTERS + head]:
+                raise ValueError(f"head {head} is not in flight")
+            if not 0 <= length <= _U32_MAX:
+                raise ValueError(f"used length {length} is not a u32")
+        if n > 1 and len({h for h, _ in completions}) != n:
+            raise ValueError("a head is completed twice in one batch")
+        # P1: remember the batch, so a crash after P3 can be settled.
+        base = self._batch_base
+        for i, (head, _) in enumerate(completions):
+            words[base + i] = head
+        words[W_BATCH_LEN] = n
+        # P2: used elements, before the index that makes them visible.
+        used = self._used_idx
+        mask = self._mask
+        pack = _USED_ELEM.pack_into
+        ring = self._used
+        for i, (head, length) in enumerate(completions):
+            pack(ring, 4 + 8 * ((used + i) & mask), head, length)
+        # P3: publish.
+        new = (used + n) & 0xFFFF
+        self._publish_used_idx(new)
+        # P4, P5: settle.
+        for head, _ in completions:
+            words[W_COUNTERS + head] = 0
+        words[W_USED] = new
+        self._used_idx = new
+        self._inflight -= n
+
+    def _publish_used_idx(self, value: int) -> None:
+        _U16.pack_into(self._used, 2, value)
+
+    # ------------------------------------------------------------------
+    # notification
+
+    def needs_notification(self) -> bool:
+        """Whether the guest wants an interrupt for what was published so far.
+
+        Without EVENT_IDX: unless the avail ring says NO_INTERRUPT (2.6.7).
+        With EVENT_IDX: if ``used->idx`` passed ``used_event`` since the last
+        call (2.6.7.2); the first call after a start or resume is always True.
+        Call it after publishing; it fences first (module docstring).
+        """
+        full_fence()
+        if not self._event_idx:
+            flags = _U16.unpack_from(self._avail, 0)[0]
+            return not flags & VRING_AVAIL_F_NO_INTERRUPT
+        new = self._used_idx
+        old = self._signalled_used
+        valid = self._signalled_valid
+        self._signalled_used = new
+        self._signalled_valid = True
+        if not valid:
+            return True
+        used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
+        return vring_need_event(used_event, new, old)
+
+    # ------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Drop the ring views (before the memory is closed or replaced)."""
+        for view in (self._desc, self._avail, self._used):
+            view.release()

@@ -1,0 +1,132 @@
+"""Emulator processes as the launcher sees them: their fds, start and stop.
+
+For every controller the launcher makes a socketpair: QEMU gets one end as
+its vhost-user chardev, the emulator the other. Disk images are opened here,
+read-only or read-write as the spec says, and only the descriptors cross
+into the emulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
+from launcher.spec import EmulatorSpec, Spec
+from launcher.status import LOG
+
+STOP_TIMEOUT = 3.0
+
+
+class DiskOpenError(Exception):
+    """A disk image named by the spec cannot be opened; no restart can help."""
+
+
+@dataclass
+class EmulatorResources:
+    """Everything one emulator is handed, and what QEMU gets in return."""
+
+    spec: EmulatorSpec
+    config: EmulatorConfig
+    qemu_ends: dict[str, socket.socket] = field(default_factory=dict)
+    emulator_ends: list[socket.socket] = field(default_factory=list)
+    disk_fds: list[int] = field(default_factory=list)
+
+    def close_emulator_side(self) -> None:
+        for sock in self.emulator_ends:
+            sock.close()
+        for fd in self.disk_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.emulator_ends.clear()
+        self.disk_fds.clear()
+
+    def close(self) -> None:
+        self.close_emulator_side()
+        for sock in self.qemu_ends.values():
+            sock.close()
+        self.qemu_ends.clear()
+
+
+def open_disk(path: str, readonly: bool) -> int:
+    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+    try:
+        return os.open(path, flags)
+    except OSError as e:
+        raise DiskOpenError(f"{path}: cannot open {'read-only' if readonly else 'read-write'}: "
+                            f"{e.strerror}") from None
+
+
+def prepare(spec: Spec, emulator: EmulatorSpec, first_start: bool = True) -> EmulatorResources:
+    """Open the disks and make the sockets of one emulator."""
+    res = EmulatorResources(emulator, EmulatorConfig(emulator.id, ()))
+    try:
+        controllers = []
+        for controller in spec.controllers_of(emulator.id):
+            qemu_end, emu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            res.qemu_ends[controller.id] = qemu_end
+            res.emulator_ends.append(emu_end)
+            luns = []
+            for disk in spec.disks_of(controller.id):
+                fd = open_disk(str(disk.image), disk.readonly)
+                res.disk_fds.append(fd)
+                luns.append(LunConfig(disk.lun, disk.id, fd, disk.readonly, disk.block_size))
+            controllers.append(
+                ControllerConfig(controller.id, emu_end.fileno(), controller.queues, tuple(luns))
+            )
+        res.config = EmulatorConfig(emulator.id, tuple(controllers), first_start=first_start)
+        return res
+    except BaseException:
+        res.close()
+        raise
+
+
+@dataclass
+class EmulatorProcess:
+    """One running emulator; `exited` completes with its wait status."""
+
+    id: str
+    process: asyncio.subprocess.Process
+    exited: asyncio.Task[int]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def stop(self) -> int:
+        for sig, timeout in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, None)):
+            if self.exited.done():
+                break
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        return await self.exited
+
+
+def emulator_argv(config: EmulatorConfig) -> list[str]:
+    return [sys.executable, "-I", "-m", "emulators", config.to_json()]
+
+
+async def start(res: EmulatorResources) -> EmulatorProcess:
+    argv = emulator_argv(res.config)
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        pass_fds=res.config.all_fds(),
+        stdin=asyncio.subprocess.DEVNULL,
+        env={},
+        start_new_session=True,
+    )
+    LOG.info("emulator %s started (pid %d)", res.spec.id, process.pid)
+    return EmulatorProcess(res.spec.id, process, asyncio.create_task(process.wait()))
+
+
+def qemu_ends(resources: list[EmulatorResources]) -> Iterator[tuple[str, socket.socket]]:
+    for res in resources:
+        yield from res.qemu_ends.items()

@@ -1,0 +1,100 @@
+"""QEMU's command line as built from specs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.spec import Accel, Spec, parse_spec
+from launcher.vmm import QemuFds, qemu_argv
+
+
+def make_spec(tmp_path: Path, **vm: object) -> Spec:
+    (tmp_path / "a.img").write_bytes(b"\0" * 4096)
+    (tmp_path / "b.img").write_bytes(b"\0" * 8192)
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    (tmp_path / "initrd.img").write_bytes(b"i")
+    data = {
+        "vm": {"name": "t1", "memory": "1G", "cpus": 2, "kernel": "vmlinuz", "initrd": "initrd.img",
+               "append": "console=ttyS0 quiet", "console": "none", **vm},
+        "emulator": [{"id": "e0"}],
+        "controller": [{"id": "scsi0", "emulator": "e0", "queues": 4},
+                       {"id": "scsi1", "emulator": "e0"}],
+        "disk": [{"id": "d0", "controller": "scsi0", "lun": 0, "image": "a.img"},
+                 {"id": "d1", "controller": "scsi1", "lun": 3, "image": "b.img", "readonly": True}],
+    }
+    return parse_spec(data, tmp_path / "vm.toml")
+
+
+def argv_pairs(argv: list[str]) -> list[tuple[str, str]]:
+    return [(argv[i], argv[i + 1]) for i in range(1, len(argv) - 1) if argv[i].startswith("-")
+            and not argv[i + 1].startswith("-")]
+
+
+FDS = QemuFds(qmp_listener=7, vhost_user={"scsi0": 9, "scsi1": 11})
+
+
+def test_memory_is_a_shared_memfd_on_a_numa_node(tmp_path: Path) -> None:
+    argv = qemu_argv(make_spec(tmp_path), Accel.TCG, FDS)
+    pairs = argv_pairs(argv)
+    assert ("-m", "1024M") in pairs
+    assert ("-object", "memory-backend-memfd,id=ram0,size=1024M,share=on") in pairs
+    assert ("-numa", "node,memdev=ram0") in pairs
+    assert ("-smp", "2") in pairs
+
+
+def test_isolation_defaults(tmp_path: Path) -> None:
+    argv = qemu_argv(make_spec(tmp_path), Accel.TCG, FDS)
+    assert "-nodefaults" in argv and "-no-user-config" in argv
+    sandbox = argv[argv.index("-sandbox") + 1]
+    assert sandbox.startswith("on,") and "spawn=deny" in sandbox and "elevateprivileges=deny" in sandbox
+
+
+@pytest.mark.parametrize("accel,cpu", [(Accel.TCG, "max"), (Accel.KVM, "host")])
+def test_accel_and_cpu(tmp_path: Path, accel: Accel, cpu: str) -> None:
+    pairs = argv_pairs(qemu_argv(make_spec(tmp_path), accel, FDS))
+    assert ("-accel", str(accel)) in pairs and ("-cpu", cpu) in pairs
+
+
+def test_auto_must_be_resolved_first(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="resolve accel"):
+        qemu_argv(make_spec(tmp_path), Accel.AUTO, FDS)
+
+
+def test_qmp_is_the_passed_listening_fd(tmp_path: Path) -> None:
+    pairs = argv_pairs(qemu_argv(make_spec(tmp_path), Accel.TCG, FDS))
+    assert ("-chardev", "socket,id=qmp,fd=7,server=on,wait=off") in pairs
+    assert ("-mon", "chardev=qmp,mode=control") in pairs
+
+
+def test_one_vhost_user_scsi_device_per_controller(tmp_path: Path) -> None:
+    pairs = argv_pairs(qemu_argv(make_spec(tmp_path), Accel.TCG, FDS))
+    assert ("-chardev", "socket,id=vhost-scsi0,fd=9") in pairs
+    assert ("-device", "vhost-user-scsi-pci,id=scsi0,chardev=vhost-scsi0,num_queues=4") in pairs
+    assert ("-chardev", "socket,id=vhost-scsi1,fd=11") in pairs
+    assert ("-device", "vhost-user-scsi-pci,id=scsi1,chardev=vhost-scsi1,num_queues=1") in pairs
+
+
+def test_direct_kernel_boot(tmp_path: Path) -> None:
+    pairs = argv_pairs(qemu_argv(make_spec(tmp_path), Accel.TCG, FDS))
+    assert ("-kernel", str(tmp_path / "vmlinuz")) in pairs
+    assert ("-initrd", str(tmp_path / "initrd.img")) in pairs
+    argv = qemu_argv(make_spec(tmp_path), Accel.TCG, FDS)
+    assert argv[argv.index("-append") + 1] == "console=ttyS0 quiet"
+
+
+def test_console_none_has_no_serial(tmp_path: Path) -> None:
+    argv = qemu_argv(make_spec(tmp_path), Accel.TCG, FDS)
+    assert "-serial" not in argv
+
+
+def test_console_stdio_keeps_ctrl_c_a_signal(tmp_path: Path) -> None:
+    pairs = argv_pairs(qemu_argv(make_spec(tmp_path, console="stdio"), Accel.TCG, FDS))
+    assert ("-chardev", "stdio,id=console,signal=on") in pairs
+    assert ("-serial", "chardev:console") in pairs
+
+
+def test_console_file_is_relative_to_the_spec_and_escaped(tmp_path: Path) -> None:
+    pairs = argv_pairs(qemu_argv(make_spec(tmp_path, console="con,sole.log"), Accel.TCG, FDS))
+    assert ("-chardev", f"file,id=console,path={tmp_path}/con,,sole.log") in pairs
