@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from launcher.spec import Accel, Spec
 
 QEMU_BINARY = "qemu-system-x86_64"
+KVM_CPU = "host"
+TCG_CPU = "max"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -49,7 +51,7 @@ def qemu_argv(spec: Spec, accel: Accel, fds: QemuFds, binary: str = QEMU_BINARY)
         "-display", "none",
         "-machine", "q35",
         "-accel", str(accel),
-        "-cpu", "host" if accel is Accel.KVM else "max",
+        "-cpu", KVM_CPU if accel is Accel.KVM else TCG_CPU,
         "-smp", str(vm.cpus),
         "-m", mem,
         "-object", f"memory-backend-memfd,id=ram0,size={mem},share=on",

@@ -137,8 +137,9 @@ _Parse = Callable[[Request, bytes], Payload]
 _FdCount = Callable[[Payload], int]
 
 
-def _fixed(cls: type[U64 | VringState | VringAddr | VringFd | SingleMemoryRegion
-                     | LogDescription]) -> _Parse:
+def _fixed(
+    cls: type[U64 | VringState | VringAddr | VringFd | SingleMemoryRegion | LogDescription],
+) -> _Parse:
     def parse(request: Request, data: bytes) -> Payload:
         if len(data) != cls.SIZE:
             raise RemoteProtocolError(

@@ -538,4 +538,3 @@ def _check_regions(regions: tuple[MemoryRegion, ...]) -> None:
         for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
             if start < end:
                 raise _Refused(f"memory regions overlap at {key} {start:#x}")
-

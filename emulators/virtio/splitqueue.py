@@ -52,7 +52,7 @@ from emulators.virtio.state import (
     W_BATCH_LEN,
     W_COUNTERS,
     W_LAST_AVAIL,
-    W_NEXT_COUNTER,
+    W_LAST_COUNTER,
     W_USED,
     QueueState,
     ResumePlan,
@@ -316,8 +316,8 @@ class SplitQueue:
             self._fail(QueueFault.HEAD_IN_FLIGHT, head)
         chain = self._walk(head)
         # State order matters for resume(): see emulators.virtio.state.
-        number = words[W_NEXT_COUNTER]
-        words[W_NEXT_COUNTER] = number + 1
+        number = words[W_LAST_COUNTER] + 1
+        words[W_LAST_COUNTER] = number
         words[W_COUNTERS + head] = number
         last = (last + 1) & 0xFFFF
         words[W_LAST_AVAIL] = last

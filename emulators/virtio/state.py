@@ -12,15 +12,18 @@ production. Every field is a u64 word; the layout is::
 
     word 0              last_avail_idx   (0..65535)
     word 1              used_idx         (0..65535, as last settled)
-    word 2              next_counter     (next submission number, starts at 1)
+    word 2              last_counter     (last submission number handed out)
     word 3              batch_len        (entries in the batch being published)
     words 4 .. 4+N      counter[head]    (0 = free, else submission number)
     words 4+N .. 4+2N   batch[i]         (heads of the batch being published)
 
+An all-zero buffer is a valid state: index 0, nothing in flight.
+
 The queue updates it in this order (crash-safe at every step):
 
 taking a head (``pop``)
-    1. ``next_counter += 1`` (a number is used up even if we die now)
+    1. ``number = last_counter + 1; last_counter = number`` (a number is
+       used up even if we die now)
     2. ``counter[head] = number``   -- the head is in flight
     3. ``last_avail_idx += 1``
 
@@ -71,7 +74,7 @@ __all__ = [
 #: Word offsets of the layout (module docstring).
 W_LAST_AVAIL = 0
 W_USED = 1
-W_NEXT_COUNTER = 2
+W_LAST_COUNTER = 2
 W_BATCH_LEN = 3
 W_COUNTERS = 4
 _HEADER_WORDS = 4
@@ -104,7 +107,7 @@ class QueueState(Protocol):
 
     last_avail_idx: int
     used_idx: int
-    next_counter: int
+    last_counter: int
     batch_len: int
 
     def counter(self, head: int) -> int:
@@ -163,11 +166,11 @@ class BufferQueueState:
         self._words[1] = value
 
     @property
-    def next_counter(self) -> int:
+    def last_counter(self) -> int:
         return self._words[2]
 
-    @next_counter.setter
-    def next_counter(self, value: int) -> None:
+    @last_counter.setter
+    def last_counter(self, value: int) -> None:
         self._words[2] = value
 
     @property
@@ -210,7 +213,7 @@ def reset_state(state: QueueState, last_avail_idx: int, used_idx: int) -> None:
         if state.counter(head):
             state.set_counter(head, 0)
     state.batch_len = 0
-    state.next_counter = 1
+    state.last_counter = 0
     state.used_idx = used_idx & 0xFFFF
     state.last_avail_idx = last_avail_idx & 0xFFFF
 
@@ -279,8 +282,6 @@ def resume(state: QueueState, guest_used_idx: int) -> ResumePlan:
         )
     state.last_avail_idx = consumed
     top = max((state.counter(h) for h in rerun), default=0)
-    if state.next_counter <= top:
-        state.next_counter = top + 1
-    if state.next_counter == 0:
-        state.next_counter = 1
+    if state.last_counter < top:
+        state.last_counter = top
     return ResumePlan(consumed, used, tuple(rerun), tuple(retired))

@@ -1,0 +1,20 @@
+"""The test guest: Debian's cloud kernel with a busybox initramfs whose /init
+runs a workload chosen on the kernel command line and reports on the serial
+console. ``python -m launcher.guest build`` makes it; tests and the launcher
+call :func:`ensure_guest`."""
+
+from .builder import GuestBuildError, GuestImage, ensure_guest
+from .report import BASE_APPEND, GuestReport, Then, Workload, kernel_append, parse_report, reports
+
+__all__ = [
+    "BASE_APPEND",
+    "GuestBuildError",
+    "GuestImage",
+    "GuestReport",
+    "Then",
+    "Workload",
+    "ensure_guest",
+    "kernel_append",
+    "parse_report",
+    "reports",
+]

@@ -90,15 +90,13 @@ def write_newc(entries: Iterable[CpioEntry], *, mtime: int = 0) -> bytes:
     """
     chunks: list[bytes] = []
     seen: set[str] = set()
-    ino = 0
-    for entry in entries:
+    for ino, entry in enumerate(entries, start=1):
         if entry.name in seen:
             raise ValueError(f"duplicate cpio entry {entry.name}")
         parent = entry.name.rpartition("/")[0]
         if parent and parent not in seen:
             raise ValueError(f"{entry.name} comes before its directory {parent}")
         seen.add(entry.name)
-        ino += 1
         nlink = 2 if entry.kind is EntryKind.DIRECTORY else 1
         mode = entry.kind.value | entry.perm
         chunks.append(_member(ino, entry.name, mode, nlink, entry.data, entry.rdev, mtime))

@@ -17,6 +17,7 @@
 #   MPL ERROR <what>            a failure of the guest itself (bad parameter, ...)
 #   MPL DONE workload=<name> rc=<n>
 #
+# The disks, verify and io workloads all start with the DISK lines.
 # Vendor and model have blanks squeezed and replaced with '_' so every field
 # stays one key=value word.
 #
@@ -233,6 +234,7 @@ workload_disks() {
 }
 
 workload_verify() {
+    workload_disks
     rc=0
     for name in $(disk_list | cut -d' ' -f2); do
         if is_ro "$name"; then
@@ -252,6 +254,7 @@ uptime_s() {
 }
 
 workload_io() {
+    workload_disks
     rc=0
     rm -f /run/mpl-stop
     # A console line "mpl-stop" ends the loop after the current round.

@@ -100,7 +100,9 @@ def test_vpd_without_unmap(tmp_path: Path) -> None:
 # -- simple commands ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cdb", [bytes(6), bytes((0x1B, 0, 0, 0, 1, 0)), bytes((0x1E, 0, 0, 0, 1, 0))])
+@pytest.mark.parametrize(
+    "cdb", [bytes(6), bytes((0x1B, 0, 0, 0, 1, 0)), bytes((0x1E, 0, 0, 0, 1, 0))]
+)
 def test_no_op_commands(rig: Rig, cdb: bytes) -> None:
     r = rig.cmd(cdb)
     assert r.status == 0 and r.sense_len == 0 and r.used == 108
@@ -231,7 +233,12 @@ def test_read_only_disk(tmp_path: Path) -> None:
 def test_fua_and_wce_off_flush(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
     assert rig.cmd(cdb10(0x2A, 0, 1), data_out=bytes(512)).status == 0
     assert calls == []
     assert rig.cmd(cdb10(0x2A, 0, 1, flags=0x08), data_out=bytes(512)).status == 0

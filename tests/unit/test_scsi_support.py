@@ -96,7 +96,10 @@ class Rig:
             if data_out:
                 readable.append(memoryview(bytearray(data_out)))
         else:
-            readable = [memoryview(bytearray(raw[:split_at])), memoryview(bytearray(raw[split_at:]))]
+            readable = [
+                memoryview(bytearray(raw[:split_at])),
+                memoryview(bytearray(raw[split_at:])),
+            ]
         resp = bytearray(RESP_SIZE)
         data = bytearray(data_in_len)
         writable = [memoryview(resp)]

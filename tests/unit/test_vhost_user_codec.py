@@ -383,10 +383,47 @@ def test_fuzz_any_split_of_valid_messages_decodes_the_same(
     got: list[Message] = []
     start = 0
     for bound in bounds:
-        fds = [f for end, mfds in ends if start < end <= bound for f in mfds]
-        dec.receive_data(stream[start:bound], fds)
+        chunk_fds = [f for end, mfds in ends if start < end <= bound for f in mfds]
+        dec.receive_data(stream[start:bound], chunk_fds)
         start = bound
-        while isinstance(message := dec.next_message(), Message):
-            got.append(message)
+        while isinstance(decoded := dec.next_message(), Message):
+            got.append(decoded)
     assert got == want
     assert closer.closed == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    request=st.sampled_from(sorted(SAMPLES)),
+    position=st.integers(min_value=0, max_value=200),
+    value=st.integers(min_value=0, max_value=255),
+    extra_fds=st.integers(min_value=-1, max_value=1),
+)
+def test_fuzz_mutated_messages(request: Request, position: int, value: int, extra_fds: int) -> None:
+    payload, nfds = SAMPLES[request]
+    data = bytearray(encode_request(request, payload, fds=range(nfds)))
+    data[position % len(data)] = value
+    fds = list(range(100, 100 + max(0, nfds + extra_fds)))
+    dec, closer = decoder()
+    dec.receive_data(bytes(data), fds)
+    dec.receive_data(b"")
+    delivered: list[int] = []
+    try:
+        while isinstance(message := dec.next_message(), Message):
+            delivered += message.fds
+            # Whatever decodes can be encoded again and decodes to the same message.
+            again, _ = decoder()
+            again.receive_data(
+                encode_request(
+                    message.request,
+                    message.payload,
+                    need_reply=message.need_reply,
+                    fds=message.fds,
+                ),
+                message.fds,
+            )
+            assert again.next_message() == message
+    except RemoteProtocolError:
+        assert dec.state is DecoderState.ERROR
+    dec.close()
+    assert sorted(delivered + closer.closed) == fds

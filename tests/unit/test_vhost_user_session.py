@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from emulators.vhost_user.codec import Decoder, Message, Role, encode_request
 from emulators.vhost_user.constants import (
@@ -33,6 +35,7 @@ from emulators.vhost_user.messages import (
     LogDescription,
     MemoryRegion,
     MemoryTable,
+    Payload,
     VringAddr,
     VringFd,
     VringState,
@@ -228,7 +231,7 @@ def addr(index: int, desc: int, avail: int, used: int, flags: int = 0) -> VringA
     return VringAddr(index, flags, desc + UVA, used + UVA, avail + UVA, 0)
 
 
-BAD_AFTER_INIT: list[tuple[str, Request, object, int, str]] = [
+BAD_AFTER_INIT: list[tuple[str, Request, Payload, int, str]] = [
     ("unoffered feature", Request.SET_FEATURES, U64(1 << 40), 0, "never offered"),
     ("unoffered protocol", Request.SET_PROTOCOL_FEATURES, U64(1 << 9), 0, "never offered"),
     ("ring index", Request.SET_VRING_NUM, VringState(3, 64), 0, "ring 3 does not exist"),
@@ -282,14 +285,14 @@ BAD_AFTER_INIT: list[tuple[str, Request, object, int, str]] = [
     ids=[case[0] for case in BAD_AFTER_INIT],
 )
 def test_bad_semantics_raise_and_leave_state_alone(
-    request_code: Request, payload: object, nfds: int, match: str
+    request_code: Request, payload: Payload, nfds: int, match: str
 ) -> None:
     h = SessionHarness()
     h.qemu_init()
     before = h.session.snapshot()
     fds = h.books.new(nfds)
     with pytest.raises(SessionError, match=match) as info:
-        h.send(request_code, payload, fds=fds)  # type: ignore[arg-type]
+        h.send(request_code, payload, fds=fds)
     assert info.value.request is request_code
     assert h.session.snapshot() == before
     assert h.session.state is SessionState.ERROR
@@ -344,10 +347,10 @@ def test_ring_must_fit_in_one_region_when_it_starts() -> None:
         (Request.SET_VRING_ADDR, ring_addr(0)),
     ],
 )
-def test_started_ring_refuses_changes(request_code: Request, payload: object) -> None:
+def test_started_ring_refuses_changes(request_code: Request, payload: Payload) -> None:
     h = started_harness()
     with pytest.raises(SessionError, match="ring 0 is started"):
-        h.send(request_code, payload)  # type: ignore[arg-type]
+        h.send(request_code, payload)
 
 
 def test_memory_table_that_drops_a_started_ring_is_refused() -> None:
@@ -423,3 +426,62 @@ def test_raw_bytes_through_harness_match_encoder() -> None:
     h = SessionHarness()
     data = encode_request(Request.GET_FEATURES)
     assert reply_values(h.send_raw(data)) == [U64(DEFAULT_FEATURES)]
+
+
+_FUZZ_POOL: list[tuple[Request, Payload, int]] = [
+    (Request.GET_FEATURES, None, 0),
+    (Request.SET_FEATURES, U64(DEFAULT_FEATURES), 0),
+    (Request.SET_FEATURES, U64(1 << 41), 0),
+    (Request.SET_OWNER, None, 0),
+    (Request.RESET_OWNER, None, 0),
+    (Request.GET_PROTOCOL_FEATURES, None, 0),
+    (Request.SET_PROTOCOL_FEATURES, U64(DEFAULT_PROTOCOL_FEATURES), 0),
+    (Request.GET_QUEUE_NUM, None, 0),
+    (Request.SET_MEM_TABLE, MemoryTable((region(0, RAM, UVA),)), 1),
+    (Request.SET_MEM_TABLE, MemoryTable((region(0, 0x1000, UVA), region(0x800, 1, 0))), 2),
+    (Request.SET_VRING_NUM, VringState(0, 128), 0),
+    (Request.SET_VRING_NUM, VringState(1, 3), 0),
+    (Request.SET_VRING_BASE, VringState(0, 9), 0),
+    (Request.SET_VRING_ADDR, ring_addr(0), 0),
+    (Request.SET_VRING_ADDR, ring_addr(2), 0),
+    (Request.SET_VRING_KICK, VringFd(0), 1),
+    (Request.SET_VRING_KICK, VringFd(2), 1),
+    (Request.SET_VRING_CALL, VringFd(0), 1),
+    (Request.SET_VRING_CALL, VringFd(2, no_fd=True), 0),
+    (Request.SET_VRING_ERR, VringFd(1), 1),
+    (Request.SET_VRING_ENABLE, VringState(0, 1), 0),
+    (Request.SET_VRING_ENABLE, VringState(0, 0), 0),
+    (Request.GET_VRING_BASE, VringState(0, 0), 0),
+    (Request.GET_VRING_BASE, VringState(2, 0), 0),
+    (Request.SET_LOG_FD, None, 1),
+    (Request.RESET_DEVICE, None, 0),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(st.tuples(st.sampled_from(range(len(_FUZZ_POOL))), st.booleans()), max_size=30)
+)
+def test_fuzz_session_only_refuses_and_never_leaks(steps: list[tuple[int, bool]]) -> None:
+    h = SessionHarness()
+    for pick, need_reply in steps:
+        request, payload, nfds = _FUZZ_POOL[pick]
+        before = h.session.snapshot()
+        try:
+            effects = h.send(request, payload, fds=h.books.new(nfds), need_reply=need_reply)
+        except SessionError:
+            assert h.session.snapshot() == before
+            break
+        if reply_values(effects) == [U64(1)] and request not in (
+            Request.GET_FEATURES,
+            Request.GET_QUEUE_NUM,
+        ):
+            assert h.session.snapshot() == before  # a refusal changes nothing
+        h.check_fds()
+    h.check_fds()
+    effects = h.session.close()
+    for effect in effects:
+        if isinstance(effect, CloseFds):
+            h.books.closed_by_effect.extend(effect.fds)
+    h.check_fds()
+    assert h.session.held_fds() == frozenset()

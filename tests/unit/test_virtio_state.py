@@ -201,7 +201,7 @@ def test_rerun_order_is_submission_order() -> None:
     state = MemoryQueueState(8)
     for number, head in enumerate([5, 1, 7, 0], start=1):
         state.set_counter(head, number)
-    state.next_counter = 5
+    state.last_counter = 5
     state.last_avail_idx = 4
     assert resume(state, 0).rerun == (5, 1, 7, 0)
 
@@ -234,7 +234,7 @@ def test_resume_across_index_wrap() -> None:
     state.last_avail_idx = 1
     state.set_counter(2, 10)
     state.set_counter(3, 11)
-    state.next_counter = 12
+    state.last_counter = 12
     state.batch_len = 1
     state.set_batch_head(0, 3)
     plan = resume(state, 0)  # the batch (head 3) was published: 65535 -> 0
