@@ -138,12 +138,16 @@ class Supervisor:
         return EXIT_FAILED
 
     async def _watch_emulator(self, proc: emulators.EmulatorProcess) -> None:
-        """Until recovery exists, a dead emulator stops the VM: its guest would hang."""
-        status = await proc.exited
-        if not self._stop.is_set():
-            LOG.error("emulator %s died (%s)", proc.id, _describe_status(status))
-            self.outcome.emulator_died = proc.id
-            self._stop.set()
+        """Until recovery exists, a dead emulator stops the VM: its guest would hang.
+        An emulator ends with status 0 only when QEMU closed all its connections,
+        which is QEMU going away, not a failure."""
+        status = await asyncio.shield(proc.exited)  # cancelling the watcher must not cancel this
+        if status == 0 or self._stop.is_set():
+            LOG.debug("emulator %s ended (%s)", proc.id, _describe_status(status))
+            return
+        LOG.error("emulator %s died (%s)", proc.id, _describe_status(status))
+        self.outcome.emulator_died = proc.id
+        self._stop.set()
 
     async def _follow_events(self, qemu: Qemu) -> None:
         async for name, data in qemu.events():

@@ -202,9 +202,11 @@ class ScsiTarget:
         if alloc < 16:
             raise CheckCondition(INVALID_FIELD_IN_CDB.at(6))
         body = b"" if select == 1 else b"".join(encode_lun(n) for n in sorted(self.luns))
-        if lu is not None:
+        if lu is not None and lu.state.pending_ua:
+            before = lu.state.pending_ua
             lu.state.clear_ua(UA_REPORTED_LUNS_CHANGED)
-            lu.changed()
+            if lu.state.pending_ua != before:
+                lu.changed()
         return reply(struct.pack(">I4x", len(body)) + body, alloc, data_in)
 
 

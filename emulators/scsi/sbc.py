@@ -32,7 +32,13 @@ from .sense import (
     CheckCondition,
     Status,
 )
-from .vpd import MAX_TRANSFER_BYTES, MAX_UNMAP_DESCRIPTORS, max_transfer_blocks, max_unmap_blocks
+from .vpd import (
+    MAX_TRANSFER_BYTES,
+    MAX_UNMAP_DESCRIPTORS,
+    max_transfer_blocks,
+    max_unmap_blocks,
+    max_write_same_blocks,
+)
 
 _CDB10 = struct.Struct(">xBIxH")
 _CDB12 = struct.Struct(">xBII")
@@ -236,7 +242,7 @@ def write_same(
     ndob = sixteen and bool(flags & 0x01)
     if not sixteen and flags & 0x01:
         raise CheckCondition(INVALID_FIELD_IN_CDB.at(1, 0))
-    if n == 0 or n > max_unmap_blocks(lu):
+    if n == 0 or n > max_write_same_blocks(lu):
         raise CheckCondition(INVALID_FIELD_IN_CDB.at(len_at))  # WSNZ=1, bounded
     _check_range(lu, lba, n)
     if lu.readonly:
@@ -288,12 +294,14 @@ def unmap(
     count = min(bddl, plen - 8) // 16
     if count > MAX_UNMAP_DESCRIPTORS:
         raise CheckCondition(INVALID_FIELD_IN_PARAM_LIST.at(2, in_cdb=False))
-    limit = max_unmap_blocks(lu)
+    limit = max_unmap_blocks(lu)  # for the whole command (SBC-3 6.6.4)
+    total = 0
     ranges: list[tuple[int, int]] = []
     for i in range(count):
         at = 8 + 16 * i
         lba, nb = _UNMAP_DESC.unpack_from(params, at)
-        if nb > limit:
+        total += nb
+        if total > limit:
             raise CheckCondition(INVALID_FIELD_IN_PARAM_LIST.at(at + 8, in_cdb=False))
         if lba + nb > lu.num_blocks:
             raise CheckCondition(LBA_OUT_OF_RANGE)

@@ -224,6 +224,26 @@ class VirtioScsiTarget:
         self.resp_size = RESP_FIXED + sense_size
         self.events = EventQueueState()
 
+    # -- run-time changes (the guest learns through UAs and events) -------
+
+    def add_lun(self, lun: int, lu: LogicalUnit) -> None:
+        """Hot-add: REPORTED LUNS DATA HAS CHANGED on the others, and a RESCAN event."""
+        self.scsi.add_lun(lun, lu)
+        self.events.lun_added(lun)
+
+    def remove_lun(self, lun: int) -> LogicalUnit:
+        """Hot-remove: the UA on the remaining LUNs, and a REMOVED event."""
+        lu = self.scsi.remove_lun(lun)
+        self.events.lun_removed(lun)
+        return lu
+
+    def refresh_capacity(self, lun: int) -> bool:
+        """After a resize: CAPACITY DATA HAS CHANGED as a UA and a PARAM_CHANGE event."""
+        changed = self.scsi.luns[lun].refresh_capacity()
+        if changed:
+            self.events.capacity_changed(lun)
+        return changed
+
     # -- request queues -------------------------------------------------
 
     def handle_request(

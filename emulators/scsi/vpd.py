@@ -23,8 +23,12 @@ REVISION = b"0001"
 
 MAX_TRANSFER_BYTES = 8 << 20
 OPTIMAL_TRANSFER_BYTES = 1 << 20
-MAX_UNMAP_BYTES = 1 << 30
-"""Per UNMAP descriptor and per WRITE SAME: bounded so one command stays short."""
+MAX_UNMAP_BYTES = 256 << 20
+"""Per UNMAP command (all descriptors together). Punching holes is cheap, but
+where it is impossible discard writes zeroes, and one command must stay short
+enough not to stall the event loop past the hang timeout."""
+MAX_WRITE_SAME_BYTES = 32 << 20
+"""Per WRITE SAME: a replicated block is really written, chunk by chunk."""
 MAX_UNMAP_DESCRIPTORS = 128
 UNMAP_GRANULARITY_BYTES = 4096
 """Hole punching works in filesystem blocks; smaller ranges only zero-fill."""
@@ -41,6 +45,10 @@ def max_transfer_blocks(lu: LogicalUnit) -> int:
 
 def max_unmap_blocks(lu: LogicalUnit) -> int:
     return MAX_UNMAP_BYTES // lu.block_size
+
+
+def max_write_same_blocks(lu: LogicalUnit) -> int:
+    return MAX_WRITE_SAME_BYTES // lu.block_size
 
 
 def _pad(text: str | bytes, n: int) -> bytes:
@@ -126,7 +134,7 @@ def _block_limits(lu: LogicalUnit) -> bytes:
         descriptors,
         granularity,
         0,
-        max_unmap_blocks(lu),  # maximum WRITE SAME length
+        max_write_same_blocks(lu),
     )
 
 

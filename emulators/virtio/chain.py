@@ -22,6 +22,8 @@ spec unless marked as our choice:
   descriptor that points at a table is ignored, as the spec requires.
 * device-writable descriptors come after all device-readable ones (2.6.4.2);
   the rule is applied to zero-length descriptors too.
+* a buffer may span two adjacent guest memory regions; it then gives two
+  views, so the lists may be longer than the chain.
 * our choice: zero-length descriptors are accepted and produce no view; their
   address is not checked, since nothing is ever read or written there.
 * our choice: the readable plus writable lengths may not exceed 2**32 - 1

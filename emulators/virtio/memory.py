@@ -31,6 +31,7 @@ expects zero can tell it leaked a view.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 import struct
 from collections.abc import Sequence
@@ -216,7 +217,9 @@ class GuestMemory:
             for view in buffers:
                 view.release()
             for m in maps:
-                m.close()
+                # A slice may still be referenced by the traceback's frames.
+                with contextlib.suppress(BufferError):
+                    m.close()
             raise
         # The constructor made its own slices; drop ours so close() can unmap.
         for view in buffers:

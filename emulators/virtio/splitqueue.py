@@ -221,6 +221,7 @@ class SplitQueue:
         The used index starts equal to it: a frontend sends the base it got
         from GET_VRING_BASE, answered only once every request was completed,
         so the guest's ``used->idx`` is the same number (0 after a reset).
+        It also clears a :class:`QueueError`: the ring was set up anew.
         """
         if not 0 <= last_avail_idx <= 0xFFFF:
             raise QueueConfigError(f"vring base {last_avail_idx} is not a u16")

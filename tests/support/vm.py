@@ -9,6 +9,7 @@ the guest's console file, and afterwards proves that nothing is left behind
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import shutil
@@ -217,10 +218,8 @@ class Mplaunch:
 
     def kill_all(self) -> None:
         for p in self.descendants():
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
         self.proc.kill()
         self.proc.wait()
 

@@ -80,7 +80,8 @@ def test_vpd_block_limits_and_provisioning(rig: Rig) -> None:
     max_xfer, opt_xfer = struct.unpack_from(">II", d, 8)
     assert max_xfer == 8 * MiB // 512 and opt_xfer == MiB // 512
     max_unmap, max_desc, gran = struct.unpack_from(">III", d, 20)
-    assert max_unmap > 0 and max_desc == 128 and gran == 8
+    assert max_unmap == (256 * MiB) // 512 and max_desc == 128 and gran == 8
+    assert struct.unpack_from(">Q", d, 36)[0] == 32 * MiB // 512
     d = rig.cmd(inquiry(1, 0xB1), data_in_len=255).data
     assert struct.unpack_from(">H", d, 4)[0] == 1
     d = rig.cmd(inquiry(1, 0xB2), data_in_len=255).data
@@ -578,3 +579,13 @@ def test_unmap_disabled(tmp_path: Path) -> None:
     # WRITE SAME with UNMAP still zeroes (it writes instead of punching).
     assert rig.cmd(cdb10(0x41, 0, 2, flags=0x08), data_out=bytes(512)).status == 0
     assert os.pread(rig.fd, 1024, 0) == bytes(1024)
+
+
+def test_unmap_limit_is_per_command(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, size=512 * MiB)  # sparse
+    limit = 256 * MiB // 512
+    ok = unmap_params((0, limit))
+    assert rig.cmd(unmap_cdb(len(ok)), data_out=ok).status == 0
+    over = unmap_params((0, limit // 2), (limit, limit // 2 + 1))
+    r = rig.cmd(unmap_cdb(len(over)), data_out=over)
+    assert r.is_sense(S.INVALID_FIELD_IN_PARAM_LIST) and r.field_pointer == 8 + 16 + 8

@@ -18,7 +18,7 @@ from .test_scsi_support import RESP_SIZE, Rig, parse_reply
 
 SUPPORTED = sorted({c.opcode for c in COMMANDS})
 FUZZ = settings(
-    max_examples=300,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )

@@ -325,3 +325,40 @@ def test_internal_bug_becomes_hardware_error(
     monkeypatch.setattr(rig.target, "_run", broken)
     r = rig.cmd(TUR)
     assert r.is_sense(S.INTERNAL_TARGET_FAILURE) and r.used == RESP_SIZE
+
+
+def test_target_run_time_changes_queue_events(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, luns=(0,))
+    t = rig.target
+    fd = make_disk(tmp_path, MiB, "hot")
+    t.add_lun(5, LogicalUnit(FdBackend(fd), "hot", LunState.fresh(False)))
+    os.ftruncate(fd, 2 * MiB)
+    assert t.refresh_capacity(5) is True and t.refresh_capacity(0) is False
+    t.remove_lun(5)
+    got = []
+    while t.events.pending():
+        buf = bytearray(16)
+        assert t.events.fill([memoryview(buf)]) == 16
+        event, field, reason = struct.unpack("<I8sI", buf)
+        got.append((event, field[3], reason))
+    assert got == [(1, 5, 1), (3, 5, 0x092A), (1, 5, 2)]
+    assert rig.cmd(TUR).is_sense(S.UA_REPORTED_LUNS_CHANGED)
+
+
+def test_cdb_longer_than_cdb_size(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    t = VirtioScsiTarget(rig.lus, cdb_size=10, sense_size=32)
+
+    def run(cdb: bytes) -> tuple[int, bytes]:
+        header = encode_lun_field(0) + bytes(11) + cdb[:10].ljust(10, b"\0")
+        resp = bytearray(12 + 32)
+        data = bytearray(512)
+        writable = [memoryview(resp), memoryview(data)]
+        used = t.handle_request([memoryview(bytearray(header))], writable)
+        r = parse_reply(used, resp, bytes(data))
+        assert r.status in (0, 2)
+        return r.status, r.sense
+    status, sense = run(struct.pack(">BBQIBB", 0x88, 0, 0, 1, 0, 0))
+    assert status == 2 and (sense[2], sense[12]) == (5, 0x20)
+    status, _ = run(cdb10(0x28, 0, 1))
+    assert status == 0

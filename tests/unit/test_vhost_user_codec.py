@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -317,9 +318,9 @@ def test_frontend_role_decodes_replies() -> None:
         (lambda: Config(0, 0, bytes(257)), "at most 256"),
     ],
 )
-def test_local_errors(call: object, match: str) -> None:
+def test_local_errors(call: Callable[[], object], match: str) -> None:
     with pytest.raises(LocalProtocolError, match=match):
-        call()  # type: ignore[operator]
+        call()
 
 
 @settings(max_examples=300, deadline=None)

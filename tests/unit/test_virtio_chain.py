@@ -19,10 +19,10 @@ RAM = 1 << 20
 SIZE = 16
 
 
-def setup(size: int = SIZE, **kw: bool) -> tuple[TestDriver, SplitQueue]:
+def setup(size: int = SIZE, *, indirect: bool = True) -> tuple[TestDriver, SplitQueue]:
     mem = GuestMemory.from_buffers([MemoryRegion(0, RAM, 0x7F00_0000_0000, 0)], [bytearray(RAM)])
     driver = TestDriver(mem, size, 0x1000)
-    return driver, queue_for(driver, **kw)
+    return driver, queue_for(driver, indirect=indirect)
 
 
 def good(item: DescriptorChain | BadChain | None) -> DescriptorChain:
@@ -75,7 +75,7 @@ def test_loop_is_refused_by_hop_budget() -> None:
 def test_chain_of_exactly_queue_size_is_fine() -> None:
     driver, queue = setup(size=4)
     buf = driver.alloc(64)
-    raw_chain(driver, [(buf, 1, F_NEXT, 1), (buf, 1, F_NEXT, 2), (buf, 1, F_NEXT, 3), (buf, 1, 0, 0)])
+    raw_chain(driver, [(buf, 1, F_NEXT, i + 1) for i in range(3)] + [(buf, 1, 0, 0)])
     assert good(queue.pop()).readable_len == 4
 
 

@@ -99,6 +99,7 @@ addresses = st.one_of(
 )
 lengths = st.one_of(
     st.integers(0, 64),
+    st.integers(1, 8).map(lambda n: 16 * n),  # plausible indirect tables
     st.sampled_from([0, 16, 32, 48, REGION, 2 * REGION, 0xFFFF_FFFF, 0x8000_0000]),
     st.integers(0, 2**32 - 1),
 )
@@ -110,8 +111,8 @@ descriptors = st.tuples(addresses, lengths, st.integers(0, 7), st.integers(0, 20
     size=sizes,
     table=st.lists(descriptors, min_size=16, max_size=16),
     extra=st.lists(descriptors, min_size=8, max_size=8),
-    ring=st.lists(st.integers(0, 20), min_size=16, max_size=16),
-    avail_idx=st.one_of(st.integers(0, 20), st.integers(0, 0xFFFF)),
+    ring=st.lists(st.one_of(st.integers(0, 15), st.integers(0, 20)), min_size=16, max_size=16),
+    avail_idx=st.one_of(st.integers(1, 16), st.integers(1, 4), st.integers(0, 0xFFFF)),
     event_idx=st.booleans(),
     complete=st.booleans(),
 )

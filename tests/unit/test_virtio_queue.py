@@ -19,9 +19,9 @@ def memory() -> GuestMemory:
     return GuestMemory.from_buffers([MemoryRegion(0, RAM, 0x7F00_0000_0000, 0)], [bytearray(RAM)])
 
 
-def setup(size: int = 8, **kw: bool) -> tuple[TestDriver, SplitQueue]:
+def setup(size: int = 8, *, event_idx: bool = False) -> tuple[TestDriver, SplitQueue]:
     driver = TestDriver(memory(), size, 0x1000)
-    return driver, queue_for(driver, **kw)
+    return driver, queue_for(driver, event_idx=event_idx)
 
 
 def take(queue: SplitQueue) -> DescriptorChain:

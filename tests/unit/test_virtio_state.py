@@ -73,6 +73,7 @@ class CrashQueue(SplitQueue):
     """Also counts the store of the guest's used->idx (the publication point)."""
 
     __slots__ = ("ticker",)
+    ticker: Ticker
 
     def _publish_used_idx(self, value: int) -> None:
         self.ticker.tick()

@@ -1,0 +1,5 @@
+import sys
+
+from emulators.process import main
+
+sys.exit(main(sys.argv))

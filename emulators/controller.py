@@ -1,0 +1,268 @@
+"""One virtio-scsi controller served over one vhost-user connection.
+
+Theory of operation: the control socket's bytes go through the sans-I/O
+decoder and session; the session's effects are applied here (map memory,
+watch kick eventfds, build queues). Kicks are not served as they arrive but
+collected, and served after every pending control message of this round has
+been applied: a completion signalled on a call fd that a queued
+SET_VRING_CALL is about to replace would be lost, and the guest would hang.
+
+Request queues are drained in batches: every chain available at a wake-up is
+served, the used ring is published once, and the guest is signalled once.
+The event queue's buffers stay in the avail ring until an event needs one,
+so a ring stop (GET_VRING_BASE) never strands a consumed buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from emulators.config import ControllerConfig
+from emulators.scsi.backend import FdBackend
+from emulators.scsi.lun import LogicalUnit, LunState
+from emulators.scsi.virtio_scsi import VirtioScsiTarget
+from emulators.vhost_user.codec import CONNECTION_CLOSED, Decoder, Message, Role
+from emulators.vhost_user.effects import (
+    CloseFds,
+    Effect,
+    EnableRing,
+    Reply,
+    ResetDevice,
+    SetCall,
+    SetErr,
+    SetKick,
+    SetMemTable,
+    StartRing,
+    StopRing,
+)
+from emulators.vhost_user.session import BackendSession
+from emulators.virtio.chain import BadChain
+from emulators.virtio.memory import GuestMemory, MemoryRegion
+from emulators.virtio.splitqueue import SplitQueue
+from emulators.virtio.state import MemoryQueueState
+
+LOG = logging.getLogger("emulator")
+
+CONTROL_QUEUE = 0
+EVENT_QUEUE = 1
+FIRST_REQUEST_QUEUE = 2
+VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
+VIRTIO_RING_F_EVENT_IDX = 1 << 29
+RECV_BYTES = 65536
+RECV_MAX_FDS = 16
+
+
+@dataclass
+class Ring:
+    queue: SplitQueue
+    enabled: bool
+
+
+class ControllerLoop:
+    """The I/O side of one controller; `poll_fds` says what to watch."""
+
+    def __init__(self, config: ControllerConfig, first_start: bool) -> None:
+        self.config = config
+        self.sock = socket.socket(fileno=config.socket_fd)
+        self.sock.setblocking(False)
+        self.decoder = Decoder(Role.BACKEND, close_fd=os.close)
+        self.session = BackendSession(
+            num_queues=FIRST_REQUEST_QUEUE + config.queues, ring_owner=self, close_fd=os.close
+        )
+        luns = {
+            lun.lun: LogicalUnit(
+                FdBackend(lun.fd, lun.block_size, lun.readonly),
+                lun.disk_id,
+                LunState.fresh(initial_unit_attention=first_start),
+            )
+            for lun in config.luns
+        }
+        self.target = VirtioScsiTarget(luns)
+        self.memory: GuestMemory | None = None
+        self.rings: dict[int, Ring] = {}
+        self.kick_fds: dict[int, int] = {}
+        self.call_fds: dict[int, int] = {}
+        self.pending_kicks: set[int] = set()
+        self.closed = False
+        self.completed = 0
+
+    # -- RingOwner, for GET_VRING_BASE
+
+    def vring_base(self, index: int) -> int:
+        return self.rings[index].queue.get_base()
+
+    # -- control messages
+
+    def on_socket_readable(self) -> None:
+        """Read and apply every complete control message now available."""
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, RECV_BYTES, RECV_MAX_FDS)
+        except BlockingIOError:
+            return
+        self.decoder.receive_data(data, fds)
+        while True:
+            message = self.decoder.next_message()
+            if message is CONNECTION_CLOSED:
+                LOG.info("%s: the front-end closed the connection", self.config.id)
+                self.close()
+                return
+            if not isinstance(message, Message):
+                return
+            LOG.debug("%s: %s", self.config.id, message.request.name)
+            self._apply(self.session.handle(message))
+
+    def _apply(self, effects: Sequence[Effect]) -> None:
+        for effect in effects:
+            match effect:
+                case Reply(data):
+                    self.sock.setblocking(True)
+                    try:
+                        self.sock.sendall(data)
+                    finally:
+                        self.sock.setblocking(False)
+                case SetMemTable(regions):
+                    self._unmap()
+                    if regions:
+                        self.memory = GuestMemory.from_fds(
+                            [
+                                MemoryRegion(
+                                    guest_phys_addr=r.region.guest_phys_addr,
+                                    memory_size=r.region.memory_size,
+                                    userspace_addr=r.region.userspace_addr,
+                                    mmap_offset=r.region.mmap_offset,
+                                    fd=r.fd,
+                                )
+                                for r in regions
+                            ]
+                        )
+                case SetKick(index, fd):
+                    self.kick_fds.pop(index, None)
+                    if fd is not None:
+                        self.kick_fds[index] = fd
+                        self.pending_kicks.add(index)
+                case SetCall(index, fd):
+                    self.call_fds.pop(index, None)
+                    if fd is not None:
+                        self.call_fds[index] = fd
+                        os.eventfd_write(fd, 1)  # a completion may have gone to the old one
+                case SetErr():
+                    pass
+                case StartRing(ring, features, enabled):
+                    if self.memory is None:
+                        raise RuntimeError("a ring started before any memory table")
+                    state = MemoryQueueState(ring.num)
+                    queue = SplitQueue(
+                        self.memory, ring.num, ring.desc_gpa, ring.avail_gpa, ring.used_gpa,
+                        event_idx=bool(features & VIRTIO_RING_F_EVENT_IDX),
+                        indirect=bool(features & VIRTIO_RING_F_INDIRECT_DESC),
+                        state=state,
+                    )
+                    queue.set_base(ring.base)
+                    self.rings[ring.index] = Ring(queue, enabled)
+                    self.pending_kicks.add(ring.index)
+                case EnableRing(index, enabled):
+                    if index in self.rings:
+                        self.rings[index].enabled = enabled
+                        self.pending_kicks.add(index)
+                case StopRing(index):
+                    stopped = self.rings.pop(index, None)
+                    if stopped is not None:
+                        stopped.queue.release()
+                case ResetDevice():
+                    pass
+                case CloseFds(fds):
+                    for fd in fds:
+                        os.close(fd)
+                case _:
+                    raise RuntimeError(f"unknown effect {effect!r}")
+
+    # -- data plane
+
+    def on_kick(self, index: int) -> None:
+        fd = self.kick_fds.get(index)
+        if fd is None:
+            return
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        self.pending_kicks.add(index)
+
+    def serve_pending(self) -> None:
+        """Serve every ring kicked this round (after all control messages)."""
+        if not self.pending_kicks or self.closed:
+            return
+        kicked, self.pending_kicks = self.pending_kicks, set()
+        for index in sorted(kicked):
+            ring = self.rings.get(index)
+            if ring is None or not ring.enabled:
+                if ring is not None:
+                    self.pending_kicks.add(index)  # served once enabled
+                continue
+            if index == EVENT_QUEUE:
+                self._serve_events(ring.queue, index)
+            else:
+                self._serve(ring.queue, index)
+
+    def _serve(self, queue: SplitQueue, index: int) -> None:
+        handle = self.target.handle_control if index == CONTROL_QUEUE else self.target.handle_request
+        while True:
+            chains = queue.pop_all()
+            if not chains:
+                return
+            done = []
+            for chain in chains:
+                if isinstance(chain, BadChain):
+                    LOG.warning("%s: queue %d: %s", self.config.id, index, chain.error)
+                    done.append((chain.head, 0))
+                else:
+                    done.append((chain.head, handle(chain.readable, chain.writable)))
+            queue.push_used_many(done)
+            self.completed += len(done)
+            self._notify(queue, index)
+
+    def _serve_events(self, queue: SplitQueue, index: int) -> None:
+        events = self.target.events
+        sent = False
+        while events.pending():
+            chain = queue.pop()
+            if chain is None:
+                break
+            used = 0 if isinstance(chain, BadChain) else events.fill(chain.writable)
+            queue.push_used(chain.head, used)
+            sent = True
+        if sent:
+            self._notify(queue, index)
+
+    def _notify(self, queue: SplitQueue, index: int) -> None:
+        fd = self.call_fds.get(index)
+        if fd is not None and queue.needs_notification():
+            os.eventfd_write(fd, 1)
+
+    # -- teardown
+
+    def _unmap(self) -> None:
+        for ring in self.rings.values():
+            ring.queue.release()
+        self.rings.clear()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for effect in self.session.close():
+            if isinstance(effect, CloseFds):
+                for fd in effect.fds:
+                    os.close(fd)
+        self._unmap()
+        self.decoder.close()
+        self.kick_fds.clear()
+        self.call_fds.clear()
+        self.sock.close()
