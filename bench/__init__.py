@@ -1,0 +1,1 @@
+"""Benchmarks of mplaunch (not tests): run them as ``python -m bench.NAME``."""
