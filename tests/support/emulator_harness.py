@@ -399,3 +399,41 @@ def _make_rig(spec: ControllerSpec, sock: socket.socket) -> ControllerRig:
         for index in range(rings)
     }
     return ControllerRig(spec, frontend, memory, drivers)
+
+
+def changed_ranges(before: bytes, after: bytes, chunk: int = 4096) -> list[tuple[int, int]]:
+    """[start, end) byte ranges where ``after`` differs from ``before``."""
+    if len(before) != len(after):
+        raise ValueError("snapshots of different sizes")
+    out: list[tuple[int, int]] = []
+    for base in range(0, len(before), chunk):
+        a, b = before[base : base + chunk], after[base : base + chunk]
+        if a == b:
+            continue
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                at = base + i
+                if out and out[-1][1] == at:
+                    out[-1] = (out[-1][0], at + 1)
+                else:
+                    out.append((at, at + 1))
+    return out
+
+
+def outside(ranges: Sequence[tuple[int, int]], allowed: Sequence[tuple[int, int]]) -> list[
+    tuple[int, int]
+]:
+    """The parts of ``ranges`` not covered by one of the ``allowed`` [start, end) ranges."""
+    bad = []
+    for start, end in ranges:
+        for at in range(start, end):
+            if not any(a <= at < b for a, b in allowed):
+                bad.append((start, end))
+                break
+    return bad
+
+
+def used_ring_range(driver: TestDriver) -> tuple[int, int]:
+    """The bytes of a ring the device may write: the used ring (and avail_event)."""
+    used = driver.layout.used_gpa
+    return used, used + 6 + 8 * driver.size

@@ -84,7 +84,7 @@ class VmDef:
 
     def write(self) -> Path:
         kernel, initrd = ensure_guest_built()
-        append = f"console=ttyS0 quiet panic=-1 mpl.workload={self.workload}"
+        append = f"console=ttyS0 quiet panic=-1 mitigations=off mpl.workload={self.workload}"
         if self.disks:
             append += f" mpl.disks={len(self.disks)}"
         if self.extra_append:
