@@ -209,7 +209,8 @@ class ControllerLoop:
                 self._serve(ring.queue, index)
 
     def _serve(self, queue: SplitQueue, index: int) -> None:
-        handle = self.target.handle_control if index == CONTROL_QUEUE else self.target.handle_request
+        target = self.target
+        handle = target.handle_control if index == CONTROL_QUEUE else target.handle_request
         while True:
             chains = queue.pop_all()
             if not chains:

@@ -13,6 +13,7 @@ import pytest
 from tests.support.vm import Mplaunch, VmDef, lines_of, run_to_end, shell_cmd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("guest")]
+SLEEP = shell_cmd("sleep 600")
 
 
 def test_boots_and_exits_0_when_the_guest_powers_off(tmp_path: Path) -> None:
@@ -52,7 +53,7 @@ def test_signal_while_running_stops_cleanly(tmp_path: Path, sig: signal.Signals)
 
 
 def test_qemu_killed_is_an_error_and_cleans_up(tmp_path: Path) -> None:
-    vm = VmDef(tmp_path, "life-qkill", workload="shell", extra_append=shell_cmd("echo ready; sleep 600"))
+    vm = VmDef(tmp_path, "life-qkill", workload="shell", extra_append=SLEEP)
     m = Mplaunch(vm.write(), console=vm.console)
     m.wait_console(r"^MPL BOOT")
     os.kill(m.qemu_pid(), signal.SIGKILL)
@@ -62,7 +63,7 @@ def test_qemu_killed_is_an_error_and_cleans_up(tmp_path: Path) -> None:
 
 
 def test_a_second_instance_is_refused_while_the_first_lives(tmp_path: Path) -> None:
-    vm = VmDef(tmp_path, "life-twice", workload="shell", extra_append=shell_cmd("echo ready; sleep 600"))
+    vm = VmDef(tmp_path, "life-twice", workload="shell", extra_append=SLEEP)
     first = Mplaunch(vm.write(), console=vm.console)
     try:
         first.wait_console(r"^MPL BOOT")

@@ -62,7 +62,8 @@ class VmDef:
     workload: str = "boot"
     extra_append: str = ""
     disks: list[DiskDef] = field(default_factory=list)
-    controllers: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (emulator, queues)
+    # controller id -> (emulator id, queues)
+    controllers: dict[str, tuple[str, int]] = field(default_factory=dict)
     emulators: dict[str, dict[str, object]] = field(default_factory=dict)
     memory: str = "256M"
     vm_extra: dict[str, object] = field(default_factory=dict)

@@ -48,7 +48,8 @@ def test_isolation_defaults(tmp_path: Path) -> None:
     argv = qemu_argv(make_spec(tmp_path), Accel.TCG, FDS)
     assert "-nodefaults" in argv and "-no-user-config" in argv
     sandbox = argv[argv.index("-sandbox") + 1]
-    assert sandbox.startswith("on,") and "spawn=deny" in sandbox and "elevateprivileges=deny" in sandbox
+    assert sandbox.startswith("on,")
+    assert "spawn=deny" in sandbox and "elevateprivileges=deny" in sandbox
 
 
 @pytest.mark.parametrize("accel,cpu", [(Accel.TCG, "max"), (Accel.KVM, "host")])
