@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import psutil  # noqa: E402
+
 from tests.support.vm import DiskDef, Mplaunch, VmDef, mpl_lines  # noqa: E402
 
 MiB = 1024 * 1024
@@ -57,6 +59,7 @@ EMULATOR = "emulator"
 IN_PROCESS = "in-process"
 OPS = ("read", "write")
 BOOT_TIMEOUT = 300.0
+WARMUP_BLOCKS = 512
 
 # The guest side. $N is the block count; each dd is bracketed by the uptime
 # and by the disk's I/O counters. dd's own chatter goes to a file and is
@@ -71,6 +74,9 @@ echo "THRUINFO max_sectors_kb=$(cat /sys/block/sda/queue/max_sectors_kb)" \
   "max_hw_sectors_kb=$(cat /sys/block/sda/queue/max_hw_sectors_kb)" \
   "nr_requests=$(cat /sys/block/sda/queue/nr_requests)" \
   "size=$(($(cat /sys/block/sda/size) * 512))"
+# Warm-up, not measured: TCG translates the guest's I/O path on first use.
+dd if=$dev of=/dev/null bs=64k count={warmup} iflag=direct 2>/dev/null
+dd if=/dev/zero of=$dev bs=64k count={warmup} seek=$N oflag=direct conv=notrunc 2>/dev/null
 r=0
 rc=0
 while [ $r -lt $R ]; do
@@ -117,6 +123,64 @@ class BootResult:
     wall_seconds: float
     samples: list[Sample] = field(default_factory=list)
     info: dict[str, str] = field(default_factory=dict)
+    # CPU seconds (user + system) of each process of the boot, by role; a
+    # diagnostic of where the host's time went, boot included.
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+class CpuWatch:
+    """Polls the CPU time of a process tree until it ends (the last value
+    read before a process exits is what is kept)."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.seen: dict[int, tuple[str, float]] = {}
+
+    def poll(self) -> None:
+        try:
+            procs = [psutil.Process(self.root)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    self.seen[proc.pid] = (_role(proc.cmdline()), times.user + times.system)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+
+    def by_role(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for role, seconds in self.seen.values():
+            out[role] = round(out.get(role, 0.0) + seconds, 2)
+        return out
+
+
+def _role(cmdline: Sequence[str]) -> str:
+    text = " ".join(cmdline)
+    if "qemu-system" in text:
+        return "qemu"
+    if "-m emulators" in text:
+        return "emulator"
+    if "-m launcher" in text:
+        return "mplaunch"
+    return "other"
+
+
+def wait_watching(proc: subprocess.Popen[str], timeout: float) -> tuple[int, dict[str, float]]:
+    """Wait for `proc`, polling its tree's CPU time every 100 ms."""
+    watch = CpuWatch(proc.pid)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        watch.poll()
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise BenchError(f"pid {proc.pid} did not finish within {timeout:.0f} s")
+        time.sleep(0.1)
+    return proc.returncode, watch.by_role()
 
 
 class BenchError(Exception):
@@ -135,7 +199,7 @@ def make_image(path: Path, size: int) -> None:
 
 
 def guest_command(count: int, rounds: int) -> str:
-    return GUEST_SCRIPT.format(count=count, rounds=rounds)
+    return GUEST_SCRIPT.format(count=count, rounds=rounds, warmup=min(WARMUP_BLOCKS, count))
 
 
 def parse_console(kind: str, boot: int, console: Path) -> tuple[list[Sample], dict[str, str]]:
@@ -171,8 +235,11 @@ def parse_console(kind: str, boot: int, console: Path) -> tuple[list[Sample], di
     return samples, info
 
 
-def run_emulator(folder: Path, image: Path, memory: str, append_extra: str) -> tuple[Path, str]:
-    """Boot through mplaunch; returns the console file and the kernel command line."""
+def run_emulator(
+    folder: Path, image: Path, memory: str, append_extra: str
+) -> tuple[Path, str, dict[str, float]]:
+    """Boot through mplaunch; returns the console file, the kernel command
+    line and the CPU seconds by role."""
     vm = VmDef(folder, "thru-bench", workload="shell", extra_append=append_extra, memory=memory)
     vm.emulators = {"emu0": {}}
     vm.controllers = {"scsi0": ("emu0", 1)}
@@ -182,10 +249,15 @@ def run_emulator(folder: Path, image: Path, memory: str, append_extra: str) -> t
     spec = vm.write()
     append = str(tomllib.loads(spec.read_text())["vm"]["append"])
     m = Mplaunch(spec, console=vm.console)
-    rc = m.wait(BOOT_TIMEOUT)
+    try:
+        rc, cpu = wait_watching(m.proc, BOOT_TIMEOUT)
+    except BenchError:
+        m.kill_all()
+        raise
+    m.wait(10)
     if rc != 0:
         raise BenchError(f"mplaunch exited {rc}:\n{m.stderr}")
-    return vm.console, append
+    return vm.console, append, cpu
 
 
 def in_process_argv(
@@ -208,14 +280,18 @@ def in_process_argv(
     ]
 
 
-def run_in_process(argv: Sequence[str]) -> None:
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=BOOT_TIMEOUT, check=False)
-    if proc.returncode != 0:
-        raise BenchError(f"QEMU exited {proc.returncode}: {proc.stderr}")
+def run_in_process(argv: Sequence[str], log: Path) -> dict[str, float]:
+    """Boot QEMU directly; returns the CPU seconds by role."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, text=True)
+        rc, cpu = wait_watching(proc, BOOT_TIMEOUT)
+    if rc != 0:
+        raise BenchError(f"QEMU exited {rc}: {log.read_text(errors='replace')[-2000:]}")
+    return cpu
 
 
-def kernel_and_initrd(folder: Path, append: str, memory: str) -> tuple[Path, Path]:
+def kernel_and_initrd(folder: Path) -> tuple[Path, Path]:
+    """The kernel and initrd the emulator run booted (from its spec)."""
     spec = tomllib.loads((folder / "vm.toml").read_text())
     return Path(spec["vm"]["kernel"]), Path(spec["vm"]["initrd"])
 
@@ -223,6 +299,16 @@ def kernel_and_initrd(folder: Path, append: str, memory: str) -> tuple[Path, Pat
 def median_mbps(samples: Sequence[Sample], kind: str, op: str) -> float:
     values = [s.mb_per_s for s in samples if s.kind == kind and s.op == op]
     return statistics.median(values) if values else 0.0
+
+
+def paired_ratio(samples: Sequence[Sample], op: str) -> float:
+    """Median over boots of emulator/in-process for the same boot number and
+    round: the two boots of a pair ran back to back, so host load that comes
+    and goes cancels better than in the ratio of medians."""
+    emu = {(s.boot, s.round): s.mb_per_s for s in samples if s.kind == EMULATOR and s.op == op}
+    inp = {(s.boot, s.round): s.mb_per_s for s in samples if s.kind == IN_PROCESS and s.op == op}
+    ratios = [emu[k] / inp[k] for k in emu if k in inp and inp[k] > 0]
+    return statistics.median(ratios) if ratios else 0.0
 
 
 def machine() -> dict[str, object]:
@@ -249,8 +335,8 @@ def machine() -> dict[str, object]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--image-mib", type=int, default=512, help="image size (default 512)")
-    p.add_argument("--count", type=int, default=2048,
-                   help="64 KiB blocks per dd (default 2048 = 128 MiB); at most half the image")
+    p.add_argument("--count", type=int, default=4096,
+                   help="64 KiB blocks per dd (default 4096 = 256 MiB); at most half the image")
     p.add_argument("--boots", type=int, default=3,
                    help="boots of each kind, interleaved (default 3)")
     p.add_argument("--rounds", type=int, default=1,
@@ -263,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the image goes (default a temporary folder, removed after)")
     args = p.parse_args(argv)
+    if args.boots < 1 or args.rounds < 1 or args.count < 1:
+        p.error("--boots, --rounds and --count must be at least 1")
     if args.count * 2 * BLOCK > args.image_mib * MiB:
         p.error("--count: the read and the write area (2 x count x 64 KiB) must fit the image")
     if shutil.which("qemu-system-x86_64") is None:
@@ -281,19 +369,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         append_extra = "mpl.cmd=" + base64.b64encode(command.encode()).decode()
         for boot in range(1, args.boots + 1):
             t = time.monotonic()
-            console, append = run_emulator(folder, image, args.memory, append_extra)
+            console, append, cpu = run_emulator(folder, image, args.memory, append_extra)
             samples, info = parse_console(EMULATOR, boot, console)
-            results.append(BootResult(EMULATOR, boot, time.monotonic() - t, samples, info))
+            results.append(BootResult(EMULATOR, boot, time.monotonic() - t, samples, info, cpu,
+                                      os.getloadavg()))
             _progress(results[-1])
 
-            kernel, initrd = kernel_and_initrd(folder, append, args.memory)
+            kernel, initrd = kernel_and_initrd(folder)
             console = work / "inproc-console.log"
             argv_b = in_process_argv(kernel, initrd, append, args.memory, image, console,
                                      args.cache)
             t = time.monotonic()
-            run_in_process(argv_b)
+            cpu = run_in_process(argv_b, work / "inproc-stderr.log")
             samples, info = parse_console(IN_PROCESS, boot, console)
-            results.append(BootResult(IN_PROCESS, boot, time.monotonic() - t, samples, info))
+            results.append(BootResult(IN_PROCESS, boot, time.monotonic() - t, samples, info, cpu,
+                                      os.getloadavg()))
             _progress(results[-1])
     finally:
         if args.workdir is None:
@@ -305,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         emu = median_mbps(samples, EMULATOR, op)
         inp = median_mbps(samples, IN_PROCESS, op)
         summary[op] = {"emulator_mb_s": round(emu, 1), "in_process_mb_s": round(inp, 1),
-                       "ratio": round(emu / inp, 3) if inp else 0.0}
+                       "ratio": round(emu / inp, 3) if inp else 0.0,
+                       "median_paired_ratio": round(paired_ratio(samples, op), 3)}
     report = {
         "benchmark": "guest_throughput",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -332,19 +423,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _progress(r: BootResult) -> None:
     parts = [f"{s.op} {s.mb_per_s:.1f} MB/s ({s.seconds:.2f} s, {s.commands} cmds)"
              for s in r.samples]
-    print(f"{r.kind:>10} boot {r.boot}: {'; '.join(parts)}  [{r.wall_seconds:.0f} s wall]",
-          file=sys.stderr, flush=True)
+    cpu = " ".join(f"{k}={v:.1f}" for k, v in sorted(r.cpu_seconds.items()))
+    print(f"{r.kind:>10} boot {r.boot}: {'; '.join(parts)}  [{r.wall_seconds:.0f} s wall; "
+          f"cpu s {cpu}; load {r.loadavg[0]:.1f}]", file=sys.stderr, flush=True)
 
 
 def _table(summary: dict[str, dict[str, float]], samples: Sequence[Sample],
            results: Sequence[BootResult]) -> None:
-    print(f"{'op':<6} {'emulator MB/s':>14} {'in-process MB/s':>16} {'ratio':>7}   samples")
+    print(f"{'op':<6} {'emulator MB/s':>14} {'in-process MB/s':>16} {'ratio':>7} {'paired':>7}"
+          "   samples")
     for op, row in summary.items():
         emu = ", ".join(f"{s.mb_per_s:.0f}" for s in samples if s.op == op and s.kind == EMULATOR)
         inp = ", ".join(f"{s.mb_per_s:.0f}" for s in samples
                         if s.op == op and s.kind == IN_PROCESS)
         print(f"{op:<6} {row['emulator_mb_s']:>14.1f} {row['in_process_mb_s']:>16.1f} "
-              f"{row['ratio']:>7.3f}   emu [{emu}] in-proc [{inp}]")
+              f"{row['ratio']:>7.3f} {row['median_paired_ratio']:>7.3f}"
+              f"   emu [{emu}] in-proc [{inp}]")
     infos = {r.kind: r.info for r in results if r.info}
     for kind, info in infos.items():
         print(f"guest queue limits ({kind}): " + " ".join(f"{k}={v}" for k, v in info.items()))

@@ -39,8 +39,10 @@ from emulators.vhost_user.effects import (
     StartRing,
     StopRing,
 )
+from emulators.vhost_user.errors import SessionError
 from emulators.vhost_user.session import BackendSession
 from emulators.virtio.chain import BadChain
+from emulators.virtio.errors import GuestMemoryError, QueueConfigError, QueueError
 from emulators.virtio.memory import GuestMemory, MemoryRegion
 from emulators.virtio.splitqueue import SplitQueue
 from emulators.virtio.state import MemoryQueueState
@@ -127,7 +129,7 @@ class ControllerLoop:
                 case SetMemTable(regions):
                     self._unmap()
                     if regions:
-                        self.memory = GuestMemory.from_fds(
+                        self.memory = _map(
                             [
                                 MemoryRegion(
                                     guest_phys_addr=r.region.guest_phys_addr,
@@ -155,12 +157,15 @@ class ControllerLoop:
                     if self.memory is None:
                         raise RuntimeError("a ring started before any memory table")
                     state = MemoryQueueState(ring.num)
-                    queue = SplitQueue(
-                        self.memory, ring.num, ring.desc_gpa, ring.avail_gpa, ring.used_gpa,
-                        event_idx=bool(features & VIRTIO_RING_F_EVENT_IDX),
-                        indirect=bool(features & VIRTIO_RING_F_INDIRECT_DESC),
-                        state=state,
-                    )
+                    try:
+                        queue = SplitQueue(
+                            self.memory, ring.num, ring.desc_gpa, ring.avail_gpa, ring.used_gpa,
+                            event_idx=bool(features & VIRTIO_RING_F_EVENT_IDX),
+                            indirect=bool(features & VIRTIO_RING_F_INDIRECT_DESC),
+                            state=state,
+                        )
+                    except QueueConfigError as e:
+                        raise SessionError(f"ring {ring.index}: {e}") from None
                     queue.set_base(ring.base)
                     self.rings[ring.index] = Ring(queue, enabled)
                     self.pending_kicks.add(ring.index)
@@ -203,10 +208,16 @@ class ControllerLoop:
                 if ring is not None:
                     self.pending_kicks.add(index)  # served once enabled
                 continue
-            if index == EVENT_QUEUE:
-                self._serve_events(ring.queue, index)
-            else:
-                self._serve(ring.queue, index)
+            if ring.queue.broken is not None:
+                continue  # stays stopped until the front-end sets the ring up anew
+            try:
+                if index == EVENT_QUEUE:
+                    self._serve_events(ring.queue, index)
+                else:
+                    self._serve(ring.queue, index)
+            except QueueError as e:
+                # The guest corrupted this ring itself: stop serving it, keep the others.
+                LOG.warning("%s: queue %d stopped: %s", self.config.id, index, e)
 
     def _serve(self, queue: SplitQueue, index: int) -> None:
         target = self.target
@@ -267,3 +278,12 @@ class ControllerLoop:
         self.kick_fds.clear()
         self.call_fds.clear()
         self.sock.close()
+
+
+def _map(regions: list[MemoryRegion]) -> GuestMemory:
+    """Map a memory table; one that cannot be mapped (a region larger than its
+    file, a bad offset) is the front-end's error, and ends the connection."""
+    try:
+        return GuestMemory.from_fds(regions)
+    except GuestMemoryError as e:
+        raise SessionError(f"cannot map the memory table: {e}") from None

@@ -4,6 +4,12 @@ For every controller the launcher makes a socketpair: QEMU gets one end as
 its vhost-user chardev, the emulator the other. Disk images are opened here,
 read-only or read-write as the spec says, and only the descriptors cross
 into the emulator.
+
+Each emulator is started through the jail (:mod:`launcher.sandbox.jail`)
+with a uid and gid of its own (the start of the spec's ``uid_range`` plus
+its index), and counts as started only once :func:`launcher.sandbox.check.
+wait_confined` has seen it locked down: QEMU, and with it every byte from
+the guest, comes later.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
-from launcher.spec import EmulatorSpec, Spec
+from launcher.sandbox import check
+from launcher.sandbox.jail import ADDRESS_SPACE_HEADROOM, JailSpec
+from launcher.spec import EmulatorSpec, SandboxMode, Spec
 from launcher.status import LOG
 
 STOP_TIMEOUT = 3.0
@@ -37,6 +45,9 @@ class EmulatorResources:
     qemu_ends: dict[str, socket.socket] = field(default_factory=dict)
     emulator_ends: list[socket.socket] = field(default_factory=list)
     disk_fds: list[int] = field(default_factory=list)
+    sandbox: SandboxMode = SandboxMode.ON
+    uid: int = 0
+    address_space: int = 0
 
     def close_emulator_side(self) -> None:
         for sock in self.emulator_ends:
@@ -66,6 +77,8 @@ def open_disk(path: str, readonly: bool) -> int:
 def prepare(spec: Spec, emulator: EmulatorSpec, first_start: bool = True) -> EmulatorResources:
     """Open the disks and make the sockets of one emulator."""
     res = EmulatorResources(emulator, EmulatorConfig(emulator.id, ()))
+    res.sandbox = spec.vm.sandbox
+    res.uid = spec.vm.uid_range[0] + spec.emulators.index(emulator)
     try:
         controllers = []
         for controller in spec.controllers_of(emulator.id):
@@ -81,6 +94,8 @@ def prepare(spec: Spec, emulator: EmulatorSpec, first_start: bool = True) -> Emu
                 ControllerConfig(controller.id, emu_end.fileno(), controller.queues, tuple(luns))
             )
         res.config = EmulatorConfig(emulator.id, tuple(controllers), first_start=first_start)
+        # Each controller maps the guest's RAM once.
+        res.address_space = spec.vm.memory * max(1, len(controllers)) + ADDRESS_SPACE_HEADROOM
         return res
     except BaseException:
         res.close()
@@ -110,12 +125,23 @@ class EmulatorProcess:
         return await self.exited
 
 
-def emulator_argv(config: EmulatorConfig) -> list[str]:
-    return [sys.executable, "-I", "-m", "emulators", config.to_json()]
+def emulator_argv(config: EmulatorConfig, sandbox: SandboxMode = SandboxMode.ON) -> list[str]:
+    return [sys.executable, "-I", "-m", "emulators", config.to_json(), sandbox.value]
 
 
-async def start(res: EmulatorResources) -> EmulatorProcess:
-    argv = emulator_argv(res.config)
+def jail_spec(res: EmulatorResources) -> JailSpec:
+    return JailSpec(uid=res.uid, gid=res.uid, keep_fds=tuple(res.config.all_fds()),
+                    address_space=res.address_space)
+
+
+async def start(res: EmulatorResources, command: list[str] | None = None) -> EmulatorProcess:
+    """Start the emulator and return once it is confined (unless the spec says
+    ``sandbox = "off"``). A sandbox that does not hold raises
+    :class:`launcher.sandbox.check.SandboxError`, with the process reaped.
+    `command` replaces the emulator's own command line (tests only)."""
+    argv = command or emulator_argv(res.config, res.sandbox)
+    if res.sandbox is not SandboxMode.OFF:
+        argv = jail_spec(res).argv(argv)
     process = await asyncio.create_subprocess_exec(
         *argv,
         pass_fds=res.config.all_fds(),
@@ -123,8 +149,22 @@ async def start(res: EmulatorResources) -> EmulatorProcess:
         env={},
         start_new_session=True,
     )
-    LOG.info("emulator %s started (pid %d)", res.spec.id, process.pid)
-    return EmulatorProcess(res.spec.id, process, asyncio.create_task(process.wait()))
+    proc = EmulatorProcess(res.spec.id, process, asyncio.create_task(process.wait()))
+    if res.sandbox is SandboxMode.OFF:
+        LOG.warning("emulator %s started UNCONFINED (pid %d): sandbox = \"off\"",
+                    res.spec.id, process.pid)
+        return proc
+    try:
+        await check.wait_confined(res.spec.id, process.pid, check.Expected(res.uid, res.uid),
+                                  proc.exited)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await asyncio.shield(proc.exited)
+        raise
+    LOG.info("emulator %s started (pid %d, uid %d, sandbox %s)", res.spec.id, process.pid,
+             res.uid, res.sandbox.value)
+    return proc
 
 
 def qemu_ends(resources: list[EmulatorResources]) -> Iterator[tuple[str, socket.socket]]:

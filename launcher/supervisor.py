@@ -18,6 +18,7 @@ from launcher import emulators
 from launcher.accel import AccelChoice, choose_accel
 from launcher.qemu import Qemu, bind_qmp_listener
 from launcher.runfolder import RunFolder
+from launcher.sandbox.check import SandboxError, preflight
 from launcher.spec import Spec
 from launcher.status import LOG
 from launcher.vmm import QemuFds, qemu_argv
@@ -72,6 +73,8 @@ class Supervisor:
         procs: list[emulators.EmulatorProcess] = []
         qemu: Qemu | None = None
         try:
+            if self.spec.emulators:
+                preflight(self.spec.vm.sandbox)  # the sandbox: fail closed, warn if weakened
             for emulator in self.spec.emulators:
                 resources.append(emulators.prepare(self.spec, emulator))
             vhost = {cid: sock.fileno() for cid, sock in emulators.qemu_ends(resources)}
@@ -92,6 +95,9 @@ class Supervisor:
                 res.close()
             LOG.info("QEMU started (pid %d)", qemu.pid)
             return await self._supervise(qemu, procs)
+        except SandboxError as e:  # the sandbox: an emulator not confined stops the VM
+            LOG.error("%s", e)
+            return EXIT_FAILED
         finally:
             listener.close()
             for res in resources:

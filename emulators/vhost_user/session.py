@@ -73,7 +73,7 @@ from .messages import U64, MemoryRegion, MemoryTable, VringAddr, VringFd, VringS
 _U64_LIMIT = 1 << 64
 _PROTOCOL_FEATURES_BIT = 1 << Feature.PROTOCOL_FEATURES
 
-_HAS_OWN_REPLY = frozenset(
+HAS_OWN_REPLY = frozenset(
     {
         Request.GET_FEATURES,
         Request.GET_PROTOCOL_FEATURES,
@@ -225,7 +225,7 @@ class BackendSession:
         ack = (
             message.need_reply
             and bool(self.acked_protocol_features & (1 << ProtocolFeature.REPLY_ACK))
-            and message.request not in _HAS_OWN_REPLY
+            and message.request not in HAS_OWN_REPLY
         )
         handler = self._handlers.get(message.request, self._unsupported)
         try:

@@ -20,6 +20,7 @@ from tests.support.emulator_harness import (
     ControllerSpec,
     Disk,
     EmulatorHarness,
+    ScsiReply,
     tmf_request,
 )
 
@@ -71,10 +72,7 @@ def pattern(n: int, seed: int) -> bytes:
     return bytes((i * 7 + seed * 13 + (i >> 9)) & 0xFF for i in range(n))
 
 
-def assert_sense(r: object, key: int, asc: int, ascq: int = 0) -> None:
-    from tests.support.emulator_harness import ScsiReply
-
-    assert isinstance(r, ScsiReply)
+def assert_sense(r: ScsiReply, key: int, asc: int, ascq: int = 0) -> None:
     assert r.response == 0 and r.status == CHECK_CONDITION, r
     assert (r.sense_key, r.asc) == (key, (asc, ascq)), r.sense.hex()
 

@@ -189,9 +189,17 @@ class ControllerRig:
         indirect: bool = False,
         kick: bool = True,
         resp_size: int = RESP_SIZE,
-        **header: int,
+        lun: int = 0,
+        target: int = 0,
+        tag: int = 0,
+        attr: int = 0,
+        prio: int = 0,
+        crn: int = 0,
     ) -> int:
-        readable = [request_header(cdb, **header), *data_out]
+        header = request_header(
+            cdb, lun=lun, target=target, tag=tag, attr=attr, prio=prio, crn=crn
+        )
+        readable = [header, *data_out]
         return self.submit(
             queue, readable, [resp_size, *data_in], indirect=indirect, kick=kick
         )
@@ -205,14 +213,24 @@ class ControllerRig:
         data_in: Sequence[int] = (),
         indirect: bool = False,
         timeout: float = 5.0,
-        **header: int,
+        lun: int = 0,
+        target: int = 0,
+        tag: int = 0,
+        attr: int = 0,
+        prio: int = 0,
+        crn: int = 0,
     ) -> ScsiReply:
         """One command, start to finish."""
         head = self.submit_command(
-            cdb, queue=queue, data_out=data_out, data_in=data_in, indirect=indirect, **header
+            cdb, queue=queue, data_out=data_out, data_in=data_in, indirect=indirect,
+            lun=lun, target=target, tag=tag, attr=attr, prio=prio, crn=crn,
         )
         used_len, writable = self.wait(queue, head, timeout)
         return decode_reply(used_len, writable)
+
+    def buffers(self, queue: int, head: int) -> list[tuple[int, int]]:
+        """(gpa, length) of every buffer of a chain not yet collected."""
+        return list(self.drivers[queue]._chains[head].buffers)
 
     def control(self, request: bytes, reply_size: int = 1, timeout: float = 5.0) -> bytes:
         head = self.submit(CONTROL_QUEUE, [request], [reply_size])
@@ -268,11 +286,14 @@ class EmulatorHarness:
         profile: Path | None = None,
         start_rings: bool = True,
         emulator_id: str = "emu",
+        lockdown: str | None = None,
     ) -> EmulatorHarness:
         """Spawn the emulator, then init (and start) every controller as QEMU would.
 
         ``profile``: run the emulator under cProfile, writing stats there
-        when it exits (stop it with :meth:`stop`).
+        when it exits (stop it with :meth:`stop`); writing the file needs
+        ``lockdown="off"``. ``lockdown``: the emulator's seccomp mode argument
+        (on, log, off); None leaves the emulator's default.
         """
         parent_socks: list[socket.socket] = []
         child_fds: list[int] = []
@@ -304,6 +325,8 @@ class EmulatorHarness:
             if profile is not None:
                 argv += ["-m", "cProfile", "-o", str(profile)]
             argv += ["-m", "emulators", config.to_json()]
+            if lockdown is not None:
+                argv.append(lockdown)
             fd, name = tempfile.mkstemp(prefix="emulator-stderr-")
             stderr_path = Path(name)
             try:
@@ -321,7 +344,7 @@ class EmulatorHarness:
         finally:
             for fd in child_fds:
                 os.close(fd)
-        rigs = []
+        rigs: list[ControllerRig] = []
         harness = cls(proc, rigs, stderr_path, disk_fds)
         try:
             for spec, sock in zip(controllers, parent_socks, strict=True):

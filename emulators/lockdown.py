@@ -1,0 +1,43 @@
+"""Stage 2 of the sandbox, applied by the emulator to itself.
+
+It runs after every import and every set-up step (the controllers are
+built, the selector exists, ctypes symbols are resolved) and before the
+first byte from QEMU or the guest is read. From then on only the calls of
+:data:`launcher.sandbox.profiles.STAGE2_ALLOW` are possible. The launcher
+does not trust the emulator to have done this: it reads the emulator's
+/proc status and starts QEMU only once two filters are in place.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import prctl
+
+from launcher.sandbox import seccomp
+
+
+class LockdownMode(enum.Enum):
+    """The spec's ``sandbox`` setting as the emulator receives it on its command line."""
+
+    ON = "on"
+    LOG = "log"
+    OFF = "off"
+
+
+class LockdownError(Exception):
+    """The allow list could not be applied; the emulator must exit, not serve."""
+
+
+def lockdown(mode: LockdownMode) -> None:
+    """Confine this process for good (``OFF``: do nothing, the spec asked for it)."""
+    if mode is LockdownMode.OFF:
+        return
+    try:
+        # Not dumpable: /proc/PID files belong to root, and no process of the
+        # same uid may ptrace this one, even if one existed.
+        prctl.set_dumpable(False)
+        prctl.set_no_new_privs(True)
+        seccomp.load(seccomp.build_stage2(log_only=mode is LockdownMode.LOG))
+    except (OSError, seccomp.FilterError) as e:
+        raise LockdownError(f"cannot apply the seccomp allow list: {e}") from None
