@@ -345,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache", default="writeback", choices=("writeback", "none"),
                    help="cache mode of the in-process drive (default writeback)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out",
-                   help="folder of the JSON result (default bench/out)")
+                   help="folder of guest_throughput.json, the result (default bench/out)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the image goes (default a temporary folder, removed after)")
     args = p.parse_args(argv)
@@ -412,8 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "total_seconds": round(time.monotonic() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out / f"guest_throughput-{stamp}.json"
+    out = args.out / "guest_throughput.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     _table(summary, samples, results)
     print(f"\nwritten {out} ({report['total_seconds']} s)")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from emulators.config import ControllerConfig
@@ -32,6 +32,7 @@ from emulators.vhost_user.effects import (
     EnableRing,
     Reply,
     ResetDevice,
+    RingConfig,
     SetCall,
     SetErr,
     SetKick,
@@ -45,7 +46,8 @@ from emulators.virtio.chain import BadChain
 from emulators.virtio.errors import GuestMemoryError, QueueConfigError, QueueError
 from emulators.virtio.memory import GuestMemory, MemoryRegion
 from emulators.virtio.splitqueue import SplitQueue
-from emulators.virtio.state import MemoryQueueState
+from emulators.virtio.state import BufferQueueState, QueueState, required_size, reset_state
+from launcher.statestore.layout import MAX_QUEUE_SIZE, StateStore
 
 LOG = logging.getLogger("emulator")
 
@@ -67,22 +69,36 @@ class Ring:
 class ControllerLoop:
     """The I/O side of one controller; `poll_fds` says what to watch."""
 
-    def __init__(self, config: ControllerConfig, first_start: bool) -> None:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        first_start: bool,
+        store: StateStore | None = None,
+        index: int = 0,
+    ) -> None:
         self.config = config
+        self.store = store
+        self.index = index
         self.sock = socket.socket(fileno=config.socket_fd)
         self.sock.setblocking(False)
         self.decoder = Decoder(Role.BACKEND, close_fd=os.close)
         self.session = BackendSession(
-            num_queues=FIRST_REQUEST_QUEUE + config.queues, ring_owner=self, close_fd=os.close
+            num_queues=FIRST_REQUEST_QUEUE + config.queues,
+            ring_owner=self,
+            close_fd=os.close,
+            max_queue_size=MAX_QUEUE_SIZE,
         )
         luns = {
             lun.lun: LogicalUnit(
                 FdBackend(lun.fd, lun.block_size, lun.readonly),
                 lun.disk_id,
-                LunState.fresh(initial_unit_attention=first_start),
+                self._lun_state(lun.lun, first_start),
+                on_change=self._lun_saver(lun.lun),
             )
             for lun in config.luns
         }
+        for lun, unit in luns.items():
+            self._save_lun(lun, unit.state)
         self.target = VirtioScsiTarget(luns)
         self.memory: GuestMemory | None = None
         self.rings: dict[int, Ring] = {}
@@ -91,6 +107,84 @@ class ControllerLoop:
         self.pending_kicks: set[int] = set()
         self.closed = False
         self.completed = 0
+
+    # -- state that outlives this process
+
+    def _lun_state(self, lun: int, first_start: bool) -> LunState:
+        """A successor inherits the unit state: no new power-on attention."""
+        if self.store is not None:
+            valid, stored_lun, body = self.store.lun_slot(self.index, lun)
+            try:
+                if valid and stored_lun == lun:
+                    return LunState.unpack(body)
+            except ValueError as e:
+                LOG.warning("%s: LUN %d: stored state unusable (%s)", self.config.id, lun, e)
+            finally:
+                body.release()
+        return LunState.fresh(initial_unit_attention=first_start)
+
+    def _lun_saver(self, lun: int) -> Callable[[LunState], None]:
+        return lambda state: self._save_lun(lun, state)
+
+    def _save_lun(self, lun: int, state: LunState) -> None:
+        if self.store is not None:
+            self.store.write_lun_slot(self.index, lun, lun, state.pack())
+
+    def _queue_state(self, index: int, num: int) -> tuple[QueueState, bool]:
+        """The ring's progress state, and whether it resumes a predecessor's."""
+        if self.store is None:
+            return BufferQueueState(bytearray(required_size(num)), num), False
+        valid, stored_num, body = self.store.queue_slot(self.index, index)
+        state = BufferQueueState(body[: required_size(num)], num)
+        body.release()
+        resume = valid and stored_num == num
+        self.store.set_queue_slot(self.index, index, True, num)
+        return state, resume
+
+    def _start_ring(self, ring: RingConfig, features: int, enabled: bool) -> None:
+        if self.memory is None:
+            raise SessionError("a ring started before any memory table")
+        state, resume = self._queue_state(ring.index, ring.num)
+        try:
+            queue = SplitQueue(
+                self.memory, ring.num, ring.desc_gpa, ring.avail_gpa, ring.used_gpa,
+                event_idx=bool(features & VIRTIO_RING_F_EVENT_IDX),
+                indirect=bool(features & VIRTIO_RING_F_INDIRECT_DESC),
+                state=state,
+            )
+        except QueueConfigError as e:
+            raise SessionError(f"ring {ring.index}: {e}") from None
+        self.rings[ring.index] = Ring(queue, enabled)
+        if not resume:
+            reset_state(state, ring.base, ring.base)
+            queue.set_base(ring.base)
+        else:
+            self._resume(queue, ring.index)
+        self.pending_kicks.add(ring.index)
+
+    def _resume(self, queue: SplitQueue, index: int) -> None:
+        """Carry on where the dead emulator stopped: settle its last batch and
+        run again every request it had taken but not completed, oldest first."""
+        plan = queue.resume()
+        if plan.rerun:
+            LOG.info("%s: queue %d resumes at %d, re-running %d request(s)",
+                     self.config.id, index, plan.last_avail_idx, len(plan.rerun))
+            handle = self._handler(index)
+            done = []
+            for head in plan.rerun:
+                chain = queue.chain_for(head)
+                if isinstance(chain, BadChain):
+                    done.append((chain.head, 0))
+                else:
+                    done.append((head, handle(chain.readable, chain.writable)))
+            queue.push_used_many(done)
+        fd = self.call_fds.get(index)
+        if fd is not None:
+            os.eventfd_write(fd, 1)  # an interrupt may have died with the old emulator
+
+    def _handler(self, index: int) -> Callable[[Sequence[memoryview], Sequence[memoryview]], int]:
+        target = self.target
+        return target.handle_control if index == CONTROL_QUEUE else target.handle_request
 
     # -- RingOwner, for GET_VRING_BASE
 
@@ -154,21 +248,7 @@ class ControllerLoop:
                 case SetErr():
                     pass
                 case StartRing(ring, features, enabled):
-                    if self.memory is None:
-                        raise RuntimeError("a ring started before any memory table")
-                    state = MemoryQueueState(ring.num)
-                    try:
-                        queue = SplitQueue(
-                            self.memory, ring.num, ring.desc_gpa, ring.avail_gpa, ring.used_gpa,
-                            event_idx=bool(features & VIRTIO_RING_F_EVENT_IDX),
-                            indirect=bool(features & VIRTIO_RING_F_INDIRECT_DESC),
-                            state=state,
-                        )
-                    except QueueConfigError as e:
-                        raise SessionError(f"ring {ring.index}: {e}") from None
-                    queue.set_base(ring.base)
-                    self.rings[ring.index] = Ring(queue, enabled)
-                    self.pending_kicks.add(ring.index)
+                    self._start_ring(ring, features, enabled)
                 case EnableRing(index, enabled):
                     if index in self.rings:
                         self.rings[index].enabled = enabled
@@ -177,6 +257,8 @@ class ControllerLoop:
                     stopped = self.rings.pop(index, None)
                     if stopped is not None:
                         stopped.queue.release()
+                    if self.store is not None:
+                        self.store.set_queue_slot(self.index, index, False, 0)
                 case ResetDevice():
                     pass
                 case CloseFds(fds):
@@ -220,8 +302,7 @@ class ControllerLoop:
                 LOG.warning("%s: queue %d stopped: %s", self.config.id, index, e)
 
     def _serve(self, queue: SplitQueue, index: int) -> None:
-        target = self.target
-        handle = target.handle_control if index == CONTROL_QUEUE else target.handle_request
+        handle = self._handler(index)
         while True:
             chains = queue.pop_all()
             if not chains:

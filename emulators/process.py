@@ -18,6 +18,7 @@ from emulators.config import ConfigError, EmulatorConfig
 from emulators.controller import ControllerLoop
 from emulators.lockdown import LockdownError, LockdownMode, lockdown
 from emulators.vhost_user.errors import RemoteProtocolError, SessionError
+from launcher.statestore.layout import StateStore
 
 LOG = logging.getLogger("emulator")
 EXIT_OK = 0
@@ -31,7 +32,11 @@ _SOCKET = -1
 class Emulator:
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
-        self.controllers = [ControllerLoop(c, config.first_start) for c in config.controllers]
+        self.store = StateStore(config.state_fd) if config.state_fd >= 0 else None
+        self.controllers = [
+            ControllerLoop(c, config.first_start, self.store, i)
+            for i, c in enumerate(config.controllers)
+        ]
         self.selector = selectors.EpollSelector()
         self.stopping = False
         self._watched: dict[int, tuple[ControllerLoop, int]] = {}

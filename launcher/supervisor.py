@@ -14,12 +14,13 @@ import contextlib
 import signal
 from dataclasses import dataclass, field
 
-from launcher import emulators
 from launcher.accel import AccelChoice, choose_accel
+from launcher.fleet import EmulatorSlot
 from launcher.qemu import Qemu, bind_qmp_listener
+from launcher.restart_policy import GiveUp
 from launcher.runfolder import RunFolder
 from launcher.sandbox.check import SandboxError, preflight
-from launcher.spec import Spec
+from launcher.spec import GiveUpAction, Spec
 from launcher.status import LOG
 from launcher.vmm import QemuFds, qemu_argv
 
@@ -34,6 +35,7 @@ class VmOutcome:
     guest_shutdown: bool = False
     stop_signal: str | None = None
     emulator_died: str | None = None
+    gave_up: str | None = None
     events: list[str] = field(default_factory=list)
 
 
@@ -45,6 +47,7 @@ class Supervisor:
         self.accel = accel or choose_accel(spec.vm.accel)
         self.outcome = VmOutcome()
         self._stop = asyncio.Event()
+        self.qemu: Qemu | None = None
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -69,50 +72,66 @@ class Supervisor:
 
     async def _run_in(self, run: RunFolder) -> int:
         listener = bind_qmp_listener(run.qemu_sock)
-        resources: list[emulators.EmulatorResources] = []
-        procs: list[emulators.EmulatorProcess] = []
+        slots: list[EmulatorSlot] = []
         qemu: Qemu | None = None
         try:
             if self.spec.emulators:
                 preflight(self.spec.vm.sandbox)  # the sandbox: fail closed, warn if weakened
             for emulator in self.spec.emulators:
-                resources.append(emulators.prepare(self.spec, emulator))
-            vhost = {cid: sock.fileno() for cid, sock in emulators.qemu_ends(resources)}
+                slots.append(EmulatorSlot(self.spec, emulator, run, self._give_up))
+            for slot in slots:
+                slot.start_keepers(self._qemu_closed_session)
+            vhost = {cid: s.fileno() for slot in slots for cid, s in slot.qemu_ends.items()}
             fds = QemuFds(qmp_listener=listener.fileno(), vhost_user=vhost)
             argv = qemu_argv(self.spec, self.accel.accel, fds)
-            for res in resources:
+            for slot in slots:
                 if self._stop.is_set():
                     return EXIT_OK
-                procs.append(await emulators.start(res))
-                res.close_emulator_side()
+                await slot.start()
             if self._stop.is_set():
                 return EXIT_OK
             qemu = await Qemu.start(
                 self.spec.vm.name, argv, fds.all(), run.qemu_sock, self.spec.vm.console == "stdio"
             )
+            self.qemu = qemu
             listener.close()
-            for res in resources:
-                res.close()
+            for slot in slots:
+                slot.close_qemu_ends()
             LOG.info("QEMU started (pid %d)", qemu.pid)
-            return await self._supervise(qemu, procs)
+            return await self._supervise(qemu, slots)
         except SandboxError as e:  # the sandbox: an emulator not confined stops the VM
             LOG.error("%s", e)
             return EXIT_FAILED
         finally:
             listener.close()
-            for res in resources:
-                res.close()
             if qemu is not None:
                 status = await qemu.stop()
                 LOG.info("QEMU exited (%s)", _describe_status(status))
-            for proc in procs:
-                status = await proc.stop()
-                LOG.info("emulator %s exited (%s)", proc.id, _describe_status(status))
+            for slot in slots:
+                status_or_none = await slot.stop()
+                if status_or_none is not None:
+                    LOG.info("emulator %s exited (%s)", slot.id, _describe_status(status_or_none))
+                slot.close()
             LOG.info("stopped")
 
-    async def _supervise(self, qemu: Qemu, procs: list[emulators.EmulatorProcess]) -> int:
+    def _qemu_closed_session(self, why: str) -> None:
+        LOG.debug("vhost-user session ended: %s", why)
+
+    async def _give_up(self, action: GiveUp) -> None:
+        """The restart policy gave up on an emulator: pause or power off the VM."""
+        LOG.error("%s", action.reason)
+        self.outcome.gave_up = action.reason
+        qemu = self.qemu
+        if action.action is GiveUpAction.PAUSE and qemu is not None:
+            with contextlib.suppress(Exception):
+                await qemu.execute("stop")
+                return
+        self.outcome.emulator_died = action.reason
+        self._stop.set()
+
+    async def _supervise(self, qemu: Qemu, slots: list[EmulatorSlot]) -> int:
         stop = asyncio.create_task(self._stop.wait())
-        watchers = [asyncio.create_task(self._watch_emulator(p)) for p in procs]
+        watchers = [asyncio.create_task(slot.supervise()) for slot in slots]
         connect = asyncio.create_task(qemu.connect())
         try:
             await asyncio.wait({connect, stop, qemu.exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -142,18 +161,6 @@ class Supervisor:
             return EXIT_OK
         LOG.error("QEMU died unexpectedly (%s)", _describe_status(status))
         return EXIT_FAILED
-
-    async def _watch_emulator(self, proc: emulators.EmulatorProcess) -> None:
-        """Until recovery exists, a dead emulator stops the VM: its guest would hang.
-        An emulator ends with status 0 only when QEMU closed all its connections,
-        which is QEMU going away, not a failure."""
-        status = await asyncio.shield(proc.exited)  # cancelling the watcher must not cancel this
-        if status == 0 or self._stop.is_set():
-            LOG.debug("emulator %s ended (%s)", proc.id, _describe_status(status))
-            return
-        LOG.error("emulator %s died (%s)", proc.id, _describe_status(status))
-        self.outcome.emulator_died = proc.id
-        self._stop.set()
 
     async def _follow_events(self, qemu: Qemu) -> None:
         async for name, data in qemu.events():

@@ -50,8 +50,11 @@ Errors
      +-- LocalControlError      we tried to build or send a message the
      |                          protocol forbids: a bug on our side
      +-- RemoteControlError     the peer sent a datagram that breaks the
-                                protocol (bad magic, version, type, length,
-                                value, fd count)
+          |                     protocol (bad magic, version, type, length,
+          |                     value, fd count)
+          +-- ControlSessionError  the peer sent a well-formed message that
+                                makes no sense now (a PONG for a ping never
+                                sent, a second READY)
 
 A `RemoteControlError` from an emulator means the emulator is broken or
 compromised: mplaunch kills it, and a restart may help (a fresh process).
@@ -149,6 +152,10 @@ class LocalControlError(ControlProtocolError):
 
 class RemoteControlError(ControlProtocolError):
     """The peer sent a datagram that breaks the control protocol."""
+
+
+class ControlSessionError(RemoteControlError):
+    """The peer sent a well-formed message that is wrong at this point."""
 
 
 def _check_uint(name: str, value: int, maximum: int) -> None:
