@@ -63,6 +63,28 @@ class EmulatorConfig:
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"bad emulator configuration: {e}") from None
 
+    def with_fds(self, received: list[int]) -> EmulatorConfig:
+        """This config with its fds (but the control fd) replaced, in the order of
+        `assigned_fds()`, by those a spare received: numbers differ across processes."""
+        wanted = self.assigned_fds()
+        if len(received) != len(wanted):
+            raise ConfigError(f"{len(received)} fds received, the config names {len(wanted)}")
+        new = dict(zip(wanted, received, strict=True))
+        controllers = tuple(
+            ControllerConfig(
+                c.id, new[c.socket_fd], c.queues,
+                tuple(LunConfig(x.lun, x.disk_id, new[x.fd], x.readonly, x.block_size)
+                      for x in c.luns),
+            )
+            for c in self.controllers
+        )
+        state_fd = new[self.state_fd] if self.state_fd >= 0 else -1
+        return EmulatorConfig(self.id, controllers, self.control_fd, state_fd, self.first_start)
+
+    def assigned_fds(self) -> list[int]:
+        """The fds that travel with an assignment: all but the control fd."""
+        return [fd for fd in self.all_fds() if fd != self.control_fd]
+
     def all_fds(self) -> list[int]:
         fds = [fd for fd in (self.control_fd, self.state_fd) if fd >= 0]
         for c in self.controllers:

@@ -79,7 +79,9 @@ class ControllerLoop:
         self.config = config
         self.store = store
         self.index = index
-        self.sock = socket.socket(fileno=config.socket_fd)
+        # Family and type given: detecting them would need getsockname and
+        # getsockopt, which a locked-down (spare) emulator may not call.
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=config.socket_fd)
         self.sock.setblocking(False)
         self.decoder = Decoder(Role.BACKEND, close_fd=os.close)
         self.session = BackendSession(
@@ -107,6 +109,7 @@ class ControllerLoop:
         self.pending_kicks: set[int] = set()
         self.closed = False
         self.completed = 0
+        self.completed_per_ring: dict[int, int] = {}
 
     # -- state that outlives this process
 
@@ -316,6 +319,7 @@ class ControllerLoop:
                     done.append((chain.head, handle(chain.readable, chain.writable)))
             queue.push_used_many(done)
             self.completed += len(done)
+            self.completed_per_ring[index] = self.completed_per_ring.get(index, 0) + len(done)
             self._notify(queue, index)
 
     def _serve_events(self, queue: SplitQueue, index: int) -> None:
@@ -335,6 +339,13 @@ class ControllerLoop:
         fd = self.call_fds.get(index)
         if fd is not None and queue.needs_notification():
             os.eventfd_write(fd, 1)
+
+    def progress(self) -> list[tuple[int, int, int]]:
+        """(ring, completed, in flight) of every started ring, for the heartbeat."""
+        return [
+            (index, self.completed_per_ring.get(index, 0), ring.queue.inflight)
+            for index, ring in sorted(self.rings.items())
+        ]
 
     # -- teardown
 

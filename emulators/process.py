@@ -2,7 +2,16 @@
 
 Single-threaded on purpose: guest requests complete synchronously inside the
 loop (preadv/pwritev straight into guest memory), so the only concurrency is
-between controllers and queues, which the loop interleaves per wake-up.
+between controllers and queues, which the loop interleaves per wake-up. The
+same loop answers mplaunch's heartbeat, so a stuck loop is a silent one.
+
+Two ways to start:
+- `python -m emulators CONFIG_JSON MODE`: the config names every fd, already
+  inherited; the emulator builds its controllers, locks down, and serves.
+- `python -m emulators --spare CONTROL_FD MODE`: a warm spare. It locks down
+  with nothing to serve and waits; mplaunch later sends the config and its
+  fds in one ASSIGN message, and the spare becomes the emulator it replaces
+  without paying an interpreter start-up.
 """
 
 from __future__ import annotations
@@ -15,10 +24,12 @@ import sys
 from types import FrameType
 
 from emulators.config import ConfigError, EmulatorConfig
+from emulators.control import ControlChannel
 from emulators.controller import ControllerLoop
 from emulators.lockdown import LockdownError, LockdownMode, lockdown
 from emulators.vhost_user.errors import RemoteProtocolError, SessionError
-from launcher.statestore.layout import StateStore
+from launcher.heartbeat import protocol as proto
+from launcher.statestore.layout import StateStore, StateStoreError
 
 LOG = logging.getLogger("emulator")
 EXIT_OK = 0
@@ -27,27 +38,51 @@ EXIT_PROTOCOL = 3
 EXIT_SANDBOX = 4
 
 _SOCKET = -1
+_WAKE = "wake"
+_CONTROL = "control"
 
 
 class Emulator:
-    def __init__(self, config: EmulatorConfig) -> None:
-        self.config = config
-        self.store = StateStore(config.state_fd) if config.state_fd >= 0 else None
-        self.controllers = [
-            ControllerLoop(c, config.first_start, self.store, i)
-            for i, c in enumerate(config.controllers)
-        ]
+    def __init__(self, config: EmulatorConfig | None, control_fd: int = -1) -> None:
+        self.config: EmulatorConfig | None = None
+        self.store: StateStore | None = None
+        self.controllers: list[ControllerLoop] = []
         self.selector = selectors.EpollSelector()
         self.stopping = False
-        self._watched: dict[int, tuple[ControllerLoop, int]] = {}
+        self._watched: dict[int, object] = {}
         # A signal only sets a flag; without this pipe in the selector, select()
         # would resume after the handler and SIGTERM would wait out its timeout.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        if config is not None and config.control_fd >= 0:
+            control_fd = config.control_fd
+        self.control = ControlChannel(control_fd) if control_fd >= 0 else None
+        if self.control is not None:
+            self.selector.register(self.control.fileno(), selectors.EVENT_READ, _CONTROL)
+        if config is not None:
+            self.assign(config)
+
+    @property
+    def name(self) -> str:
+        return self.config.id if self.config is not None else "spare"
+
+    def assign(self, config: EmulatorConfig) -> None:
+        """Build the controllers of `config` (at start, or when a spare is assigned)."""
+        store = StateStore(config.state_fd) if config.state_fd >= 0 else None
+        self.controllers = [
+            ControllerLoop(c, config.first_start, store, i)
+            for i, c in enumerate(config.controllers)
+        ]
+        self.store = store
+        self.config = config
+
+    def ready(self) -> None:
+        if self.control is not None:
+            self.control.send(proto.Ready(os.getpid(), locked_down=True))
 
     def _sync_watches(self) -> None:
         """Watch exactly the sockets and kick fds the controllers hold now."""
-        want: dict[int, tuple[ControllerLoop, int]] = {}
+        want: dict[int, object] = {}
         for c in self.controllers:
             if c.closed:
                 continue
@@ -63,6 +98,13 @@ class Emulator:
                 self.selector.register(fd, selectors.EVENT_READ, key)
                 self._watched[fd] = key
 
+    def _alive(self) -> bool:
+        if self.stopping:
+            return False
+        if self.config is None:  # a spare waits as long as mplaunch is there
+            return self.control is not None and not self.control.closed
+        return any(not c.closed for c in self.controllers)
+
     def run(self) -> int:
         try:
             self._loop()
@@ -71,27 +113,76 @@ class Emulator:
             # is described in a ResourceWarning (getsockname), which seccomp kills.
             for c in self.controllers:
                 c.close()
+            if self.control is not None:
+                self.control.close()
         return EXIT_OK
 
     def _loop(self) -> None:
-        while not self.stopping and any(not c.closed for c in self.controllers):
+        while self._alive():
             self._sync_watches()
             ready = self.selector.select(1.0)
             kicks = []
+            control = False
             for key, _ in ready:
-                if key.data is None:
+                if key.data == _WAKE:
                     while _drain(self._wake_r):
                         pass
-                    continue
-                controller, index = key.data
-                if index == _SOCKET:
-                    controller.on_socket_readable()
+                elif key.data == _CONTROL:
+                    control = True
                 else:
-                    kicks.append((controller, index))
+                    controller, index = key.data
+                    if index == _SOCKET:
+                        controller.on_socket_readable()
+                    else:
+                        kicks.append((controller, index))
             for controller, index in kicks:
                 controller.on_kick(index)
             for controller in self.controllers:
                 controller.serve_pending()
+            if control:
+                self._on_control()
+
+    def _on_control(self) -> None:
+        """Heartbeat and assignment. Answered after the round's requests were
+        served, so a PONG reports the progress they made."""
+        assert self.control is not None
+        for message in self.control.receive():
+            if isinstance(message, proto.Ping):
+                self.control.send(proto.Pong(message.seq, message.sent_ns, self._progress()))
+            elif isinstance(message, proto.Assign):
+                self._on_assign(message)
+            elif isinstance(message, proto.Shutdown):
+                self.stopping = True
+        if self.control.closed:
+            LOG.info("%s: mplaunch closed the control channel", self.name)
+            self.stopping = True
+
+    def _on_assign(self, message: proto.Assign) -> None:
+        assert self.control is not None
+        if self.config is not None:
+            for fd in message.fds:
+                os.close(fd)
+            self.control.send(proto.Assigned(False, "already assigned"))
+            return
+        try:
+            config = EmulatorConfig.from_json(message.config).with_fds(list(message.fds))
+            self.assign(config)
+        except (ConfigError, StateStoreError, OSError, ValueError) as e:
+            for fd in message.fds:
+                os.close(fd)
+            self.control.send(proto.Assigned(False, str(e) or type(e).__name__))
+            self.stopping = True
+            return
+        self.control.send(proto.Assigned(True))
+
+    def _progress(self) -> tuple[proto.QueueProgress, ...]:
+        out = []
+        for ci, c in enumerate(self.controllers):
+            if c.closed:
+                continue
+            for ring, completed, in_flight in c.progress():
+                out.append(proto.QueueProgress(ci, ring, completed, in_flight))
+        return tuple(out)
 
     def stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
@@ -104,18 +195,30 @@ def _drain(fd: int) -> bool:
         return False
 
 
+USAGE = (
+    "usage: python -m emulators CONFIG_JSON [on|log|off]\n"
+    "       python -m emulators --spare CONTROL_FD [on|log|off]   (both started by mplaunch)"
+)
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="emulator[%(process)d]: %(message)s"
     )
-    if len(argv) not in (2, 3):
-        LOG.error("usage: python -m emulators CONFIG_JSON [on|log|off] (started by mplaunch)")
+    args = argv[1:]
+    spare = bool(args) and args[0] == "--spare"
+    if spare:
+        args = args[1:]
+    if len(args) not in (1, 2):
+        LOG.error("%s", USAGE)
         return EXIT_CONFIG
     try:
-        config = EmulatorConfig.from_json(argv[1])
-        mode = LockdownMode(argv[2] if len(argv) == 3 else "on")
-        emulator = Emulator(config)
-    except (ConfigError, OSError, ValueError) as e:
+        mode = LockdownMode(args[1] if len(args) == 2 else "on")
+        if spare:
+            emulator = Emulator(None, control_fd=int(args[0]))
+        else:
+            emulator = Emulator(EmulatorConfig.from_json(args[0]))
+    except (ConfigError, StateStoreError, OSError, ValueError) as e:
         LOG.error("%s", e)
         return EXIT_CONFIG
     signal.signal(signal.SIGTERM, emulator.stop)
@@ -124,10 +227,14 @@ def main(argv: list[str]) -> int:
     try:
         lockdown(mode)  # stage 2 of the sandbox: nothing from QEMU has been read yet
     except LockdownError as e:
-        LOG.error("%s: %s", config.id, e)
+        LOG.error("%s: %s", emulator.name, e)
         return EXIT_SANDBOX
+    emulator.ready()
     try:
         return emulator.run()
     except (RemoteProtocolError, SessionError) as e:
-        LOG.error("%s: closing: %s", config.id, e)
+        LOG.error("%s: closing: %s", emulator.name, e)
+        return EXIT_PROTOCOL
+    except proto.ControlProtocolError as e:
+        LOG.error("%s: control channel: %s", emulator.name, e)
         return EXIT_PROTOCOL

@@ -114,6 +114,10 @@ class EmulatorProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
     async def stop(self) -> int:
         for sig, timeout in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, None)):
             if self.exited.done():
@@ -134,11 +138,14 @@ def jail_spec(res: EmulatorResources) -> JailSpec:
                     address_space=res.address_space)
 
 
-async def start(res: EmulatorResources, command: list[str] | None = None) -> EmulatorProcess:
+async def start(
+    res: EmulatorResources, command: list[str] | None = None, quiet: bool = False
+) -> EmulatorProcess:
     """Start the emulator and return once it is confined (unless the spec says
     ``sandbox = "off"``). A sandbox that does not hold raises
     :class:`launcher.sandbox.check.SandboxError`, with the process reaped.
-    `command` replaces the emulator's own command line (tests only)."""
+    `command` replaces the emulator's own command line (a warm spare's, or a
+    test's); `quiet` logs the start as a detail, not a lifecycle event."""
     argv = command or emulator_argv(res.config, res.sandbox)
     if res.sandbox is not SandboxMode.OFF:
         argv = jail_spec(res).argv(argv)
@@ -162,8 +169,10 @@ async def start(res: EmulatorResources, command: list[str] | None = None) -> Emu
             process.kill()
         await asyncio.shield(proc.exited)
         raise
-    LOG.info("emulator %s started (pid %d, uid %d, sandbox %s)", res.spec.id, process.pid,
-             res.uid, res.sandbox.value)
+    (LOG.debug if quiet else LOG.info)(
+        "emulator %s started (pid %d, uid %d, sandbox %s)", res.spec.id, process.pid,
+        res.uid, res.sandbox.value,
+    )
     return proc
 
 

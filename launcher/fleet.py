@@ -4,24 +4,33 @@ Theory of operation. A slot owns everything that must outlive one emulator
 process: the opened disk images, the state store file, QEMU's ends of the
 vhost-user sockets and the session keepers that hold them. A process is
 only the current occupant: it gets fresh socketpairs to the keepers, the
-same disk fds and the same state store. When it ends, the restart policy
-decides; a restart replays each keeper's recorded session to the new
-process, which resumes the rings from the state store, so the guest sees
-only a pause.
+same disk fds and the same state store. When it ends, or its heartbeat says
+it hangs (then it is killed), the restart policy decides; a restart replays
+each keeper's recorded session to the new process, which resumes the rings
+from the state store, so the guest sees only a pause.
+
+A restart takes the VM's warm spare when one is ready: an emulator process
+already started, confined and waiting, which receives the whole assignment
+(config and fds) in one control message. That skips the interpreter
+start-up that dominates a cold restart. The pool then starts a new spare.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
 from launcher import emulators
+from launcher.heartbeat.link import ControlLink, control_pair
 from launcher.restart_policy import (
     ExitReason,
     GiveUp,
@@ -40,6 +49,9 @@ from launcher.status import LOG
 REQUEST_QUEUES_MAX = 16
 QUEUE_SLOTS = 2 + REQUEST_QUEUES_MAX
 LUN_SLOTS = 256
+READY_TIMEOUT = 30.0
+ASSIGN_TIMEOUT = 5.0
+WARM_SPARE = True
 
 
 def now_ns() -> int:
@@ -52,9 +64,149 @@ class SlotStats:
 
     starts: int = 0
     restarts: int = 0
+    spare_restarts: int = 0
     last_exit: str | None = None
     last_stall_ms: float | None = None
     stalls_ms: list[float] = field(default_factory=list)
+    started_ns: int = 0
+
+
+@dataclass
+class Occupant:
+    """One live emulator process and its control link."""
+
+    proc: emulators.EmulatorProcess
+    link: ControlLink
+    uid: int
+
+
+class UidPool:
+    """Distinct uids from the spec's range: one per live emulator or spare,
+    so no emulator can signal or trace another."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.used: set[int] = set()
+
+    def take(self, preferred: int | None = None) -> int | None:
+        if preferred is not None and preferred not in self.used:
+            self.used.add(preferred)
+            return preferred
+        for uid in range(self.first, self.last + 1):
+            if uid not in self.used:
+                self.used.add(uid)
+                return uid
+        return None
+
+    def give_back(self, uid: int) -> None:
+        self.used.discard(uid)
+
+
+def _resources(
+    spec: Spec, emulator: EmulatorSpec, config: EmulatorConfig, uid: int, controllers: int
+) -> emulators.EmulatorResources:
+    res = emulators.EmulatorResources(emulator, config)
+    res.sandbox = spec.vm.sandbox
+    res.uid = uid
+    res.address_space = spec.vm.memory * max(1, controllers) + ADDRESS_SPACE_HEADROOM
+    return res
+
+
+class SparePool:
+    """At most one warm spare per VM, replaced after it is used."""
+
+    def __init__(self, spec: Spec, uids: UidPool) -> None:
+        self.spec = spec
+        self.uids = uids
+        self._spare: Occupant | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self.closed = False
+        self.started = 0
+        controllers = max((len(spec.controllers_of(e.id)) for e in spec.emulators), default=1)
+        self._controllers = controllers
+
+    def replenish(self) -> None:
+        if self.closed or self._spare is not None or not self.spec.emulators:
+            return
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.create_task(self._start())
+
+    async def _start(self) -> None:
+        uid = self.uids.take()
+        if uid is None:
+            LOG.warning("no warm spare: uid_range has no uid left for one")
+            return
+        ours, theirs = control_pair()
+        try:
+            base = self.spec.emulators[0]
+            emulator = dataclasses.replace(base, id="spare")
+            config = EmulatorConfig("spare", (), control_fd=theirs.fileno())
+            res = _resources(self.spec, emulator, config, uid, self._controllers)
+            command = [sys.executable, "-I", "-m", "emulators", "--spare",
+                       str(theirs.fileno()), self.spec.vm.sandbox.value]
+            proc = await emulators.start(res, command=command, quiet=True)
+        except BaseException as e:
+            ours.close()
+            self.uids.give_back(uid)
+            if not isinstance(e, Exception):
+                raise
+            LOG.warning("warm spare failed to start: %s", e)
+            return
+        finally:
+            theirs.close()
+        link = ControlLink("spare", ours)
+        try:
+            await asyncio.wait_for(asyncio.shield(link.ready), READY_TIMEOUT)
+        except (TimeoutError, asyncio.CancelledError):
+            link.close()
+            await proc.stop()
+            self.uids.give_back(uid)
+            if not self.closed:
+                LOG.warning("warm spare (pid %d) never said ready", proc.pid)
+            return
+        if self.closed:
+            link.close()
+            await proc.stop()
+            self.uids.give_back(uid)
+            return
+        self._spare = Occupant(proc, link, uid)
+        self.started += 1
+        asyncio.create_task(self._watch(self._spare))
+        LOG.debug("warm spare ready (pid %d, uid %d)", proc.pid, uid)
+
+    async def _watch(self, spare: Occupant) -> None:
+        """A spare that dies while waiting is replaced (and never handed out)."""
+        await asyncio.shield(spare.proc.exited)
+        if self._spare is spare:
+            self._spare = None
+            spare.link.close()
+            self.uids.give_back(spare.uid)
+            if not self.closed:
+                LOG.warning("warm spare (pid %d) died while waiting", spare.proc.pid)
+                self.replenish()
+
+    def take(self) -> Occupant | None:
+        spare = self._spare
+        if spare is None or spare.proc.exited.done():
+            return None
+        self._spare = None
+        return spare
+
+    @property
+    def spare_pid(self) -> int | None:
+        return self._spare.proc.pid if self._spare else None
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._starting is not None:
+            self._starting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._starting
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.link.close()
+            await spare.proc.stop()
+            self.uids.give_back(spare.uid)
 
 
 class EmulatorSlot:
@@ -66,17 +218,22 @@ class EmulatorSlot:
         emulator: EmulatorSpec,
         run: RunFolder,
         on_give_up: Callable[[GiveUp], Awaitable[None]],
+        uids: UidPool,
+        spares: SparePool | None = None,
     ) -> None:
         self.spec = spec
         self.emulator = emulator
         self.id = emulator.id
-        self.run_folder = run
         self.controllers = spec.controllers_of(emulator.id)
         self.policy = RestartPolicy.from_spec(emulator, log=LOG.info)
         self.stats = SlotStats()
-        self.proc: emulators.EmulatorProcess | None = None
+        self.occupant: Occupant | None = None
+        self.uids = uids
+        self.spares = spares
+        self.base_uid = spec.vm.uid_range[0] + spec.emulators.index(emulator)
         self._on_give_up = on_give_up
         self._stopping = False
+        self._restart_requested = asyncio.Event()
         self.disk_fds: dict[str, int] = {}
         self.qemu_ends: dict[str, socket.socket] = {}
         self._keeper_ends: dict[str, socket.socket] = {}
@@ -97,8 +254,8 @@ class EmulatorSlot:
             raise
 
     @property
-    def uid(self) -> int:
-        return self.spec.vm.uid_range[0] + self.spec.emulators.index(self.emulator)
+    def proc(self) -> emulators.EmulatorProcess | None:
+        return self.occupant.proc if self.occupant else None
 
     def start_keepers(self, on_qemu_closed: Callable[[str], None]) -> None:
         """Keepers hold QEMU's sessions; QEMU's ends are then QEMU's alone."""
@@ -119,9 +276,9 @@ class EmulatorSlot:
 
     # -- processes
 
-    def _resources(
-        self, first_start: bool
-    ) -> tuple[emulators.EmulatorResources, dict[str, socket.socket]]:
+    def _config(self, first_start: bool) -> tuple[EmulatorConfig, dict[str, socket.socket],
+                                                  list[socket.socket]]:
+        """A config for the next occupant, with fresh sockets to the keepers."""
         ours: dict[str, socket.socket] = {}
         theirs: list[socket.socket] = []
         controllers = []
@@ -139,83 +296,167 @@ class EmulatorSlot:
         config = EmulatorConfig(
             self.id, tuple(controllers), state_fd=self.state_fd, first_start=first_start
         )
-        res = emulators.EmulatorResources(self.emulator, config, emulator_ends=theirs)
-        res.sandbox = self.spec.vm.sandbox
-        res.uid = self.uid
-        ram = self.spec.vm.memory * max(1, len(controllers))
-        res.address_space = ram + ADDRESS_SPACE_HEADROOM
-        return res, ours
+        return config, ours, theirs
 
-    async def _launch(self, first_start: bool) -> None:
-        res, ours = self._resources(first_start)
+    async def _launch_cold(self, first_start: bool) -> None:
+        config, ours, theirs = self._config(first_start)
+        link_ours, link_theirs = control_pair()
+        theirs.append(link_theirs)
+        config = dataclasses.replace(config, control_fd=link_theirs.fileno())
+        uid = self.uids.take(self.base_uid)
+        if uid is None:
+            raise RuntimeError(f"uid_range has no uid left for emulator {self.id}")
+        res = _resources(self.spec, self.emulator, config, uid, len(self.controllers))
         try:
-            self.proc = await emulators.start(res)
+            proc = await emulators.start(res)
         except BaseException:
+            self.uids.give_back(uid)
+            link_ours.close()
             for sock in ours.values():
                 sock.close()
             raise
         finally:
-            res.close_emulator_side()
+            for sock in theirs:
+                sock.close()
+        self._occupy(Occupant(proc, ControlLink(self.id, link_ours), uid), ours, first_start)
+
+    async def _launch_spare(self, spare: Occupant) -> bool:
+        """Hand the assignment to a waiting spare; False if it refused."""
+        config, ours, theirs = self._config(first_start=False)
+        try:
+            reply = await spare.link.assign(config.to_json(), config.assigned_fds(), ASSIGN_TIMEOUT)
+        except (TimeoutError, OSError) as e:
+            reply = None
+            LOG.warning("warm spare (pid %d) did not take emulator %s: %s", spare.proc.pid,
+                        self.id, e or "timeout")
+        finally:
+            for sock in theirs:
+                sock.close()
+        if reply is None or not reply.ok:
+            if reply is not None:
+                LOG.warning("warm spare refused emulator %s: %s", self.id, reply.error)
+            for sock in ours.values():
+                sock.close()
+            spare.link.close()
+            await spare.proc.stop()
+            self.uids.give_back(spare.uid)
+            return False
+        spare.link.name = self.id
+        spare.proc.id = self.id
+        self._occupy(spare, ours, first_start=False)
+        self.stats.spare_restarts += 1
+        return True
+
+    def _occupy(self, occupant: Occupant, ours: dict[str, socket.socket],
+                first_start: bool) -> None:
+        self.occupant = occupant
         for cid, sock in ours.items():
             self.keepers[cid].attach(sock, replay=not first_start)
+        occupant.link.watch(self.emulator.heartbeat_ms, self.emulator.hang_timeout_ms)
         self.stats.starts += 1
+        self.stats.started_ns = now_ns()
         self.policy.on_started(now_ns())
 
     async def start(self) -> None:
         self.policy.start(now_ns())
-        await self._launch(first_start=True)
+        await self._launch_cold(first_start=True)
+
+    def request_restart(self) -> None:
+        """Management asked for a restart: kill the occupant; the policy restarts it."""
+        self._restart_requested.set()
 
     async def supervise(self) -> None:
-        """Watch the process; restart it as the policy decides. Returns when the
+        """Watch the occupant; restart it as the policy decides. Returns when the
         slot stops for good (stop requested, clean end, or give-up)."""
-        while not self._stopping and self.proc is not None:
-            proc = self.proc
-            status = await asyncio.shield(proc.exited)
+        while not self._stopping and self.occupant is not None:
+            occupant = self.occupant
+            reason, detail = await self._wait_end(occupant)
+            status = await asyncio.shield(occupant.proc.exited)
             died_ns = now_ns()
             for keeper in self.keepers.values():
                 keeper.detach()
+            occupant.link.close()
+            self.uids.give_back(occupant.uid)
             if self._stopping:
                 return
-            reason = ExitReason.EXITED_CLEAN if status == 0 else ExitReason.CRASHED
             self.stats.last_exit = describe_status(status)
-            if status != 0:
+            if reason is ExitReason.CRASHED and status == 0:
+                reason = ExitReason.EXITED_CLEAN
+            if reason is ExitReason.CRASHED:
                 LOG.warning("emulator %s died (%s)", self.id, self.stats.last_exit)
-            actions = self.policy.on_exit(died_ns, status, reason)
+            actions = self.policy.on_exit(died_ns, status, reason, detail)
             while actions:
                 action = actions.pop(0)
                 if isinstance(action, Start):
                     await self._restart(died_ns)
                 elif isinstance(action, GiveUp):
-                    self.proc = None
+                    self.occupant = None
                     await self._on_give_up(action)
                     return
                 elif isinstance(action, Nothing):
                     deadline = self.policy.next_deadline_ns()
                     if deadline is None:
-                        self.proc = None
+                        self.occupant = None
                         return
                     await asyncio.sleep(max(0, deadline - now_ns()) / 1e9)
                     if self._stopping:
                         return
                     actions = self.policy.tick(now_ns())
 
+    async def _wait_end(self, occupant: Occupant) -> tuple[ExitReason, str]:
+        """Until the process ends, hangs (then kill it), or management restarts it."""
+        restart = asyncio.create_task(self._restart_requested.wait())
+        try:
+            waits: set[asyncio.Future[Any]] = {occupant.proc.exited, occupant.link.hung, restart}
+            done, _ = await asyncio.wait(
+                waits,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            restart.cancel()
+        if occupant.proc.exited in done:
+            return ExitReason.CRASHED, ""
+        if restart in done:
+            self._restart_requested.clear()
+            LOG.info("emulator %s: restart requested", self.id)
+            occupant.proc.kill()
+            return ExitReason.REQUESTED_RESTART, "requested through management"
+        verdict = occupant.link.hung.result()
+        LOG.warning("emulator %s hung: %s; killing pid %d", self.id, verdict.reason,
+                    occupant.proc.pid)
+        occupant.proc.kill()
+        return ExitReason.KILLED_HUNG, verdict.reason
+
     async def _restart(self, died_ns: int) -> None:
-        await self._launch(first_start=False)
+        spare = self.spares.take() if self.spares is not None else None
+        via = "cold start"
+        if spare is not None and await self._launch_spare(spare):
+            via = "warm spare"
+        else:
+            await self._launch_cold(first_start=False)
+        if self.spares is not None:
+            self.spares.replenish()
         stall_ms = (now_ns() - died_ns) / 1e6
         self.stats.restarts += 1
         self.stats.last_stall_ms = stall_ms
         self.stats.stalls_ms.append(stall_ms)
-        LOG.info("emulator %s restarted (pid %d) %.1f ms after its end", self.id,
-                 self.proc.pid if self.proc else -1, stall_ms)
+        LOG.info("emulator %s restarted (pid %d, %s) %.1f ms after its end", self.id,
+                 self.proc.pid if self.proc else -1, via, stall_ms)
 
     async def stop(self) -> int | None:
         self._stopping = True
         self.policy.on_stop_requested(now_ns())
-        if self.proc is None:
+        occupant = self.occupant
+        if occupant is None:
             return None
-        return await self.proc.stop()
+        status = await occupant.proc.stop()
+        occupant.link.close()
+        self.uids.give_back(occupant.uid)
+        return status
 
     def close(self) -> None:
+        if self.occupant is not None:
+            self.occupant.link.close()
         for keeper in self.keepers.values():
             keeper.close()
         self.keepers.clear()

@@ -15,7 +15,7 @@ import signal
 from dataclasses import dataclass, field
 
 from launcher.accel import AccelChoice, choose_accel
-from launcher.fleet import EmulatorSlot
+from launcher.fleet import WARM_SPARE, EmulatorSlot, SparePool, UidPool
 from launcher.qemu import Qemu, bind_qmp_listener
 from launcher.restart_policy import GiveUp
 from launcher.runfolder import RunFolder
@@ -48,6 +48,8 @@ class Supervisor:
         self.outcome = VmOutcome()
         self._stop = asyncio.Event()
         self.qemu: Qemu | None = None
+        self.slots: list[EmulatorSlot] = []
+        self.spares: SparePool | None = None
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -77,8 +79,13 @@ class Supervisor:
         try:
             if self.spec.emulators:
                 preflight(self.spec.vm.sandbox)  # the sandbox: fail closed, warn if weakened
+            first, last = self.spec.vm.uid_range
+            uids = UidPool(first, last)
+            spares = SparePool(self.spec, uids) if WARM_SPARE else None
+            self.spares = spares
             for emulator in self.spec.emulators:
-                slots.append(EmulatorSlot(self.spec, emulator, run, self._give_up))
+                slots.append(EmulatorSlot(self.spec, emulator, run, self._give_up, uids, spares))
+            self.slots = slots
             for slot in slots:
                 slot.start_keepers(self._qemu_closed_session)
             vhost = {cid: s.fileno() for slot in slots for cid, s in slot.qemu_ends.items()}
@@ -98,6 +105,8 @@ class Supervisor:
             for slot in slots:
                 slot.close_qemu_ends()
             LOG.info("QEMU started (pid %d)", qemu.pid)
+            if spares is not None:
+                spares.replenish()
             return await self._supervise(qemu, slots)
         except SandboxError as e:  # the sandbox: an emulator not confined stops the VM
             LOG.error("%s", e)
@@ -107,6 +116,8 @@ class Supervisor:
             if qemu is not None:
                 status = await qemu.stop()
                 LOG.info("QEMU exited (%s)", _describe_status(status))
+            if self.spares is not None:
+                await self.spares.close()
             for slot in slots:
                 status_or_none = await slot.stop()
                 if status_or_none is not None:

@@ -101,6 +101,10 @@ def _resolve_fallocate() -> Callable[[int, int, int, int], int] | None:
     return fn
 
 
+# Resolved once at import: a locked-down emulator may not look symbols up later.
+_FALLOCATE = _resolve_fallocate()
+
+
 class FdBackend:
     """A disk image or block device behind an fd that was handed to us."""
 
@@ -112,7 +116,7 @@ class FdBackend:
         self._block_size = block_size
         self._readonly = readonly
         self._regular = stat.S_ISREG(st.st_mode)
-        self._fallocate = _resolve_fallocate() if self._regular else None
+        self._fallocate = _FALLOCATE if self._regular else None
         self._zeroes = memoryview(bytes(_ZERO_CHUNK))
 
     @property

@@ -1,0 +1,143 @@
+"""The launcher's end of one emulator's control socket, on asyncio.
+
+The protocol is in `protocol`, the hang verdicts in `detector`; this is the
+thin I/O around them: read datagrams as they come, hand PONGs to the
+detector, send PINGs when the detector says, and report a verdict once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from launcher.heartbeat import protocol as proto
+from launcher.heartbeat.detector import HangDetector, SendPing, Verdict
+from launcher.status import LOG
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolBroken:
+    """Not hung but as bad: the emulator sent what the protocol forbids."""
+
+    detail: str
+
+    @property
+    def reason(self) -> str:
+        return f"broke the control protocol: {self.detail}"
+
+
+Judgement = Verdict | ProtocolBroken
+
+
+def control_pair() -> tuple[socket.socket, socket.socket]:
+    """(launcher end, emulator end); the emulator end is inheritable."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.set_inheritable(True)
+    return ours, theirs
+
+
+class ControlLink:
+    def __init__(self, name: str, sock: socket.socket) -> None:
+        self.name = name
+        self.sock = sock
+        self.sock.setblocking(False)
+        self.detector: HangDetector | None = None
+        self.ready: asyncio.Future[proto.Ready] = asyncio.get_running_loop().create_future()
+        self.assigned: asyncio.Future[proto.Assigned] | None = None
+        self.hung: asyncio.Future[Judgement] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self._ticker: asyncio.Task[None] | None = None
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def send(self, message: proto.Message) -> None:
+        data, fds = proto.encode(message)
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+        else:
+            self.sock.send(data)
+
+    async def assign(self, config_json: str, fds: list[int], timeout: float) -> proto.Assigned:
+        self.assigned = asyncio.get_running_loop().create_future()
+        self.send(proto.Assign(config_json, tuple(fds)))
+        return await asyncio.wait_for(self.assigned, timeout)
+
+    def watch(self, heartbeat_ms: int, hang_timeout_ms: int) -> None:
+        """Start the heartbeat: ping, and judge the replies."""
+        self.detector = HangDetector(heartbeat_ms, hang_timeout_ms)
+        self.detector.reset(time.monotonic_ns())
+        self._ticker = asyncio.create_task(self._tick())
+
+    @property
+    def round_trip_ms(self) -> float | None:
+        return self.detector.round_trip_ms if self.detector else None
+
+    async def _tick(self) -> None:
+        detector = self.detector
+        assert detector is not None
+        while not self.closed and not self.hung.done():
+            for action in detector.tick(time.monotonic_ns()):
+                if isinstance(action, SendPing):
+                    with contextlib.suppress(OSError):
+                        self.send(action.message())
+                else:
+                    self._verdict(action)
+                    return
+            deadline = detector.next_deadline_ns()
+            delay = 0.05 if deadline is None else max(0.0, (deadline - time.monotonic_ns()) / 1e9)
+            await asyncio.sleep(delay)
+
+    def _verdict(self, verdict: Judgement) -> None:
+        if not self.hung.done():
+            self.hung.set_result(verdict)
+
+    def _readable(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, proto.MAX_DATAGRAM + 1, proto.MAX_FDS)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b"", []
+        for fd in fds:  # an emulator never sends fds
+            os.close(fd)
+        if not data:
+            self.close()
+            return
+        try:
+            message = proto.decode(data, [], sender=proto.Sender.EMULATOR)
+            self._on_message(message)
+        except proto.ControlProtocolError as e:
+            LOG.error("emulator %s broke the control protocol: %s", self.name, e)
+            self._verdict(ProtocolBroken(str(e)))
+
+    def _on_message(self, message: proto.Message) -> None:
+        if isinstance(message, proto.Pong):
+            if self.detector is not None:
+                verdict = self.detector.on_pong(message, time.monotonic_ns())
+                if verdict is not None:
+                    self._verdict(verdict)
+        elif isinstance(message, proto.Ready):
+            if not self.ready.done():
+                self.ready.set_result(message)
+        elif (
+            isinstance(message, proto.Assigned)
+            and self.assigned is not None
+            and not self.assigned.done()
+        ):
+            self.assigned.set_result(message)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+        for fut in (self.ready, self.assigned):
+            if fut is not None and not fut.done():
+                fut.cancel()
