@@ -96,10 +96,15 @@ class Qemu:
 
     async def stop(self) -> int:
         """quit through QMP, then SIGTERM, then SIGKILL; always reaps."""
+        quit_sent = False
         if not self.exited.done() and self.qmp.runstate.name == "RUNNING":
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.execute("quit"), QUIT_TIMEOUT)
-        steps = ((None, QUIT_TIMEOUT), (signal.SIGTERM, TERM_TIMEOUT), (signal.SIGKILL, None))
+                quit_sent = True
+        # Without a quit on its way (QMP not up yet), waiting would only let the guest run on.
+        steps = (
+            ((None, QUIT_TIMEOUT),) if quit_sent else ()
+        ) + ((signal.SIGTERM, TERM_TIMEOUT), (signal.SIGKILL, None))
         for sig, timeout in steps:
             if self.exited.done():
                 break

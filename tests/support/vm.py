@@ -241,7 +241,8 @@ class Mplaunch:
 def mpl_lines(console: Path) -> list[tuple[str, dict[str, str], str]]:
     """The guest's report lines: (kind, key=value fields, raw rest)."""
     out = []
-    for line in console.read_text(errors="replace").splitlines():
+    text = console.read_text(errors="replace") if console.exists() else ""
+    for line in text.splitlines():
         m = MPL_LINE.match(line.strip())
         if m:
             rest = m.group(2) or ""
