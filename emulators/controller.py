@@ -21,7 +21,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from emulators.config import ControllerConfig
+from emulators.config import ControllerConfig, LunConfig
 from emulators.scsi.backend import FdBackend
 from emulators.scsi.lun import LogicalUnit, LunState
 from emulators.scsi.virtio_scsi import VirtioScsiTarget
@@ -339,6 +339,41 @@ class ControllerLoop:
         fd = self.call_fds.get(index)
         if fd is not None and queue.needs_notification():
             os.eventfd_write(fd, 1)
+
+    # -- changes while running (management)
+
+    def add_lun(self, lun: LunConfig) -> None:
+        """A new disk: the guest hears of it through the event queue and rescans."""
+        if lun.lun in self.target.scsi.luns:
+            raise ValueError(f"LUN {lun.lun} is already in use on {self.config.id}")
+        unit = LogicalUnit(
+            FdBackend(lun.fd, lun.block_size, lun.readonly),
+            lun.disk_id,
+            LunState.fresh(initial_unit_attention=False),
+            on_change=self._lun_saver(lun.lun),
+        )
+        self._save_lun(lun.lun, unit.state)
+        self.target.add_lun(lun.lun, unit)
+        self.pending_kicks.add(EVENT_QUEUE)
+
+    def remove_lun(self, lun: int) -> None:
+        if lun not in self.target.scsi.luns:
+            raise ValueError(f"no LUN {lun} on {self.config.id}")
+        unit = self.target.remove_lun(lun)
+        if self.store is not None:
+            self.store.clear_lun_slot(self.index, lun)
+        backend = unit.backend
+        if isinstance(backend, FdBackend):
+            os.close(backend.fd)
+        self.pending_kicks.add(EVENT_QUEUE)
+
+    def resize_lun(self, lun: int) -> bool:
+        """The image grew (or shrank): the guest gets CAPACITY DATA HAS CHANGED."""
+        if lun not in self.target.scsi.luns:
+            raise ValueError(f"no LUN {lun} on {self.config.id}")
+        changed = self.target.refresh_capacity(lun)
+        self.pending_kicks.add(EVENT_QUEUE)
+        return changed
 
     def progress(self) -> list[tuple[int, int, int]]:
         """(ring, completed, in flight) of every started ring, for the heartbeat."""

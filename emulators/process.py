@@ -16,6 +16,7 @@ Two ways to start:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import selectors
@@ -23,7 +24,7 @@ import signal
 import sys
 from types import FrameType
 
-from emulators.config import ConfigError, EmulatorConfig
+from emulators.config import ConfigError, EmulatorConfig, LunConfig
 from emulators.control import ControlChannel
 from emulators.controller import ControllerLoop
 from emulators.lockdown import LockdownError, LockdownMode, lockdown
@@ -141,6 +142,8 @@ class Emulator:
                 controller.serve_pending()
             if control:
                 self._on_control()
+                for controller in self.controllers:  # events a command queued
+                    controller.serve_pending()
 
     def _on_control(self) -> None:
         """Heartbeat and assignment. Answered after the round's requests were
@@ -149,6 +152,8 @@ class Emulator:
         for message in self.control.receive():
             if isinstance(message, proto.Ping):
                 self.control.send(proto.Pong(message.seq, message.sent_ns, self._progress()))
+            elif isinstance(message, proto.Command):  # before Assign: it is one
+                self._on_command(message)
             elif isinstance(message, proto.Assign):
                 self._on_assign(message)
             elif isinstance(message, proto.Shutdown):
@@ -174,6 +179,42 @@ class Emulator:
             self.stopping = True
             return
         self.control.send(proto.Assigned(True))
+
+    def _on_command(self, message: proto.Command) -> None:
+        """A LUN added, removed or resized while running; one answer each."""
+        assert self.control is not None
+        fds = list(message.fds)
+        try:
+            request = json.loads(message.config)
+            controller = self._controller(str(request["controller"]))
+            op = request["op"]
+            if op == "lun-add":
+                if len(fds) != 1:
+                    raise ValueError(f"lun-add takes one fd, got {len(fds)}")
+                controller.add_lun(LunConfig(
+                    int(request["lun"]), str(request["disk_id"]), fds.pop(),
+                    bool(request["readonly"]), int(request["block_size"]),
+                ))
+            elif op == "lun-remove":
+                controller.remove_lun(int(request["lun"]))
+            elif op == "lun-resize":
+                controller.resize_lun(int(request["lun"]))
+            else:
+                raise ValueError(f"unknown operation {op!r}")
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            for fd in fds:
+                os.close(fd)
+            self.control.send(proto.Result(False, f"{type(e).__name__}: {e}"))
+            return
+        for fd in fds:
+            os.close(fd)
+        self.control.send(proto.Result(True))
+
+    def _controller(self, controller_id: str) -> ControllerLoop:
+        for c in self.controllers:
+            if c.config.id == controller_id and not c.closed:
+                return c
+        raise ValueError(f"no controller {controller_id!r} here")
 
     def _progress(self) -> tuple[proto.QueueProgress, ...]:
         out = []

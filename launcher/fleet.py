@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import socket
 import sys
@@ -42,7 +43,7 @@ from launcher.restart_policy import (
 from launcher.runfolder import RunFolder
 from launcher.sandbox.jail import ADDRESS_SPACE_HEADROOM
 from launcher.sessionkeeper import SessionKeeper
-from launcher.spec import EmulatorSpec, Spec
+from launcher.spec import DiskSpec, EmulatorSpec, Spec
 from launcher.statestore import layout
 from launcher.status import LOG
 
@@ -50,8 +51,13 @@ REQUEST_QUEUES_MAX = 16
 QUEUE_SLOTS = 2 + REQUEST_QUEUES_MAX
 LUN_SLOTS = 256
 READY_TIMEOUT = 30.0
+COMMAND_TIMEOUT = 5.0
 ASSIGN_TIMEOUT = 5.0
 WARM_SPARE = True
+
+
+class DiskChangeError(Exception):
+    """A disk could not be added, removed or resized; nothing changed."""
 
 
 def now_ns() -> int:
@@ -225,6 +231,11 @@ class EmulatorSlot:
         self.emulator = emulator
         self.id = emulator.id
         self.controllers = spec.controllers_of(emulator.id)
+        # Disks change at run time (management); the spec's are the first ones.
+        self.disks: dict[str, list[DiskSpec]] = {
+            c.id: list(spec.disks_of(c.id)) for c in self.controllers
+        }
+        self._commands = asyncio.Lock()
         self.policy = RestartPolicy.from_spec(emulator, log=LOG.info)
         self.stats = SlotStats()
         self.occupant: Occupant | None = None
@@ -241,7 +252,7 @@ class EmulatorSlot:
         self.state_fd = -1
         try:
             for controller in self.controllers:
-                for disk in spec.disks_of(controller.id):
+                for disk in self.disks[controller.id]:
                     self.disk_fds[disk.id] = emulators.open_disk(str(disk.image), disk.readonly)
                 qemu_end, keeper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 qemu_end.set_inheritable(True)
@@ -288,7 +299,7 @@ class EmulatorSlot:
             theirs.append(emu_end)
             luns = tuple(
                 LunConfig(d.lun, d.id, self.disk_fds[d.id], d.readonly, d.block_size)
-                for d in self.spec.disks_of(controller.id)
+                for d in self.disks[controller.id]
             )
             controllers.append(
                 ControllerConfig(controller.id, emu_end.fileno(), controller.queues, luns)
@@ -442,6 +453,60 @@ class EmulatorSlot:
         self.stats.stalls_ms.append(stall_ms)
         LOG.info("emulator %s restarted (pid %d, %s) %.1f ms after its end", self.id,
                  self.proc.pid if self.proc else -1, via, stall_ms)
+
+    # -- disks changed through management
+
+    def disk(self, disk_id: str) -> DiskSpec | None:
+        for disks in self.disks.values():
+            for disk in disks:
+                if disk.id == disk_id:
+                    return disk
+        return None
+
+    async def _command(self, request: dict[str, object], fds: list[int]) -> None:
+        occupant = self.occupant
+        if occupant is None or occupant.link.closed:
+            raise DiskChangeError(f"emulator {self.id} is restarting; try again")
+        async with self._commands:
+            try:
+                result = await occupant.link.command(json.dumps(request), fds, COMMAND_TIMEOUT)
+            except (TimeoutError, OSError) as e:
+                raise DiskChangeError(
+                    f"emulator {self.id} did not answer: {e or 'timeout'}"
+                ) from None
+        if not result.ok:
+            raise DiskChangeError(f"emulator {self.id} refused: {result.error}")
+
+    async def add_disk(self, disk: DiskSpec) -> None:
+        """Open the image, hand its fd to the emulator; the guest then sees it."""
+        if any(d.lun == disk.lun for d in self.disks[disk.controller]):
+            raise DiskChangeError(f"LUN {disk.lun} is already in use on {disk.controller}")
+        fd = emulators.open_disk(str(disk.image), disk.readonly)
+        try:
+            await self._command(
+                {"op": "lun-add", "controller": disk.controller, "lun": disk.lun,
+                 "disk_id": disk.id, "readonly": disk.readonly, "block_size": disk.block_size},
+                [fd],
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        self.disk_fds[disk.id] = fd
+        self.disks[disk.controller].append(disk)
+
+    async def remove_disk(self, disk: DiskSpec) -> None:
+        await self._command(
+            {"op": "lun-remove", "controller": disk.controller, "lun": disk.lun}, []
+        )
+        self.disks[disk.controller] = [d for d in self.disks[disk.controller] if d.id != disk.id]
+        with contextlib.suppress(OSError, KeyError):
+            os.close(self.disk_fds.pop(disk.id))
+
+    async def resize_disk(self, disk: DiskSpec) -> None:
+        """The image was resized by the caller: the guest is told its new capacity."""
+        await self._command(
+            {"op": "lun-resize", "controller": disk.controller, "lun": disk.lun}, []
+        )
 
     async def stop(self) -> int | None:
         self._stopping = True

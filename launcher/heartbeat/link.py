@@ -48,6 +48,7 @@ class ControlLink:
         self.detector: HangDetector | None = None
         self.ready: asyncio.Future[proto.Ready] = asyncio.get_running_loop().create_future()
         self.assigned: asyncio.Future[proto.Assigned] | None = None
+        self.result: asyncio.Future[proto.Result] | None = None
         self.hung: asyncio.Future[Judgement] = asyncio.get_running_loop().create_future()
         self.closed = False
         self._ticker: asyncio.Task[None] | None = None
@@ -64,6 +65,12 @@ class ControlLink:
         self.assigned = asyncio.get_running_loop().create_future()
         self.send(proto.Assign(config_json, tuple(fds)))
         return await asyncio.wait_for(self.assigned, timeout)
+
+    async def command(self, request: str, fds: list[int], timeout: float) -> proto.Result:
+        """One change to the running emulator; its answer. One at a time."""
+        self.result = asyncio.get_running_loop().create_future()
+        self.send(proto.Command(request, tuple(fds)))
+        return await asyncio.wait_for(self.result, timeout)
 
     def watch(self, heartbeat_ms: int, hang_timeout_ms: int) -> None:
         """Start the heartbeat: ping, and judge the replies."""
@@ -122,6 +129,9 @@ class ControlLink:
         elif isinstance(message, proto.Ready):
             if not self.ready.done():
                 self.ready.set_result(message)
+        elif isinstance(message, proto.Result):  # before Assigned: it is one
+            if self.result is not None and not self.result.done():
+                self.result.set_result(message)
         elif (
             isinstance(message, proto.Assigned)
             and self.assigned is not None

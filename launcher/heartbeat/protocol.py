@@ -99,6 +99,8 @@ class MessageType(enum.IntEnum):
     PING = 4
     PONG = 5
     SHUTDOWN = 6
+    COMMAND = 7
+    RESULT = 8
 
 
 class Sender(enum.Enum):
@@ -115,6 +117,8 @@ SENT_BY: Final[dict[MessageType, Sender]] = {
     MessageType.PING: Sender.LAUNCHER,
     MessageType.PONG: Sender.EMULATOR,
     MessageType.SHUTDOWN: Sender.LAUNCHER,
+    MessageType.COMMAND: Sender.LAUNCHER,
+    MessageType.RESULT: Sender.EMULATOR,
 }
 
 
@@ -318,7 +322,19 @@ class Shutdown:
         _check_seq(self.seq)
 
 
-Message = Ready | Assign | Assigned | Ping | Pong | Shutdown
+@dataclass(frozen=True, slots=True)
+class Command(Assign):
+    """A change to an assigned emulator (a LUN added, removed or resized): a
+    UTF-8 JSON request, opaque here, and the fds it names; same wire form as
+    ASSIGN."""
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Assigned):
+    """The answer to COMMAND; same wire form as ASSIGNED."""
+
+
+Message = Ready | Assign | Assigned | Ping | Pong | Shutdown | Command | Result
 
 _TYPE_OF: Final[dict[type[Message], MessageType]] = {
     Ready: MessageType.READY,
@@ -327,6 +343,8 @@ _TYPE_OF: Final[dict[type[Message], MessageType]] = {
     Ping: MessageType.PING,
     Pong: MessageType.PONG,
     Shutdown: MessageType.SHUTDOWN,
+    Command: MessageType.COMMAND,
+    Result: MessageType.RESULT,
 }
 
 
@@ -345,10 +363,10 @@ def encode(message: Message) -> tuple[bytes, list[int]]:
     match message:
         case Ready(pid=pid, locked_down=locked_down):
             payload = _READY.pack(pid, _READY_LOCKED_DOWN if locked_down else 0)
-        case Assign(config=config, fds=assign_fds):
+        case Command(config=config, fds=assign_fds) | Assign(config=config, fds=assign_fds):
             payload = _ASSIGN_HEAD.pack(len(assign_fds)) + config.encode("utf-8")
             fds = list(assign_fds)
-        case Assigned(ok=ok, error=error):
+        case Result(ok=ok, error=error) | Assigned(ok=ok, error=error):
             payload = _ASSIGNED_HEAD.pack(1 if ok else 0) + error.encode("utf-8")
         case Ping(sent_ns=sent_ns):
             payload = _PING.pack(sent_ns)
@@ -401,7 +419,7 @@ def decode(datagram: bytes, fds: list[int], *, sender: Sender | None = None) -> 
 
     if sender is not None and SENT_BY[kind] is not sender:
         raise fail(f"a {sender.value} does not send {kind.name}")
-    if kind is not MessageType.ASSIGN and fds:
+    if kind not in (MessageType.ASSIGN, MessageType.COMMAND) and fds:
         raise fail(f"{len(fds)} fds arrived with a message that carries none")
     payload = data[HEADER_SIZE:]
     try:
@@ -438,18 +456,20 @@ def _decode_payload(
             if flags & ~_READY_LOCKED_DOWN:
                 raise fail(f"unknown READY flags {flags:#04x}")
             return Ready(pid, bool(flags & _READY_LOCKED_DOWN), seq)
-        case MessageType.ASSIGN:
+        case MessageType.ASSIGN | MessageType.COMMAND:
             at_least(_ASSIGN_HEAD.size)
             (declared,) = _ASSIGN_HEAD.unpack_from(payload)
             if declared != len(fds):
                 raise fail(f"declares {declared} fds but {len(fds)} arrived")
-            return Assign(text(payload[_ASSIGN_HEAD.size :], "config"), tuple(fds), seq)
-        case MessageType.ASSIGNED:
+            cls = Assign if kind is MessageType.ASSIGN else Command
+            return cls(text(payload[_ASSIGN_HEAD.size :], "config"), tuple(fds), seq)
+        case MessageType.ASSIGNED | MessageType.RESULT:
             at_least(_ASSIGNED_HEAD.size)
             (ok,) = _ASSIGNED_HEAD.unpack_from(payload)
             if ok > 1:
                 raise fail(f"ok flag is {ok}, expected 0 or 1")
-            return Assigned(ok == 1, text(payload[_ASSIGNED_HEAD.size :], "error"), seq)
+            answer = Assigned if kind is MessageType.ASSIGNED else Result
+            return answer(ok == 1, text(payload[_ASSIGNED_HEAD.size :], "error"), seq)
         case MessageType.PING:
             exact(_PING.size)
             (sent_ns,) = _PING.unpack(payload)

@@ -162,6 +162,9 @@ class StateStore:
         self.view[start : start + len(state)] = state
         _SLOT_META.pack_into(self.view, off, 1, lun)
 
+    def clear_lun_slot(self, controller: int, slot: int) -> None:
+        _SLOT_META.pack_into(self.view, self.layout.lun_offset(controller, slot), 0, 0)
+
     def close(self) -> None:
         self.view.release()
         self._map.close()

@@ -354,8 +354,13 @@ def test_a_stall_verdict_is_never_early(gaps_ms: list[int], rtt_ms: int) -> None
     assert isinstance(verdict, Stalled)
     # In flight since 0; each completion is progress.
     points = [0, *times]
-    last = max(c for c in points if c <= at)
-    assert at - last >= timeout * MS, "declared before the queue was stuck for the timeout"
+    # The evidence is the counters sampled half a round trip before arrival:
+    # a completion after that sample cannot have been seen.
+    sampled = at - (rtt_ms * MS) // 2
+    last = max(c for c in points if c <= sampled)
+    assert sampled - last >= timeout * MS - rtt_ms * MS, (
+        "declared before the queue was stuck for the timeout"
+    )
     # And not late: the first gap long enough to be caught is caught in time.
     slack = (timeout + beat + 2 * rtt_ms) * MS
     ends = [*times, None]
