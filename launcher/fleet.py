@@ -243,6 +243,7 @@ class EmulatorSlot:
         self.spares = spares
         self.base_uid = spec.vm.uid_range[0] + spec.emulators.index(emulator)
         self._on_give_up = on_give_up
+        self.emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None
         self._stopping = False
         self._restart_requested = asyncio.Event()
         self.disk_fds: dict[str, int] = {}
@@ -395,6 +396,10 @@ class EmulatorSlot:
                 reason = ExitReason.EXITED_CLEAN
             if reason is ExitReason.CRASHED:
                 LOG.warning("emulator %s died (%s)", self.id, self.stats.last_exit)
+            exit_data: dict[str, Any] = {"id": self.id, "pid": occupant.proc.pid,
+                                         "reason": reason.value}
+            exit_data.update({"signal": -status} if status < 0 else {"status": status})
+            self.emit("EMULATOR_EXIT", exit_data)
             actions = self.policy.on_exit(died_ns, status, reason, detail)
             while actions:
                 action = actions.pop(0)
@@ -402,6 +407,8 @@ class EmulatorSlot:
                     await self._restart(died_ns)
                 elif isinstance(action, GiveUp):
                     self.occupant = None
+                    self.emit("EMULATOR_GIVE_UP", {"id": self.id, "action": action.action.value,
+                                                   "reason": action.reason})
                     await self._on_give_up(action)
                     return
                 elif isinstance(action, Nothing):
@@ -433,6 +440,8 @@ class EmulatorSlot:
             occupant.proc.kill()
             return ExitReason.REQUESTED_RESTART, "requested through management"
         verdict = occupant.link.hung.result()
+        self.emit("EMULATOR_HANG", {"id": self.id, "pid": occupant.proc.pid,
+                                    "reason": verdict.reason})
         LOG.warning("emulator %s hung: %s; killing pid %d", self.id, verdict.reason,
                     occupant.proc.pid)
         occupant.proc.kill()
@@ -451,6 +460,8 @@ class EmulatorSlot:
         self.stats.restarts += 1
         self.stats.last_stall_ms = stall_ms
         self.stats.stalls_ms.append(stall_ms)
+        self.emit("EMULATOR_RESTART", {"id": self.id, "pid": self.proc.pid if self.proc else -1,
+                                       "via": via, "stall-ms": round(stall_ms, 3)})
         LOG.info("emulator %s restarted (pid %d, %s) %.1f ms after its end", self.id,
                  self.proc.pid if self.proc else -1, via, stall_ms)
 

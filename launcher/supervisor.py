@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from launcher.accel import AccelChoice, choose_accel
 from launcher.fleet import WARM_SPARE, EmulatorSlot, SparePool, UidPool
@@ -49,6 +51,8 @@ class Supervisor:
         self._stop = asyncio.Event()
         self.qemu: Qemu | None = None
         self.slots: list[EmulatorSlot] = []
+        # Management's event sink; the management server replaces it.
+        self.emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None
         self.spares: SparePool | None = None
 
     def request_stop(self, reason: str) -> None:
@@ -84,7 +88,9 @@ class Supervisor:
             spares = SparePool(self.spec, uids) if WARM_SPARE else None
             self.spares = spares
             for emulator in self.spec.emulators:
-                slots.append(EmulatorSlot(self.spec, emulator, run, self._give_up, uids, spares))
+                slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids, spares)
+                slot.emit = lambda name, data: self.emit(name, data)
+                slots.append(slot)
             self.slots = slots
             for slot in slots:
                 slot.start_keepers(self._qemu_closed_session)
@@ -187,6 +193,7 @@ class Supervisor:
                 LOG.info("VM running")
             else:
                 LOG.debug("QEMU event %s %s", name, data)
+            self.emit(name, data)  # QEMU's lifecycle events, passed on
 
 
 def _describe_status(status: int) -> str:
