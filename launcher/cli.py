@@ -26,6 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only validate the spec: exit 0, or 1 listing every problem",
     )
+    show = parser.add_mutually_exclusive_group()
+    show.add_argument(
+        "--print-qemu-args",
+        action="store_true",
+        help="print the QEMU command line that attaches a VM to emulators served on sockets "
+        "in the run folder (see --backends-only), and exit",
+    )
+    show.add_argument(
+        "--print-libvirt-xml",
+        action="store_true",
+        help="print the libvirt domain XML fragment that does the same, and exit",
+    )
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="count", default=0, help="more detail on stderr")
     noise.add_argument("-q", "--quiet", action="store_true", help="errors only on stderr")
@@ -40,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 1
+    if args.print_qemu_args or args.print_libvirt_xml:
+        from launcher.libvirt import backend_qemu_argv, format_argv, libvirt_xml
+
+        text = format_argv(backend_qemu_argv(spec)) if args.print_qemu_args else libvirt_xml(spec)
+        print(text, end="")
+        return 0
     if args.check:
         if not args.quiet:
             print(f"{args.spec}: ok", file=sys.stderr)

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -31,6 +32,7 @@ from typing import Any
 
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
 from launcher import emulators
+from launcher.heartbeat.detector import NoReply, Stalled
 from launcher.heartbeat.link import ControlLink, control_pair
 from launcher.restart_policy import (
     ExitReason,
@@ -54,6 +56,13 @@ READY_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 5.0
 ASSIGN_TIMEOUT = 5.0
 WARM_SPARE = True
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 class DiskChangeError(Exception):
@@ -396,19 +405,22 @@ class EmulatorSlot:
                 reason = ExitReason.EXITED_CLEAN
             if reason is ExitReason.CRASHED:
                 LOG.warning("emulator %s died (%s)", self.id, self.stats.last_exit)
-            exit_data: dict[str, Any] = {"id": self.id, "pid": occupant.proc.pid,
-                                         "reason": reason.value}
-            exit_data.update({"signal": -status} if status < 0 else {"status": status})
-            self.emit("EMULATOR_EXIT", exit_data)
+            self.emit("EMULATOR_EXIT", {
+                "id": self.id, "pid": occupant.proc.pid, "reason": reason.value,
+                "signal": _signal_name(-status) if status < 0 else None,
+                "status": status if status >= 0 else None,
+            })
             actions = self.policy.on_exit(died_ns, status, reason, detail)
             while actions:
                 action = actions.pop(0)
                 if isinstance(action, Start):
-                    await self._restart(died_ns)
+                    await self._restart(died_ns, occupant.proc.pid)
                 elif isinstance(action, GiveUp):
                     self.occupant = None
-                    self.emit("EMULATOR_GIVE_UP", {"id": self.id, "action": action.action.value,
-                                                   "reason": action.reason})
+                    self.emit("EMULATOR_GIVE_UP", {
+                        "id": self.id, "restarts": self.stats.restarts,
+                        "action": action.action.value, "reason": action.reason,
+                    })
                     await self._on_give_up(action)
                     return
                 elif isinstance(action, Nothing):
@@ -440,14 +452,20 @@ class EmulatorSlot:
             occupant.proc.kill()
             return ExitReason.REQUESTED_RESTART, "requested through management"
         verdict = occupant.link.hung.result()
-        self.emit("EMULATOR_HANG", {"id": self.id, "pid": occupant.proc.pid,
-                                    "reason": verdict.reason})
+        hang: dict[str, Any] = {
+            "id": self.id, "pid": occupant.proc.pid,
+            "why": "no-progress" if isinstance(verdict, Stalled) else "no-answer",
+            "inflight": verdict.in_flight if isinstance(verdict, Stalled) else 0,
+        }
+        if isinstance(verdict, Stalled | NoReply):
+            hang["silent_ms"] = int(verdict.since_ms)
+        self.emit("EMULATOR_HANG", hang)
         LOG.warning("emulator %s hung: %s; killing pid %d", self.id, verdict.reason,
                     occupant.proc.pid)
         occupant.proc.kill()
         return ExitReason.KILLED_HUNG, verdict.reason
 
-    async def _restart(self, died_ns: int) -> None:
+    async def _restart(self, died_ns: int, old_pid: int) -> None:
         spare = self.spares.take() if self.spares is not None else None
         via = "cold start"
         if spare is not None and await self._launch_spare(spare):
@@ -460,8 +478,11 @@ class EmulatorSlot:
         self.stats.restarts += 1
         self.stats.last_stall_ms = stall_ms
         self.stats.stalls_ms.append(stall_ms)
-        self.emit("EMULATOR_RESTART", {"id": self.id, "pid": self.proc.pid if self.proc else -1,
-                                       "via": via, "stall-ms": round(stall_ms, 3)})
+        self.emit("EMULATOR_RESTART", {
+            "id": self.id, "pid": self.proc.pid if self.proc else -1,
+            "restarts": self.stats.restarts, "stall_ms": round(stall_ms, 3),
+            "reason": via, "old_pid": old_pid,
+        })
         LOG.info("emulator %s restarted (pid %d, %s) %.1f ms after its end", self.id,
                  self.proc.pid if self.proc else -1, via, stall_ms)
 

@@ -12,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.accel import AccelChoice, choose_accel
 from launcher.fleet import WARM_SPARE, EmulatorSlot, SparePool, UidPool
+from launcher.management.server import EventBus, ManagementServer
 from launcher.qemu import Qemu, bind_qmp_listener
 from launcher.restart_policy import GiveUp
 from launcher.runfolder import RunFolder
 from launcher.sandbox.check import SandboxError, preflight
+from launcher.sdnotify import SdNotifier, strip_environment
 from launcher.spec import GiveUpAction, Spec
 from launcher.status import LOG
+from launcher.vmcontrol import SupervisorControl
 from launcher.vmm import QemuFds, qemu_argv
 
 EXIT_OK = 0
@@ -51,8 +53,9 @@ class Supervisor:
         self._stop = asyncio.Event()
         self.qemu: Qemu | None = None
         self.slots: list[EmulatorSlot] = []
-        # Management's event sink; the management server replaces it.
-        self.emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None
+        self.bus = EventBus()
+        self.notifier = SdNotifier.from_environment()
+        strip_environment()  # QEMU and the emulators must not talk to systemd
         self.spares: SparePool | None = None
 
     def request_stop(self, reason: str) -> None:
@@ -80,6 +83,10 @@ class Supervisor:
         listener = bind_qmp_listener(run.qemu_sock)
         slots: list[EmulatorSlot] = []
         qemu: Qemu | None = None
+        server = ManagementServer(run.mplaunch_sock, SupervisorControl(self), self.bus)
+        await server.start()
+        LOG.debug("management socket %s", run.mplaunch_sock)
+        watchdog = asyncio.create_task(self.notifier.run_watchdog())
         try:
             if self.spec.emulators:
                 preflight(self.spec.vm.sandbox)  # the sandbox: fail closed, warn if weakened
@@ -89,7 +96,7 @@ class Supervisor:
             self.spares = spares
             for emulator in self.spec.emulators:
                 slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids, spares)
-                slot.emit = lambda name, data: self.emit(name, data)
+                slot.emit = self.emit
                 slots.append(slot)
             self.slots = slots
             for slot in slots:
@@ -118,6 +125,8 @@ class Supervisor:
             LOG.error("%s", e)
             return EXIT_FAILED
         finally:
+            self.notifier.stopping()
+            watchdog.cancel()
             listener.close()
             if qemu is not None:
                 status = await qemu.stop()
@@ -129,7 +138,17 @@ class Supervisor:
                 if status_or_none is not None:
                     LOG.info("emulator %s exited (%s)", slot.id, _describe_status(status_or_none))
                 slot.close()
+            await server.close()
             LOG.info("stopped")
+
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        """An event for management clients (and a STATUS line for systemd)."""
+        try:
+            self.bus.emit(name, data)
+        except ValueError as e:
+            LOG.debug("event %s not sent: %s", name, e)
+        if name.startswith("EMULATOR_"):
+            self.notifier.status(f"{name.lower()} {data.get('id', '')}")
 
     def _qemu_closed_session(self, why: str) -> None:
         LOG.debug("vhost-user session ended: %s", why)
@@ -154,6 +173,7 @@ class Supervisor:
             await asyncio.wait({connect, stop, qemu.exited}, return_when=asyncio.FIRST_COMPLETED)
             if connect.done() and connect.exception() is None:
                 LOG.debug("connected to QEMU's QMP")
+                self.notifier.ready(f"VM {self.spec.vm.name} running")
                 events = asyncio.create_task(self._follow_events(qemu))
                 try:
                     await asyncio.wait({stop, qemu.exited}, return_when=asyncio.FIRST_COMPLETED)

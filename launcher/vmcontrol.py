@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.fleet import DiskChangeError, EmulatorSlot
+from launcher.management.commands import CommandError
 from launcher.spec import DiskSpec
 from launcher.status import LOG
 
@@ -28,14 +29,8 @@ ID_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 RESTART_TIMEOUT = 30.0
 
 
-class ControlError(Exception):
-    """A management request that cannot be carried out; nothing changed.
-    `error_class` is QMP's (GenericError, DeviceNotFound)."""
-
-    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.desc = desc
-        self.error_class = error_class
+def _fail(desc: str) -> CommandError:
+    return CommandError("GenericError", desc)
 
 
 class SupervisorControl:
@@ -59,7 +54,7 @@ class SupervisorControl:
                 status = f"unknown ({e.__class__.__name__})"
         uptime = round(time.monotonic() - self.started, 1)
         return {"name": self.sv.spec.vm.name, "status": status, "running": running,
-                "accel": str(self.sv.accel.accel), "uptime-s": uptime}
+                "accel": str(self.sv.accel.accel), "uptime_s": uptime}
 
     async def query_emulators(self) -> list[dict[str, Any]]:
         out = []
@@ -72,15 +67,15 @@ class SupervisorControl:
                 "pid": occ.proc.pid if occ else None,
                 "uid": occ.uid if occ else None,
                 "state": slot.policy.state.value,
-                "uptime-s": round((time.monotonic_ns() - slot.stats.started_ns) / 1e9, 1)
+                "uptime_s": round((time.monotonic_ns() - slot.stats.started_ns) / 1e9, 1)
                 if occ else None,
                 "restarts": slot.stats.restarts,
-                "last-exit": slot.stats.last_exit,
-                "last-stall-ms": slot.stats.last_stall_ms,
+                "last_exit": slot.stats.last_exit,
+                "last_stall_ms": slot.stats.last_stall_ms,
                 "controllers": [c.id for c in slot.controllers],
                 "disks": [d.id for disks in slot.disks.values() for d in disks],
-                "heartbeat-rtt-ms": link.round_trip_ms if link else None,
-                "in-flight": totals.in_flight if totals else None,
+                "heartbeat_rtt_ms": link.round_trip_ms if link else None,
+                "inflight": totals.in_flight if totals else None,
                 "completed": totals.completed if totals else None,
             })
         return out
@@ -96,7 +91,7 @@ class SupervisorControl:
                         size = None
                     out.append({"id": d.id, "emulator": slot.id, "controller": controller,
                                 "lun": d.lun, "image": str(d.image), "size": size,
-                                "readonly": d.readonly, "block-size": d.block_size})
+                                "readonly": d.readonly, "block_size": d.block_size})
         return out
 
     # -- changes
@@ -106,94 +101,95 @@ class SupervisorControl:
             if slot.id == emulator_id:
                 return slot
         known = ", ".join(s.id for s in self.sv.slots) or "none"
-        raise ControlError(f"no emulator '{emulator_id}'; known: {known}", "DeviceNotFound")
+        raise CommandError("DeviceNotFound", f"no emulator '{emulator_id}'; known: {known}")
 
     def _disk(self, disk_id: str) -> tuple[EmulatorSlot, DiskSpec]:
         for slot in self.sv.slots:
             disk = slot.disk(disk_id)
             if disk is not None:
                 return slot, disk
-        raise ControlError(f"no disk '{disk_id}'", "DeviceNotFound")
+        raise CommandError("DeviceNotFound", f"no disk '{disk_id}'")
 
     async def emulator_restart(self, id: str) -> None:
         slot = self._slot(id)
         if slot.occupant is None:
-            raise ControlError(f"emulator '{id}' is not running ({slot.policy.state.value})")
+            raise _fail(f"emulator '{id}' is not running ({slot.policy.state.value})")
         before = slot.stats.restarts
         slot.request_restart()
         deadline = time.monotonic() + RESTART_TIMEOUT
         while slot.stats.restarts == before:
             if time.monotonic() > deadline:
-                raise ControlError(f"emulator '{id}' did not come back in {RESTART_TIMEOUT:.0f} s")
+                raise _fail(f"emulator '{id}' did not come back in {RESTART_TIMEOUT:.0f} s")
             await asyncio.sleep(0.005)
 
     async def disk_add(self, id: str, controller: str, lun: int, image: str,
                        readonly: bool = False, block_size: int = 512) -> None:
         if not ID_RULE.match(id):
-            raise ControlError(f"disk id '{id}' must match [a-z0-9][a-z0-9_-]*, at most 32")
+            raise _fail(f"disk id '{id}' must match [a-z0-9][a-z0-9_-]*, at most 32")
         if any(slot.disk(id) for slot in self.sv.slots):
-            raise ControlError(f"disk id '{id}' is already in use")
+            raise _fail(f"disk id '{id}' is already in use")
         owner = next((s for s in self.sv.slots if controller in s.disks), None)
         if owner is None:
-            raise ControlError(f"no controller '{controller}'", "DeviceNotFound")
+            raise CommandError("DeviceNotFound", f"no controller '{controller}'")
         if not 0 <= lun <= 255:
-            raise ControlError(f"lun {lun} must be from 0 to 255")
+            raise _fail(f"lun {lun} must be from 0 to 255")
         if block_size not in (512, 4096):
-            raise ControlError(f"block-size {block_size} must be 512 or 4096")
+            raise _fail(f"block-size {block_size} must be 512 or 4096")
         path = Path(image)
         if not path.is_absolute():
-            raise ControlError(f"image '{image}' must be an absolute path")
+            raise _fail(f"image '{image}' must be an absolute path")
         try:
             st = os.stat(path)
         except OSError as e:
-            raise ControlError(f"image '{image}': {e.strerror}") from None
+            raise _fail(f"image '{image}': {e.strerror}") from None
         if stat.S_ISREG(st.st_mode):
             if st.st_size == 0 or st.st_size % block_size:
-                raise ControlError(f"image '{image}' is {st.st_size} bytes: "
+                raise _fail(f"image '{image}' is {st.st_size} bytes: "
                                    f"not a non-zero multiple of {block_size}")
         elif not stat.S_ISBLK(st.st_mode):
-            raise ControlError(f"image '{image}' is not a regular file or a block device")
+            raise _fail(f"image '{image}' is not a regular file or a block device")
         disk = DiskSpec(id=id, controller=controller, lun=lun, image=path.resolve(),
                         format="raw", readonly=readonly, block_size=block_size)
         try:
             await owner.add_disk(disk)
         except (DiskChangeError, OSError) as e:
-            raise ControlError(str(e)) from None
+            raise _fail(str(e)) from None
         LOG.info("disk %s added: %s at LUN %d of %s", id, path, lun, controller)
         self.sv.emit("DISK_ADDED", {"id": id, "controller": controller, "lun": lun,
-                                    "image": str(path), "readonly": readonly})
+                                    "image": str(path), "size": os.stat(path).st_size,
+                                    "readonly": readonly, "block_size": block_size})
 
     async def disk_remove(self, id: str) -> None:
         slot, disk = self._disk(id)
         try:
             await slot.remove_disk(disk)
         except DiskChangeError as e:
-            raise ControlError(str(e)) from None
+            raise _fail(str(e)) from None
         LOG.info("disk %s removed from %s", id, disk.controller)
         self.sv.emit("DISK_REMOVED", {"id": id, "controller": disk.controller, "lun": disk.lun})
 
     async def disk_resize(self, id: str, size: int) -> None:
         slot, disk = self._disk(id)
         if disk.readonly:
-            raise ControlError(f"disk '{id}' is read-only")
+            raise _fail(f"disk '{id}' is read-only")
         try:
             st = os.stat(disk.image)
         except OSError as e:
-            raise ControlError(f"image '{disk.image}': {e.strerror}") from None
+            raise _fail(f"image '{disk.image}': {e.strerror}") from None
         if not stat.S_ISREG(st.st_mode):
-            raise ControlError(f"disk '{id}' is a block device: resize it outside mplaunch")
+            raise _fail(f"disk '{id}' is a block device: resize it outside mplaunch")
         if size % disk.block_size:
-            raise ControlError(f"size {size} is not a multiple of the block size {disk.block_size}")
+            raise _fail(f"size {size} is not a multiple of the block size {disk.block_size}")
         if size < st.st_size:
-            raise ControlError(f"size {size} is smaller than the current {st.st_size}: "
+            raise _fail(f"size {size} is smaller than the current {st.st_size}: "
                                "shrinking would lose data")
         os.truncate(disk.image, size)
         try:
             await slot.resize_disk(disk)
         except DiskChangeError as e:
-            raise ControlError(str(e)) from None
+            raise _fail(str(e)) from None
         LOG.info("disk %s resized from %d to %d bytes", id, st.st_size, size)
-        self.sv.emit("DISK_RESIZED", {"id": id, "old-size": st.st_size, "size": size})
+        self.sv.emit("DISK_RESIZED", {"id": id, "old_size": st.st_size, "new_size": size})
 
     async def quit(self) -> None:
         self.sv.request_stop("quit command")

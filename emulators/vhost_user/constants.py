@@ -101,7 +101,8 @@ MAX_QUEUE_SIZE: Final = 32768
 class Feature(enum.IntEnum):
     """Virtio device feature bits mplaunch knows (bit numbers, not masks)."""
 
-    SCSI_HOTPLUG = 0  # virtio 1.2, 5.6.3
+    SCSI_INOUT = 0  # virtio 1.2, 5.6.3
+    SCSI_HOTPLUG = 1
     SCSI_CHANGE = 2
     RING_INDIRECT_DESC = 28  # virtio 1.2, 6
     RING_EVENT_IDX = 29

@@ -1,0 +1,124 @@
+"""Backend-only mode: how a QEMU that mplaunch did not start attaches to its emulators.
+
+With ``mplaunch --backends-only SPEC``, mplaunch serves each controller's
+vhost-user socket under a path in the run folder (``backend_socket``)
+instead of handing QEMU an fd. These pure functions render what the
+operator's QEMU needs to use them:
+
+- ``backend_qemu_argv``: a complete QEMU command line (``--print-qemu-args``),
+  the same machine as mplaunch's own (vmm.qemu_argv) but with socket paths
+  and without mplaunch's QMP socket;
+- ``attach_args``: only the options that attach the controllers;
+- ``libvirt_xml``: a domain XML fragment (``--print-libvirt-xml``) holding
+  the shared memory backing vhost-user needs and a ``<qemu:commandline>``
+  with the chardev and device of each controller.
+
+In libvirt's fragment the chardev and device ids carry an ``mplaunch-``
+prefix so they cannot collide with libvirt's own aliases (``scsi0`` is the
+alias libvirt gives its first SCSI controller).
+"""
+
+from __future__ import annotations
+
+import shlex
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from launcher.spec import Accel, Spec
+from launcher.vmm import KVM_CPU, QEMU_BINARY, SANDBOX, TCG_CPU, _console_args, escape_option
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+LIBVIRT_PREFIX = "mplaunch-"
+
+
+def backend_socket(run_dir: Path, controller_id: str) -> Path:
+    """Where backend-only mode listens for the controller's vhost-user frontend."""
+    return run_dir / f"vhost-{controller_id}.sock"
+
+
+def attach_args(spec: Spec, run_dir: Path | None = None, prefix: str = "") -> list[str]:
+    """-chardev/-device pairs connecting QEMU to every controller's socket.
+
+    ``prefix`` is put before every chardev and device id.
+    """
+    folder = spec.vm.run_dir if run_dir is None else run_dir
+    argv: list[str] = []
+    for controller in spec.controllers:
+        chardev = f"{prefix}vhost-{controller.id}"
+        path = escape_option(str(backend_socket(folder, controller.id)))
+        argv += [
+            "-chardev", f"socket,id={chardev},path={path}",
+            "-device", f"vhost-user-scsi-pci,id={prefix}{controller.id},chardev={chardev},"
+            f"num_queues={controller.queues}",
+        ]
+    return argv
+
+
+def _accel_args(accel: Accel) -> list[str]:
+    if accel is Accel.AUTO:
+        # QEMU tries each -accel in turn; "max" is a CPU model both accept.
+        return ["-accel", "kvm", "-accel", "tcg", "-cpu", TCG_CPU]
+    return ["-accel", str(accel), "-cpu", KVM_CPU if accel is Accel.KVM else TCG_CPU]
+
+
+def backend_qemu_argv(spec: Spec, run_dir: Path | None = None,
+                      binary: str = QEMU_BINARY) -> list[str]:
+    """A complete QEMU command line that boots the spec's VM against backend-only mode."""
+    vm = spec.vm
+    mem = f"{vm.memory // (1024 * 1024)}M"
+    argv = [
+        binary,
+        "-name", f"guest={vm.name},debug-threads=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-machine", "q35",
+        *_accel_args(vm.accel),
+        "-smp", str(vm.cpus),
+        "-m", mem,
+        "-object", f"memory-backend-memfd,id=ram0,size={mem},share=on",
+        "-numa", "node,memdev=ram0",
+        "-sandbox", SANDBOX,
+    ]
+    if vm.kernel is not None:
+        argv += ["-kernel", str(vm.kernel)]
+        if vm.initrd is not None:
+            argv += ["-initrd", str(vm.initrd)]
+        if vm.append:
+            argv += ["-append", vm.append]
+    argv += _console_args(vm.console)
+    argv += attach_args(spec, run_dir)
+    return argv
+
+
+def format_argv(argv: list[str]) -> str:
+    """A shell command, one option per line, safe to paste or source."""
+    lines: list[str] = [shlex.quote(argv[0])] if argv else []
+    i = 1
+    while i < len(argv):
+        if argv[i].startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            lines.append(f"{shlex.quote(argv[i])} {shlex.quote(argv[i + 1])}")
+            i += 2
+        else:
+            lines.append(shlex.quote(argv[i]))
+            i += 1
+    return " \\\n    ".join(lines) + "\n"
+
+
+def libvirt_xml(spec: Spec, run_dir: Path | None = None) -> str:
+    """The domain XML fragment to merge into a libvirt domain definition."""
+    ET.register_namespace("qemu", QEMU_NS)
+    domain_type = "qemu" if spec.vm.accel is Accel.TCG else "kvm"
+    domain = ET.Element("domain", {"type": domain_type})
+    domain.append(ET.Comment(
+        # XML comments may not hold "--", so the option is not spelled out.
+        " mplaunch backend-only mode: merge these elements into the domain; start "
+        "mplaunch in backend-only mode with the same spec first "))
+    backing = ET.SubElement(domain, "memoryBacking")
+    ET.SubElement(backing, "source", {"type": "memfd"})
+    ET.SubElement(backing, "access", {"mode": "shared"})
+    commandline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
+    for arg in attach_args(spec, run_dir, LIBVIRT_PREFIX):
+        ET.SubElement(commandline, f"{{{QEMU_NS}}}arg", {"value": arg})
+    ET.indent(domain, "  ")
+    return ET.tostring(domain, encoding="unicode") + "\n"
