@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only validate the spec: exit 0, or 1 listing every problem",
     )
+    parser.add_argument(
+        "--backends-only",
+        action="store_true",
+        help="start no QEMU: serve the emulators on sockets in the run folder for a QEMU "
+        "started by someone else (see --print-qemu-args, --print-libvirt-xml)",
+    )
     show = parser.add_mutually_exclusive_group()
     show.add_argument(
         "--print-qemu-args",
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.supervisor import Supervisor
 
     try:
-        return asyncio.run(Supervisor(spec).run())
+        return asyncio.run(Supervisor(spec, backends_only=args.backends_only).run())
     except RunFolderBusy as e:
         LOG.error("%s", e)
         return 1

@@ -28,12 +28,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
 from launcher import emulators
 from launcher.heartbeat.detector import NoReply, Stalled
 from launcher.heartbeat.link import ControlLink, control_pair
+from launcher.libvirt import backend_socket
 from launcher.restart_policy import (
     ExitReason,
     GiveUp,
@@ -63,6 +65,17 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def _listen(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(1)
+    sock.setblocking(False)
+    return sock
 
 
 class DiskChangeError(Exception):
@@ -235,6 +248,7 @@ class EmulatorSlot:
         on_give_up: Callable[[GiveUp], Awaitable[None]],
         uids: UidPool,
         spares: SparePool | None = None,
+        listen: bool = False,
     ) -> None:
         self.spec = spec
         self.emulator = emulator
@@ -260,10 +274,15 @@ class EmulatorSlot:
         self._keeper_ends: dict[str, socket.socket] = {}
         self.keepers: dict[str, SessionKeeper] = {}
         self.state_fd = -1
+        # Backend-only mode: QEMU, started by someone else, connects to these.
+        self.listeners: dict[str, socket.socket] = {}
         try:
             for controller in self.controllers:
                 for disk in self.disks[controller.id]:
                     self.disk_fds[disk.id] = emulators.open_disk(str(disk.image), disk.readonly)
+                if listen:
+                    self.listeners[controller.id] = _listen(backend_socket(run.path, controller.id))
+                    continue
                 qemu_end, keeper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 qemu_end.set_inheritable(True)
                 self.qemu_ends[controller.id] = qemu_end
@@ -283,10 +302,23 @@ class EmulatorSlot:
         for controller in self.controllers:
             self.keepers[controller.id] = SessionKeeper(
                 controller.id,
-                self._keeper_ends.pop(controller.id),
+                self._keeper_ends.pop(controller.id, None),
                 num_queues=2 + controller.queues,
                 on_qemu_closed=on_qemu_closed,
             )
+
+    async def accept_frontends(self) -> None:
+        """Backend-only mode: take one QEMU connection per controller; its
+        session then lives in the keeper like any other."""
+        loop = asyncio.get_running_loop()
+
+        async def accept(cid: str, listener: socket.socket) -> None:
+            conn, _ = await loop.sock_accept(listener)
+            listener.close()
+            self.keepers[cid].set_frontend(conn)
+            LOG.info("QEMU connected to controller %s", cid)
+
+        await asyncio.gather(*(accept(c, s) for c, s in self.listeners.items()))
 
     def close_qemu_ends(self) -> None:
         """After QEMU has inherited them, the launcher's copies must go, or
@@ -557,7 +589,8 @@ class EmulatorSlot:
         for keeper in self.keepers.values():
             keeper.close()
         self.keepers.clear()
-        for sock in (*self.qemu_ends.values(), *self._keeper_ends.values()):
+        for sock in (*self.qemu_ends.values(), *self._keeper_ends.values(),
+                     *self.listeners.values()):
             sock.close()
         self.qemu_ends.clear()
         self._keeper_ends.clear()

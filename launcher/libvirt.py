@@ -25,7 +25,14 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from launcher.spec import Accel, Spec
-from launcher.vmm import KVM_CPU, QEMU_BINARY, SANDBOX, TCG_CPU, _console_args, escape_option
+from launcher.vmm import (
+    KVM_CPU,
+    QEMU_BINARY,
+    TCG_CPU,
+    controller_args,
+    escape_option,
+    vm_argv,
+)
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 LIBVIRT_PREFIX = "mplaunch-"
@@ -44,13 +51,8 @@ def attach_args(spec: Spec, run_dir: Path | None = None, prefix: str = "") -> li
     folder = spec.vm.run_dir if run_dir is None else run_dir
     argv: list[str] = []
     for controller in spec.controllers:
-        chardev = f"{prefix}vhost-{controller.id}"
         path = escape_option(str(backend_socket(folder, controller.id)))
-        argv += [
-            "-chardev", f"socket,id={chardev},path={path}",
-            "-device", f"vhost-user-scsi-pci,id={prefix}{controller.id},chardev={chardev},"
-            f"num_queues={controller.queues}",
-        ]
+        argv += controller_args(controller.id, controller.queues, f"path={path}", prefix)
     return argv
 
 
@@ -64,29 +66,7 @@ def _accel_args(accel: Accel) -> list[str]:
 def backend_qemu_argv(spec: Spec, run_dir: Path | None = None,
                       binary: str = QEMU_BINARY) -> list[str]:
     """A complete QEMU command line that boots the spec's VM against backend-only mode."""
-    vm = spec.vm
-    mem = f"{vm.memory // (1024 * 1024)}M"
-    argv = [
-        binary,
-        "-name", f"guest={vm.name},debug-threads=on",
-        "-nodefaults",
-        "-no-user-config",
-        "-display", "none",
-        "-machine", "q35",
-        *_accel_args(vm.accel),
-        "-smp", str(vm.cpus),
-        "-m", mem,
-        "-object", f"memory-backend-memfd,id=ram0,size={mem},share=on",
-        "-numa", "node,memdev=ram0",
-        "-sandbox", SANDBOX,
-    ]
-    if vm.kernel is not None:
-        argv += ["-kernel", str(vm.kernel)]
-        if vm.initrd is not None:
-            argv += ["-initrd", str(vm.initrd)]
-        if vm.append:
-            argv += ["-append", vm.append]
-    argv += _console_args(vm.console)
+    argv = vm_argv(spec, _accel_args(spec.vm.accel), binary)
     argv += attach_args(spec, run_dir)
     return argv
 

@@ -64,13 +64,12 @@ class SessionKeeper:
     def __init__(
         self,
         controller_id: str,
-        qemu_side: socket.socket,
+        qemu_side: socket.socket | None,
         num_queues: int,
         on_qemu_closed: Callable[[str], None] | None = None,
     ) -> None:
         self.controller_id = controller_id
-        self.qemu = qemu_side
-        self.qemu.setblocking(False)
+        self.qemu: socket.socket | None = None
         self._qemu_decoder = Decoder(Role.BACKEND, close_fd=os.close)
         self.record = BackendSession(
             num_queues=num_queues,
@@ -86,6 +85,16 @@ class SessionKeeper:
         self.closed = False
         self.stats = KeeperStats()
         self._loop = asyncio.get_running_loop()
+        if qemu_side is not None:
+            self.set_frontend(qemu_side)
+
+    def set_frontend(self, qemu_side: socket.socket) -> None:
+        """QEMU's connection (later than the keeper when QEMU connects to a
+        listening socket in backend-only mode)."""
+        if self.qemu is not None:
+            raise RuntimeError(f"{self.controller_id}: QEMU is already connected")
+        self.qemu = qemu_side
+        self.qemu.setblocking(False)
         self._loop.add_reader(self.qemu.fileno(), self._on_qemu_readable)
 
     # The record's GET_VRING_BASE answer is never sent anywhere (the
@@ -142,6 +151,7 @@ class SessionKeeper:
 
     def _on_qemu_readable(self) -> None:
         try:
+            assert self.qemu is not None
             data, fds, _, _ = socket.recv_fds(self.qemu, RECV_BYTES, RECV_MAX_FDS)
         except BlockingIOError:
             return
@@ -243,6 +253,7 @@ class SessionKeeper:
                 os.close(fd)
             return
         data = encode_reply(reply.request, reply.payload)
+        assert self.qemu is not None  # a reply answers something QEMU sent
         self.qemu.setblocking(True)
         try:
             self.qemu.sendall(data)
@@ -250,7 +261,7 @@ class SessionKeeper:
             self._close(f"cannot reply to QEMU: {e}")
             return
         finally:
-            if not self.closed:
+            if not self.closed and self.qemu is not None:
                 self.qemu.setblocking(False)
         self._pending = None
         self._commit(pending)
@@ -271,8 +282,9 @@ class SessionKeeper:
             return
         self.closed = True
         self.detach()
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.remove_reader(self.qemu.fileno())
+        if self.qemu is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self.qemu.fileno())
         for message in self._inbox:
             for fd in message.fds:
                 os.close(fd)
@@ -286,4 +298,5 @@ class SessionKeeper:
                 for fd in effect.fds:
                     os.close(fd)
         self._qemu_decoder.close()
-        self.qemu.close()
+        if self.qemu is not None:
+            self.qemu.close()

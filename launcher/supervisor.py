@@ -17,6 +17,7 @@ from typing import Any
 
 from launcher.accel import AccelChoice, choose_accel
 from launcher.fleet import WARM_SPARE, EmulatorSlot, SparePool, UidPool
+from launcher.libvirt import backend_socket
 from launcher.management.server import EventBus, ManagementServer
 from launcher.qemu import Qemu, bind_qmp_listener
 from launcher.restart_policy import GiveUp
@@ -46,9 +47,15 @@ class VmOutcome:
 class Supervisor:
     """Owns one VM: its run folder, its QEMU, (later) its emulators."""
 
-    def __init__(self, spec: Spec, accel: AccelChoice | None = None) -> None:
+    def __init__(
+        self, spec: Spec, accel: AccelChoice | None = None, backends_only: bool = False
+    ) -> None:
         self.spec = spec
-        self.accel = accel or choose_accel(spec.vm.accel)
+        self.backends_only = backends_only
+        self.accel = accel or (
+            AccelChoice(spec.vm.accel, "QEMU is started by someone else")
+            if backends_only else choose_accel(spec.vm.accel)
+        )
         self.outcome = VmOutcome()
         self._stop = asyncio.Event()
         self.qemu: Qemu | None = None
@@ -95,21 +102,24 @@ class Supervisor:
             spares = SparePool(self.spec, uids) if WARM_SPARE else None
             self.spares = spares
             for emulator in self.spec.emulators:
-                slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids, spares)
+                slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids, spares,
+                                    listen=self.backends_only)
                 slot.emit = self.emit
                 slots.append(slot)
             self.slots = slots
             for slot in slots:
                 slot.start_keepers(self._qemu_closed_session)
-            vhost = {cid: s.fileno() for slot in slots for cid, s in slot.qemu_ends.items()}
-            fds = QemuFds(qmp_listener=listener.fileno(), vhost_user=vhost)
-            argv = qemu_argv(self.spec, self.accel.accel, fds)
             for slot in slots:
                 if self._stop.is_set():
                     return EXIT_OK
                 await slot.start()
             if self._stop.is_set():
                 return EXIT_OK
+            if self.backends_only:
+                return await self._serve_backends(run, slots)
+            vhost = {cid: s.fileno() for slot in slots for cid, s in slot.qemu_ends.items()}
+            fds = QemuFds(qmp_listener=listener.fileno(), vhost_user=vhost)
+            argv = qemu_argv(self.spec, self.accel.accel, fds)
             qemu = await Qemu.start(
                 self.spec.vm.name, argv, fds.all(), run.qemu_sock, self.spec.vm.console == "stdio"
             )
@@ -152,6 +162,30 @@ class Supervisor:
 
     def _qemu_closed_session(self, why: str) -> None:
         LOG.debug("vhost-user session ended: %s", why)
+        if self.backends_only and all(
+            k.closed for slot in self.slots for k in slot.keepers.values()
+        ):
+            self.request_stop("QEMU closed every vhost-user connection")
+
+    async def _serve_backends(self, run: RunFolder, slots: list[EmulatorSlot]) -> int:
+        """Backend-only mode: no QEMU of ours; serve until QEMU has come and gone,
+        or a stop signal."""
+        for slot in slots:
+            for cid in slot.listeners:
+                LOG.info("controller %s waits for QEMU on %s", cid, backend_socket(run.path, cid))
+        if self.spares is not None:
+            self.spares.replenish()
+        tasks = [asyncio.create_task(slot.accept_frontends()) for slot in slots]
+        tasks += [asyncio.create_task(slot.supervise()) for slot in slots]
+        self.notifier.ready(f"VM {self.spec.vm.name}: emulators serving")
+        try:
+            await self._stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        return EXIT_FAILED if self.outcome.emulator_died else EXIT_OK
 
     async def _give_up(self, action: GiveUp) -> None:
         """The restart policy gave up on an emulator: pause or power off the VM."""

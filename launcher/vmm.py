@@ -41,6 +41,20 @@ def qemu_argv(spec: Spec, accel: Accel, fds: QemuFds, binary: str = QEMU_BINARY)
     """The complete argv; `accel` is already resolved (never AUTO)."""
     if accel is Accel.AUTO:
         raise ValueError("resolve accel = auto before building QEMU's command line")
+    cpu = KVM_CPU if accel is Accel.KVM else TCG_CPU
+    argv = vm_argv(spec, ["-accel", str(accel), "-cpu", cpu], binary)
+    argv += [
+        "-chardev", f"socket,id=qmp,fd={fds.qmp_listener},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+    ]
+    for controller in spec.controllers:
+        argv += controller_args(controller.id, controller.queues,
+                                f"fd={fds.vhost_user[controller.id]}")
+    return argv
+
+
+def vm_argv(spec: Spec, accel_args: list[str], binary: str = QEMU_BINARY) -> list[str]:
+    """Everything but how QEMU reaches mplaunch: machine, memory, kernel, console."""
     vm = spec.vm
     mem = f"{vm.memory // (1024 * 1024)}M"
     argv = [
@@ -50,14 +64,11 @@ def qemu_argv(spec: Spec, accel: Accel, fds: QemuFds, binary: str = QEMU_BINARY)
         "-no-user-config",
         "-display", "none",
         "-machine", "q35",
-        "-accel", str(accel),
-        "-cpu", KVM_CPU if accel is Accel.KVM else TCG_CPU,
+        *accel_args,
         "-smp", str(vm.cpus),
         "-m", mem,
         "-object", f"memory-backend-memfd,id=ram0,size={mem},share=on",
         "-numa", "node,memdev=ram0",
-        "-chardev", f"socket,id=qmp,fd={fds.qmp_listener},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control",
         "-sandbox", SANDBOX,
     ]
     if vm.kernel is not None:
@@ -67,14 +78,20 @@ def qemu_argv(spec: Spec, accel: Accel, fds: QemuFds, binary: str = QEMU_BINARY)
         if vm.append:
             argv += ["-append", vm.append]
     argv += _console_args(vm.console)
-    for controller in spec.controllers:
-        chardev = chardev_id(controller.id)
-        argv += [
-            "-chardev", f"socket,id={chardev},fd={fds.vhost_user[controller.id]}",
-            "-device",
-            f"vhost-user-scsi-pci,id={controller.id},chardev={chardev},num_queues={controller.queues}",
-        ]
     return argv
+
+
+def controller_args(
+    controller_id: str, queues: int, socket_option: str, prefix: str = ""
+) -> list[str]:
+    """One vhost-user-scsi-pci device; `socket_option` is fd=N or path=P, and
+    `prefix` goes before the QEMU ids (libvirt wants its own out of the way)."""
+    chardev = prefix + chardev_id(controller_id)
+    return [
+        "-chardev", f"socket,id={chardev},{socket_option}",
+        "-device",
+        f"vhost-user-scsi-pci,id={prefix}{controller_id},chardev={chardev},num_queues={queues}",
+    ]
 
 
 def _console_args(console: str) -> list[str]:

@@ -23,6 +23,11 @@ after power-off against what the guest last wrote:
 The script writes its lines straight to /dev/console so they show while it
 runs (init.sh collects a shell workload's stdout only at the end). The
 kernel log check (`MPL KLOG`) and `MPL DONE` still come from init.sh.
+
+The script is too long for the kernel command line (2 KiB on x86, and a
+longer one stops the boot silently), so it travels on a small read-only
+disk of its own (`script_image`), and `mpl.cmd` only holds the few words
+that find that disk by its size and run what it holds.
 """
 
 from __future__ import annotations
@@ -98,6 +103,27 @@ done
 say "ROUNDS boot=$boot rounds=$round"
 exit $rc
 """
+
+
+SCRIPT_DISK_SIZE = 1024 * 1024
+
+
+def loader() -> str:
+    """The `mpl.cmd` command: run the script held by the script disk."""
+    sectors = SCRIPT_DISK_SIZE // 512
+    return (f"for d in /sys/block/sd*; do [ $(cat $d/size) = {sectors} ] && "
+            "dd if=/dev/${d##*/} bs=65536 count=1 2>/dev/null | tr -d '\\000' >/tmp/c.sh; "
+            "done; exec sh /tmp/c.sh")
+
+
+def script_image(path: Path, text: str) -> None:
+    """Write the script disk: the script, then zeros (dropped by the loader)."""
+    data = text.encode()
+    if len(data) > 65536:
+        raise ValueError("the chaos script must fit in the loader's 64 KiB")
+    with open(path, "wb") as f:
+        f.write(data)
+        f.truncate(SCRIPT_DISK_SIZE)
 
 
 def script(seconds: int, count: int, boots: int, counter_disk_size: int, seed: int) -> str:

@@ -1,0 +1,312 @@
+"""The chaos driver: what to break, when, and proof that it was repaired.
+
+Theory of operation. The driver follows two streams of a running
+`mplaunch SPEC`: the guest's console (which phase of which boot the guest is
+in) and mplaunch's stderr (which pid serves which emulator now, and what the
+launcher did about each event). It fires one event at a time, then waits
+until the launcher has visibly handled it before the next one, so every
+event can be matched to the log lines it must cause, and any log line no
+event explains is a finding too:
+
+    KILL        SIGKILL of an emulator's current process
+                -> "emulator X died (killed by SIGKILL)", "emulator X restarted (pid N ...)"
+    HANG        SIGSTOP of an emulator's current process (heartbeat detection)
+                -> "emulator X hung: ...; killing pid P", "emulator X restarted (pid N ...)"
+    KILL_SPARE  SIGKILL of the waiting warm spare
+                -> "warm spare (pid P) died while waiting", then a new spare process
+
+The delay before the next event is random (seeded), sometimes zero, so a
+kill may land on an emulator that restarted a moment ago and is still
+resuming its rings, or back off under the restart policy. Which kinds run
+depends on what the launcher can do (`Capabilities`); the report says which
+ran and why others did not.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import os
+import random
+import re
+import signal
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import psutil
+
+from tests.support.vm import Mplaunch
+
+HANDLED_TIMEOUT = 20.0
+
+
+class Kind(enum.Enum):
+    KILL = "kill"
+    HANG = "hang"
+    KILL_SPARE = "kill-spare"
+
+
+class Phase(enum.Enum):
+    """Where the guest is, as its console shows it."""
+
+    FIRMWARE = "firmware"  # before the boot's "MPL BOOT": SeaBIOS and the kernel
+    PROBE = "probe"  # the guest's drivers load and probe the LUNs
+    IO = "io"  # the workload runs
+    REBOOT = "reboot"  # after "MPL DONE", until the next "MPL BOOT"
+
+
+_MPL = re.compile(r"^MPL (BOOT|DISK|DONE)\b", re.M)
+
+
+def phase_of(console: str) -> tuple[int, Phase]:
+    """(boot number counting from 1, phase) from the console text so far."""
+    boots = 0
+    last = ""
+    for m in _MPL.finditer(console):
+        if m.group(1) == "BOOT":
+            boots += 1
+            last = "BOOT"
+        elif boots and (m.group(1) == "DONE" or last != "DONE"):
+            last = m.group(1)
+    if boots == 0:
+        return 1, Phase.FIRMWARE
+    if last == "DONE":
+        return boots, Phase.REBOOT
+    if last == "DISK":
+        return boots, Phase.IO
+    return boots, Phase.PROBE
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Event kinds the launcher under test can handle, and why."""
+
+    hang: bool
+    spare: bool
+    why: str
+
+    @classmethod
+    def detect(cls) -> Capabilities:
+        """MPL_CHAOS_HANG / MPL_CHAOS_SPARE = 1 or 0 force a kind on or off;
+        otherwise hangs need the heartbeat link module and spare kills need
+        `launcher.fleet.WARM_SPARE`."""
+        notes = []
+        hang_env, spare_env = os.environ.get("MPL_CHAOS_HANG"), os.environ.get("MPL_CHAOS_SPARE")
+        if hang_env is not None:
+            hang = hang_env == "1"
+            notes.append(f"hang events {'on' if hang else 'off'} by MPL_CHAOS_HANG")
+        else:
+            hang = importlib.util.find_spec("launcher.heartbeat.link") is not None
+            notes.append("hang events " + ("on: heartbeat link present" if hang
+                                           else "off: no launcher.heartbeat.link"))
+        if spare_env is not None:
+            spare = spare_env == "1"
+            notes.append(f"spare kills {'on' if spare else 'off'} by MPL_CHAOS_SPARE")
+        else:
+            from launcher import fleet
+
+            spare = bool(getattr(fleet, "WARM_SPARE", False))
+            notes.append("spare kills " + ("on: launcher.fleet.WARM_SPARE" if spare
+                                           else "off: launcher.fleet.WARM_SPARE not set"))
+        return cls(hang, spare, "; ".join(notes))
+
+    def kinds(self) -> list[Kind]:
+        return [Kind.KILL] + ([Kind.HANG] if self.hang else []) + (
+            [Kind.KILL_SPARE] if self.spare else [])
+
+
+@dataclass
+class Event:
+    number: int
+    kind: Kind
+    boot: int
+    phase: Phase
+    target: str  # emulator id, or "spare"
+    pid: int
+    fired: float  # time.monotonic()
+    handled: float | None = None
+    detected: float | None = None  # HANG: when the launcher said "hung"
+    new_pid: int | None = None
+    via: str = ""
+    problem: str = ""
+
+    def line(self) -> str:
+        took = f"{(self.handled - self.fired) * 1e3:.0f} ms" if self.handled else "NOT HANDLED"
+        extra = f" detected after {(self.detected - self.fired) * 1e3:.0f} ms" \
+            if self.detected else ""
+        return (f"#{self.number} {self.kind.value} {self.target} pid {self.pid} "
+                f"(boot {self.boot}, {self.phase.value}) -> pid {self.new_pid} {self.via}, "
+                f"{took}{extra} {self.problem}")
+
+
+_STARTED = re.compile(r"emulator (\S+) (?:started|restarted) \(pid (\d+)")
+_RESTARTED = re.compile(r"emulator (\S+) restarted \(pid (\d+)(?:, ([^)]+))?\) ([\d.]+) ms")
+_HUNG = re.compile(r"emulator (\S+) hung: ")
+_DIED = re.compile(r"emulator (\S+) died \(")
+_SPARE_DIED = re.compile(r"warm spare \(pid (\d+)\) died while waiting")
+_SPARE_READY = re.compile(r"warm spare ready \(pid (\d+)")
+
+
+class Fleet:
+    """Which process is what, read from mplaunch's stderr and its process tree."""
+
+    def __init__(self, m: Mplaunch, emulator_ids: list[str]) -> None:
+        self.m = m
+        self.ids = emulator_ids
+
+    def lines(self) -> list[str]:
+        return list(self.m.stderr_lines)
+
+    def current_pids(self) -> dict[str, int]:
+        pids: dict[str, int] = {}
+        for line in self.lines():
+            if (mm := _STARTED.search(line)) and mm.group(1) in self.ids:
+                pids[mm.group(1)] = int(mm.group(2))
+        return pids
+
+    def count(self, rx: re.Pattern[str], emulator: str | None = None) -> int:
+        return sum(1 for line in self.lines()
+                   if (mm := rx.search(line)) and (emulator is None or mm.group(1) == emulator))
+
+    def spare_pid(self) -> int | None:
+        """The waiting spare, once the launcher said it is ready (needs -v):
+        one still starting up is not a spare yet."""
+        busy = set(self.current_pids().values())
+        ready = [int(mm.group(1)) for line in self.lines() if (mm := _SPARE_READY.search(line))]
+        for pid in reversed(ready):
+            if pid not in busy and alive(pid):
+                return pid
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False
+
+
+@dataclass
+class Driver:
+    """Fires events one at a time and checks that each was handled."""
+
+    m: Mplaunch
+    fleet: Fleet
+    rng: random.Random
+    caps: Capabilities
+    events: list[Event] = field(default_factory=list)
+
+    def pick_kind(self, remaining: int) -> Kind:
+        kinds = self.caps.kinds()
+        unused = [k for k in kinds if k not in {e.kind for e in self.events}]
+        if unused and remaining <= len(unused):
+            return unused[0]
+        weights = {Kind.KILL: 6, Kind.HANG: 2, Kind.KILL_SPARE: 2}
+        return self.rng.choices(kinds, [weights[k] for k in kinds])[0]
+
+    def fire(self, kind: Kind, boot: int, phase: Phase) -> Event:
+        number = len(self.events) + 1
+        if kind is Kind.KILL_SPARE:
+            event = self._fire_spare(number, boot, phase)
+        else:
+            event = self._fire_emulator(number, kind, boot, phase)
+        self.events.append(event)
+        return event
+
+    def _fire_emulator(self, number: int, kind: Kind, boot: int, phase: Phase) -> Event:
+        target = self.rng.choice(self.fleet.ids)
+        pid = self.fleet.current_pids()[target]
+        restarts = self.fleet.count(_RESTARTED, target)
+        hung = self.fleet.count(_HUNG, target)
+        sig = signal.SIGKILL if kind is Kind.KILL else signal.SIGSTOP
+        event = Event(number, kind, boot, phase, target, pid, time.monotonic())
+        os.kill(pid, sig)
+        deadline = event.fired + HANDLED_TIMEOUT
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if kind is Kind.HANG and event.detected is None and \
+                    self.fleet.count(_HUNG, target) > hung:
+                event.detected = now
+            if self.fleet.count(_RESTARTED, target) > restarts:
+                line = [ln for ln in self.fleet.lines() if (mm := _RESTARTED.search(ln))
+                        and mm.group(1) == target][-1]
+                mm = _RESTARTED.search(line)
+                assert mm is not None
+                event.new_pid = int(mm.group(2))
+                event.via = mm.group(3) or ""
+                event.handled = now
+                if alive(pid):
+                    event.problem = f"old pid {pid} still alive"
+                elif event.new_pid == pid:
+                    event.problem = "same pid"
+                return event
+            self.m.descendants()
+            time.sleep(0.01)
+        event.problem = f"no restart of {target} within {HANDLED_TIMEOUT} s"
+        return event
+
+    def _fire_spare(self, number: int, boot: int, phase: Phase) -> Event:
+        deadline = time.monotonic() + HANDLED_TIMEOUT
+        pid = self.fleet.spare_pid()
+        while pid is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            pid = self.fleet.spare_pid()
+        if pid is None:
+            event = Event(number, Kind.KILL_SPARE, boot, phase, "spare", -1, time.monotonic())
+            event.problem = "no warm spare to kill"
+            return event
+        event = Event(number, Kind.KILL_SPARE, boot, phase, "spare", pid, time.monotonic())
+        os.kill(pid, signal.SIGKILL)
+        deadline = event.fired + HANDLED_TIMEOUT
+        while time.monotonic() < deadline:
+            new = self.fleet.spare_pid()
+            if new is not None and new != pid:
+                event.new_pid, event.handled = new, time.monotonic()
+                return event
+            time.sleep(0.01)
+        event.problem = f"no new warm spare within {HANDLED_TIMEOUT} s"
+        return event
+
+    # -- the accounting
+
+    def unexplained(self) -> list[str]:
+        """Launcher lines no event of ours explains (and events they lack)."""
+        kinds = Counter((e.kind, e.target) for e in self.events)
+        out = []
+        for emulator in self.fleet.ids:
+            kills, hangs = kinds[(Kind.KILL, emulator)], kinds[(Kind.HANG, emulator)]
+            checks = (("died", _DIED, kills), ("hung", _HUNG, hangs),
+                      ("restarted", _RESTARTED, kills + hangs))
+            for what, rx, want in checks:
+                got = self.fleet.count(rx, emulator)
+                if got != want:
+                    out.append(f"{emulator}: {got} '{what}' lines for {want} events")
+        spare_kills = sum(1 for e in self.events if e.kind is Kind.KILL_SPARE)
+        got = sum(1 for line in self.fleet.lines() if _SPARE_DIED.search(line))
+        if got != spare_kills:
+            out.append(f"{got} 'warm spare died' lines for {spare_kills} spare kills")
+        if any("give up" in line for line in self.fleet.lines()):
+            out.append("the restart policy gave up")
+        return out
+
+    def summary(self) -> str:
+        by_kind = Counter(e.kind.value for e in self.events)
+        by_phase = Counter(f"boot{e.boot}/{e.phase.value}" for e in self.events)
+        via = Counter(e.via for e in self.events if e.kind is not Kind.KILL_SPARE)
+        stalls = [float(mm.group(4)) for line in self.fleet.lines()
+                  if (mm := _RESTARTED.search(line))]
+        detect = [(e.detected - e.fired) * 1e3 for e in self.events if e.detected]
+        parts = [
+            f"events {len(self.events)}: " + ", ".join(f"{k} {n}" for k, n in by_kind.items()),
+            "by phase: " + ", ".join(f"{k} {n}" for k, n in sorted(by_phase.items())),
+            "restarts via: " + ", ".join(f"{k or '?'} {n}" for k, n in via.items()),
+        ]
+        if stalls:
+            parts.append(f"launcher restart times ms: median {statistics.median(stalls):.1f}, "
+                         f"max {max(stalls):.1f}")
+        if detect:
+            parts.append(f"hang detected after ms: median {statistics.median(detect):.0f}, "
+                         f"max {max(detect):.0f}")
+        return "\n".join(parts)
