@@ -56,6 +56,7 @@ QUEUE_SLOTS = 2 + REQUEST_QUEUES_MAX
 LUN_SLOTS = 256
 READY_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 5.0
+SPARE_RETRY_S = 1.0
 ASSIGN_TIMEOUT = 5.0
 WARM_SPARE = True
 
@@ -178,7 +179,9 @@ class SparePool:
             self.uids.give_back(uid)
             if not isinstance(e, Exception):
                 raise
-            LOG.warning("warm spare failed to start: %s", e)
+            LOG.warning("warm spare failed to start: %s; trying again in %.0f s", e,
+                        SPARE_RETRY_S)
+            self._retry_later()
             return
         finally:
             theirs.close()
@@ -191,6 +194,7 @@ class SparePool:
             self.uids.give_back(uid)
             if not self.closed:
                 LOG.warning("warm spare (pid %d) never said ready", proc.pid)
+                self._retry_later()
             return
         if self.closed:
             link.close()
@@ -212,6 +216,12 @@ class SparePool:
             if not self.closed:
                 LOG.warning("warm spare (pid %d) died while waiting", spare.proc.pid)
                 self.replenish()
+
+    def _retry_later(self) -> None:
+        """A spare that failed to start is tried again, not given up on: without
+        one, the next restart pays a cold start."""
+        if not self.closed:
+            asyncio.get_running_loop().call_later(SPARE_RETRY_S, self.replenish)
 
     def take(self) -> Occupant | None:
         spare = self._spare

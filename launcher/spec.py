@@ -206,7 +206,14 @@ _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f
             "\r": "\\r"}
 
 
+_MAX_STRING = 100
+_KEEP_STRING = 60
+MAX_APPEND_BYTES = 2047  # x86 Linux: COMMAND_LINE_SIZE 2048 with its NUL
+
+
 def _render_string(text: str) -> str:
+    if len(text) > _MAX_STRING:  # a long value would bury the message
+        return _render_string(text[:_KEEP_STRING])[:-1] + f'..." ({len(text)} characters)'
     out = []
     for ch in text:
         code = ord(ch)
@@ -513,7 +520,10 @@ def _parse_vm(t: _Table, base: Path, emulator_count: int) -> Fields:
         t.bad("initrd", t.data["initrd"], "needs kernel; an initrd is only used with "
               "direct kernel boot")
     f["append"] = t.string("append", "")
-    if f["append"] and not t.has("kernel"):
+    if f["append"] and len(f["append"].encode()) > MAX_APPEND_BYTES:
+        t.bad("append", f["append"], f"is {len(f['append'].encode())} bytes; the kernel takes "
+              f"at most {MAX_APPEND_BYTES} and would not boot")
+    elif f["append"] and not t.has("kernel"):
         t.bad("append", f["append"], "needs kernel; a command line is only used with "
               "direct kernel boot")
     f["console"] = _console(t, base)
