@@ -33,6 +33,7 @@ from typing import Any
 
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
 from launcher import emulators
+from launcher.heartbeat import protocol as proto
 from launcher.heartbeat.detector import NoReply, Stalled
 from launcher.heartbeat.link import ControlLink, control_pair
 from launcher.libvirt import backend_socket
@@ -386,16 +387,24 @@ class EmulatorSlot:
     async def _launch_spare(self, spare: Occupant) -> bool:
         """Hand the assignment to a waiting spare; False if it refused."""
         config, ours, theirs = self._config(first_start=False)
+        reply: proto.Assigned | None = None
         try:
-            reply = await spare.link.assign(config.to_json(), config.assigned_fds(), ASSIGN_TIMEOUT)
+            answer = spare.link.send_assign(config.to_json(), config.assigned_fds())
+            # The replay goes out at once, without waiting for the answer: the
+            # spare reads it as soon as it has built its controllers, and every
+            # wake-up saved is time the guest does not wait.
+            for cid, sock in ours.items():
+                self.keepers[cid].attach(sock, replay=True)
+            reply = await asyncio.wait_for(answer, ASSIGN_TIMEOUT)
         except (TimeoutError, OSError) as e:
-            reply = None
             LOG.warning("warm spare (pid %d) did not take emulator %s: %s", spare.proc.pid,
                         self.id, e or "timeout")
         finally:
             for sock in theirs:
                 sock.close()
         if reply is None or not reply.ok:
+            for keeper in self.keepers.values():
+                keeper.detach()
             if reply is not None:
                 LOG.warning("warm spare refused emulator %s: %s", self.id, reply.error)
             for sock in ours.values():
@@ -406,7 +415,7 @@ class EmulatorSlot:
             return False
         spare.link.name = self.id
         spare.proc.id = self.id
-        self._occupy(spare, ours, first_start=False)
+        self._occupy(spare, {}, first_start=False)
         self.stats.spare_restarts += 1
         return True
 

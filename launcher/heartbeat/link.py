@@ -61,10 +61,11 @@ class ControlLink:
         else:
             self.sock.send(data)
 
-    async def assign(self, config_json: str, fds: list[int], timeout: float) -> proto.Assigned:
+    def send_assign(self, config_json: str, fds: list[int]) -> asyncio.Future[proto.Assigned]:
+        """Send the assignment now; the future gets the answer."""
         self.assigned = asyncio.get_running_loop().create_future()
         self.send(proto.Assign(config_json, tuple(fds)))
-        return await asyncio.wait_for(self.assigned, timeout)
+        return self.assigned
 
     async def command(self, request: str, fds: list[int], timeout: float) -> proto.Result:
         """One change to the running emulator; its answer. One at a time."""
