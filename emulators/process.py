@@ -119,8 +119,14 @@ class Emulator:
         return EXIT_OK
 
     def _loop(self) -> None:
+        # The watch set changes only when a control message was applied (a kick
+        # fd set, a controller closed) or an assignment arrived: rebuild it then,
+        # not on every wake-up of the data path.
+        dirty = True
         while self._alive():
-            self._sync_watches()
+            if dirty:
+                self._sync_watches()
+                dirty = False
             ready = self.selector.select(1.0)
             kicks = []
             control = False
@@ -134,6 +140,7 @@ class Emulator:
                     controller, index = key.data
                     if index == _SOCKET:
                         controller.on_socket_readable()
+                        dirty = True
                     else:
                         kicks.append((controller, index))
             for controller, index in kicks:
@@ -142,6 +149,7 @@ class Emulator:
                 controller.serve_pending()
             if control:
                 self._on_control()
+                dirty = True
                 for controller in self.controllers:  # events a command queued
                     controller.serve_pending()
 
