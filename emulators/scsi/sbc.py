@@ -95,24 +95,32 @@ def read6(
 def _read(
     lu: LogicalUnit, lba: int, n: int, len_at: int, data_in: Sequence[memoryview]
 ) -> CommandResult:
-    bs = lu.block_size
-    if n * bs > MAX_TRANSFER_BYTES:
+    _check_transfer(lu, lba, n, len_at)
+    length = n * lu.block_size
+    if length == 0:
+        return GOOD
+    bufs = _first_bytes(data_in, length)
+    if iov_len(bufs) == 0:
+        return GOOD
+    got = lu.backend.readv(lba * lu.block_size, bufs)
+    return CommandResult(Status.GOOD, None, got, 0)
+
+
+def _check_transfer(lu: LogicalUnit, lba: int, n: int, len_at: int) -> None:
+    """A transfer of n blocks at lba: within the limit and inside the medium."""
+    if n * lu.block_size > MAX_TRANSFER_BYTES:
         raise CheckCondition(INVALID_FIELD_IN_CDB.at(len_at))
     if lba + n > lu.num_blocks or (n == 0 and lba >= lu.num_blocks):
         raise CheckCondition(LBA_OUT_OF_RANGE)
-    length = n * bs
-    if length == 0:
-        return GOOD
-    if len(data_in) == 1 and data_in[0].nbytes >= length:
-        first = data_in[0]
-        bufs: Sequence[memoryview] = (first,) if first.nbytes == length else (first[:length],)
-    else:
-        bufs = iov_slice(data_in, 0, length)
-        length = iov_len(bufs)
-        if length == 0:
-            return GOOD
-    got = lu.backend.readv(lba * bs, bufs)
-    return CommandResult(Status.GOOD, None, got, 0)
+
+
+def _first_bytes(views: Sequence[memoryview], length: int) -> Sequence[memoryview]:
+    """The first `length` bytes of the buffers (fewer if they are shorter);
+    one slice, not a list walk, in the common single-buffer case."""
+    if len(views) == 1 and views[0].nbytes >= length:
+        first = views[0]
+        return (first,) if first.nbytes == length else (first[:length],)
+    return iov_slice(views, 0, length)
 
 
 def write(
@@ -152,22 +160,15 @@ def _write(
     lu: LogicalUnit, lba: int, n: int, len_at: int, fua: bool, data_out: Sequence[memoryview]
 ) -> CommandResult:
     bs = lu.block_size
-    if n * bs > MAX_TRANSFER_BYTES:
-        raise CheckCondition(INVALID_FIELD_IN_CDB.at(len_at))
-    if lba + n > lu.num_blocks or (n == 0 and lba >= lu.num_blocks):
-        raise CheckCondition(LBA_OUT_OF_RANGE)
+    _check_transfer(lu, lba, n, len_at)
     if lu.readonly:
         raise CheckCondition(WRITE_PROTECTED)
     length = n * bs
     if length == 0:
         return GOOD
-    if len(data_out) == 1 and data_out[0].nbytes >= length:
-        first = data_out[0]
-        bufs: Sequence[memoryview] = (first,) if first.nbytes == length else (first[:length],)
-    else:
-        bufs = iov_slice(data_out, 0, length)
-        if iov_len(bufs) < length:
-            raise CheckCondition(INVALID_FIELD_IN_CDB.at(len_at))
+    bufs = _first_bytes(data_out, length)
+    if iov_len(bufs) < length:
+        raise CheckCondition(INVALID_FIELD_IN_CDB.at(len_at))
     lu.backend.writev(lba * bs, bufs)
     if fua or not lu.state.write_cache_enabled:
         lu.backend.flush()
