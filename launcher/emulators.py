@@ -20,7 +20,6 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
@@ -49,6 +48,21 @@ class EmulatorResources:
     uid: int = 0
     address_space: int = 0
 
+    @classmethod
+    def for_vm(
+        cls, spec: Spec, emulator: EmulatorSpec, config: EmulatorConfig, uid: int,
+        controllers: int | None = None,
+    ) -> EmulatorResources:
+        """With the VM's sandbox settings: its mode, this uid, and an address
+        space that fits one mapping of guest RAM per controller (`controllers`
+        when the config has none yet: a spare's)."""
+        res = cls(emulator, config)
+        res.sandbox = spec.vm.sandbox
+        res.uid = uid
+        count = len(config.controllers) if controllers is None else controllers
+        res.address_space = address_space(spec, count)
+        return res
+
     def close_emulator_side(self) -> None:
         for sock in self.emulator_ends:
             sock.close()
@@ -65,6 +79,11 @@ class EmulatorResources:
         self.qemu_ends.clear()
 
 
+def address_space(spec: Spec, controllers: int) -> int:
+    """The emulator's RLIMIT_AS: each controller maps the guest's RAM once."""
+    return spec.vm.memory * max(1, controllers) + ADDRESS_SPACE_HEADROOM
+
+
 def open_disk(path: str, readonly: bool) -> int:
     flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
     try:
@@ -76,9 +95,8 @@ def open_disk(path: str, readonly: bool) -> int:
 
 def prepare(spec: Spec, emulator: EmulatorSpec, first_start: bool = True) -> EmulatorResources:
     """Open the disks and make the sockets of one emulator."""
-    res = EmulatorResources(emulator, EmulatorConfig(emulator.id, ()))
-    res.sandbox = spec.vm.sandbox
-    res.uid = spec.vm.uid_range[0] + spec.emulators.index(emulator)
+    uid = spec.vm.uid_range[0] + spec.emulators.index(emulator)
+    res = EmulatorResources.for_vm(spec, emulator, EmulatorConfig(emulator.id, ()), uid)
     try:
         controllers = []
         for controller in spec.controllers_of(emulator.id):
@@ -94,8 +112,7 @@ def prepare(spec: Spec, emulator: EmulatorSpec, first_start: bool = True) -> Emu
                 ControllerConfig(controller.id, emu_end.fileno(), controller.queues, tuple(luns))
             )
         res.config = EmulatorConfig(emulator.id, tuple(controllers), first_start=first_start)
-        # Each controller maps the guest's RAM once.
-        res.address_space = spec.vm.memory * max(1, len(controllers)) + ADDRESS_SPACE_HEADROOM
+        res.address_space = address_space(spec, len(controllers))
         return res
     except BaseException:
         res.close()
@@ -174,8 +191,3 @@ async def start(
         res.uid, res.sandbox.value,
     )
     return proc
-
-
-def qemu_ends(resources: list[EmulatorResources]) -> Iterator[tuple[str, socket.socket]]:
-    for res in resources:
-        yield from res.qemu_ends.items()

@@ -46,7 +46,6 @@ from launcher.restart_policy import (
     describe_status,
 )
 from launcher.runfolder import RunFolder
-from launcher.sandbox.jail import ADDRESS_SPACE_HEADROOM
 from launcher.sessionkeeper import SessionKeeper
 from launcher.spec import DiskSpec, EmulatorSpec, Spec
 from launcher.statestore import layout
@@ -132,16 +131,6 @@ class UidPool:
         self.used.discard(uid)
 
 
-def _resources(
-    spec: Spec, emulator: EmulatorSpec, config: EmulatorConfig, uid: int, controllers: int
-) -> emulators.EmulatorResources:
-    res = emulators.EmulatorResources(emulator, config)
-    res.sandbox = spec.vm.sandbox
-    res.uid = uid
-    res.address_space = spec.vm.memory * max(1, controllers) + ADDRESS_SPACE_HEADROOM
-    return res
-
-
 class SparePool:
     """At most one warm spare per VM, replaced after it is used."""
 
@@ -171,7 +160,9 @@ class SparePool:
             base = self.spec.emulators[0]
             emulator = dataclasses.replace(base, id="spare")
             config = EmulatorConfig("spare", (), control_fd=theirs.fileno())
-            res = _resources(self.spec, emulator, config, uid, self._controllers)
+            res = emulators.EmulatorResources.for_vm(
+                self.spec, emulator, config, uid, self._controllers
+            )
             command = [sys.executable, "-I", "-m", "emulators", "--spare",
                        str(theirs.fileno()), self.spec.vm.sandbox.value]
             proc = await emulators.start(res, command=command, quiet=True)
@@ -370,7 +361,7 @@ class EmulatorSlot:
         uid = self.uids.take(self.base_uid)
         if uid is None:
             raise RuntimeError(f"uid_range has no uid left for emulator {self.id}")
-        res = _resources(self.spec, self.emulator, config, uid, len(self.controllers))
+        res = emulators.EmulatorResources.for_vm(self.spec, self.emulator, config, uid)
         try:
             proc = await emulators.start(res)
         except BaseException:

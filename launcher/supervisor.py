@@ -20,7 +20,7 @@ from launcher.fleet import WARM_SPARE, EmulatorSlot, SparePool, UidPool
 from launcher.libvirt import backend_socket
 from launcher.management.server import EventBus, ManagementServer
 from launcher.qemu import Qemu, bind_qmp_listener
-from launcher.restart_policy import GiveUp
+from launcher.restart_policy import GiveUp, describe_status
 from launcher.runfolder import RunFolder
 from launcher.sandbox.check import SandboxError, preflight
 from launcher.sdnotify import SdNotifier, strip_environment
@@ -140,13 +140,13 @@ class Supervisor:
             listener.close()
             if qemu is not None:
                 status = await qemu.stop()
-                LOG.info("QEMU exited (%s)", _describe_status(status))
+                LOG.info("QEMU exited (%s)", describe_status(status))
             if self.spares is not None:
                 await self.spares.close()
             for slot in slots:
                 status_or_none = await slot.stop()
                 if status_or_none is not None:
-                    LOG.info("emulator %s exited (%s)", slot.id, _describe_status(status_or_none))
+                    LOG.info("emulator %s exited (%s)", slot.id, describe_status(status_or_none))
                 slot.close()
             await server.close()
             LOG.info("stopped")
@@ -230,7 +230,7 @@ class Supervisor:
         status = await qemu.exited
         if self.outcome.guest_shutdown and status == 0:
             return EXIT_OK
-        LOG.error("QEMU died unexpectedly (%s)", _describe_status(status))
+        LOG.error("QEMU died unexpectedly (%s)", describe_status(status))
         return EXIT_FAILED
 
     async def _follow_events(self, qemu: Qemu) -> None:
@@ -248,12 +248,3 @@ class Supervisor:
             else:
                 LOG.debug("QEMU event %s %s", name, data)
             self.emit(name, data)  # QEMU's lifecycle events, passed on
-
-
-def _describe_status(status: int) -> str:
-    if status < 0:
-        try:
-            return f"killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"status {status}"
