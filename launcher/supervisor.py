@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.accel import AccelChoice, choose_accel
-from launcher.fleet import WARM_SPARE, EmulatorSlot, SparePool, UidPool
 from launcher.libvirt import backend_socket
 from launcher.management.server import EventBus, ManagementServer
 from launcher.qemu import Qemu, bind_qmp_listener
@@ -24,8 +23,11 @@ from launcher.restart_policy import GiveUp, describe_status
 from launcher.runfolder import RunFolder
 from launcher.sandbox.check import SandboxError, preflight
 from launcher.sdnotify import SdNotifier, strip_environment
+from launcher.slots import EmulatorSlot
+from launcher.spares import WARM_SPARE, SparePool
 from launcher.spec import GiveUpAction, Spec
 from launcher.status import LOG
+from launcher.uidpool import UidPool
 from launcher.vmcontrol import SupervisorControl
 from launcher.vmm import QemuFds, qemu_argv
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.fleet import DiskChangeError, EmulatorSlot
 from launcher.management.commands import CommandError
+from launcher.slots import DiskChangeError, EmulatorSlot
 from launcher.spec import DiskSpec
 from launcher.status import LOG
 

@@ -91,7 +91,7 @@ class Capabilities:
     def detect(cls) -> Capabilities:
         """MPL_CHAOS_HANG / MPL_CHAOS_SPARE = 1 or 0 force a kind on or off;
         otherwise hangs need the heartbeat link module and spare kills need
-        `launcher.fleet.WARM_SPARE`."""
+        `launcher.spares.WARM_SPARE`."""
         notes = []
         hang_env, spare_env = os.environ.get("MPL_CHAOS_HANG"), os.environ.get("MPL_CHAOS_SPARE")
         if hang_env is not None:
@@ -105,11 +105,11 @@ class Capabilities:
             spare = spare_env == "1"
             notes.append(f"spare kills {'on' if spare else 'off'} by MPL_CHAOS_SPARE")
         else:
-            from launcher import fleet
+            from launcher import spares
 
-            spare = bool(getattr(fleet, "WARM_SPARE", False))
-            notes.append("spare kills " + ("on: launcher.fleet.WARM_SPARE" if spare
-                                           else "off: launcher.fleet.WARM_SPARE not set"))
+            spare = bool(getattr(spares, "WARM_SPARE", False))
+            notes.append("spare kills " + ("on: launcher.spares.WARM_SPARE" if spare
+                                           else "off: launcher.spares.WARM_SPARE not set"))
         return cls(hang, spare, "; ".join(notes))
 
     def kinds(self) -> list[Kind]:

@@ -8,11 +8,7 @@ same disk fds and the same state store. When it ends, or its heartbeat says
 it hangs (then it is killed), the restart policy decides; a restart replays
 each keeper's recorded session to the new process, which resumes the rings
 from the state store, so the guest sees only a pause.
-
-A restart takes the VM's warm spare when one is ready: an emulator process
-already started, confined and waiting, which receives the whole assignment
-(config and fds) in one control message. That skips the interpreter
-start-up that dominates a cold restart. The pool then starts a new spare.
+A restart takes the VM's warm spare when one is ready (launcher.spares).
 """
 
 from __future__ import annotations
@@ -22,10 +18,7 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import socket
-import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +30,7 @@ from launcher.heartbeat import protocol as proto
 from launcher.heartbeat.detector import NoReply, Stalled
 from launcher.heartbeat.link import ControlLink, control_pair
 from launcher.libvirt import backend_socket
+from launcher.occupant import Occupant, now_ns, signal_name
 from launcher.restart_policy import (
     ExitReason,
     GiveUp,
@@ -47,25 +41,17 @@ from launcher.restart_policy import (
 )
 from launcher.runfolder import RunFolder
 from launcher.sessionkeeper import SessionKeeper
+from launcher.spares import SparePool
 from launcher.spec import DiskSpec, EmulatorSpec, Spec
 from launcher.statestore import layout
 from launcher.status import LOG
+from launcher.uidpool import UidPool
 
 REQUEST_QUEUES_MAX = 16
 QUEUE_SLOTS = 2 + REQUEST_QUEUES_MAX
 LUN_SLOTS = 256
-READY_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 5.0
-SPARE_RETRY_S = 1.0
 ASSIGN_TIMEOUT = 5.0
-WARM_SPARE = True
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def _listen(path: Path) -> socket.socket:
@@ -83,10 +69,6 @@ class DiskChangeError(Exception):
     """A disk could not be added, removed or resized; nothing changed."""
 
 
-def now_ns() -> int:
-    return time.monotonic_ns()
-
-
 @dataclass
 class SlotStats:
     """What management and the tests want to know about a slot."""
@@ -98,145 +80,6 @@ class SlotStats:
     last_stall_ms: float | None = None
     stalls_ms: list[float] = field(default_factory=list)
     started_ns: int = 0
-
-
-@dataclass
-class Occupant:
-    """One live emulator process and its control link."""
-
-    proc: emulators.EmulatorProcess
-    link: ControlLink
-    uid: int
-
-
-class UidPool:
-    """Distinct uids from the spec's range: one per live emulator or spare,
-    so no emulator can signal or trace another."""
-
-    def __init__(self, first: int, last: int) -> None:
-        self.first, self.last = first, last
-        self.used: set[int] = set()
-
-    def take(self, preferred: int | None = None) -> int | None:
-        if preferred is not None and preferred not in self.used:
-            self.used.add(preferred)
-            return preferred
-        for uid in range(self.first, self.last + 1):
-            if uid not in self.used:
-                self.used.add(uid)
-                return uid
-        return None
-
-    def give_back(self, uid: int) -> None:
-        self.used.discard(uid)
-
-
-class SparePool:
-    """At most one warm spare per VM, replaced after it is used."""
-
-    def __init__(self, spec: Spec, uids: UidPool) -> None:
-        self.spec = spec
-        self.uids = uids
-        self._spare: Occupant | None = None
-        self._starting: asyncio.Task[None] | None = None
-        self.closed = False
-        self.started = 0
-        controllers = max((len(spec.controllers_of(e.id)) for e in spec.emulators), default=1)
-        self._controllers = controllers
-
-    def replenish(self) -> None:
-        if self.closed or self._spare is not None or not self.spec.emulators:
-            return
-        if self._starting is None or self._starting.done():
-            self._starting = asyncio.create_task(self._start())
-
-    async def _start(self) -> None:
-        uid = self.uids.take()
-        if uid is None:
-            LOG.warning("no warm spare: uid_range has no uid left for one")
-            return
-        ours, theirs = control_pair()
-        try:
-            base = self.spec.emulators[0]
-            emulator = dataclasses.replace(base, id="spare")
-            config = EmulatorConfig("spare", (), control_fd=theirs.fileno())
-            res = emulators.EmulatorResources.for_vm(
-                self.spec, emulator, config, uid, self._controllers
-            )
-            command = [sys.executable, "-I", "-m", "emulators", "--spare",
-                       str(theirs.fileno()), self.spec.vm.sandbox.value]
-            proc = await emulators.start(res, command=command, quiet=True)
-        except BaseException as e:
-            ours.close()
-            self.uids.give_back(uid)
-            if not isinstance(e, Exception):
-                raise
-            LOG.warning("warm spare failed to start: %s; trying again in %.0f s", e,
-                        SPARE_RETRY_S)
-            self._retry_later()
-            return
-        finally:
-            theirs.close()
-        link = ControlLink("spare", ours)
-        try:
-            await asyncio.wait_for(asyncio.shield(link.ready), READY_TIMEOUT)
-        except (TimeoutError, asyncio.CancelledError):
-            link.close()
-            await proc.stop()
-            self.uids.give_back(uid)
-            if not self.closed:
-                LOG.warning("warm spare (pid %d) never said ready", proc.pid)
-                self._retry_later()
-            return
-        if self.closed:
-            link.close()
-            await proc.stop()
-            self.uids.give_back(uid)
-            return
-        self._spare = Occupant(proc, link, uid)
-        self.started += 1
-        asyncio.create_task(self._watch(self._spare))
-        LOG.debug("warm spare ready (pid %d, uid %d)", proc.pid, uid)
-
-    async def _watch(self, spare: Occupant) -> None:
-        """A spare that dies while waiting is replaced (and never handed out)."""
-        await asyncio.shield(spare.proc.exited)
-        if self._spare is spare:
-            self._spare = None
-            spare.link.close()
-            self.uids.give_back(spare.uid)
-            if not self.closed:
-                LOG.warning("warm spare (pid %d) died while waiting", spare.proc.pid)
-                self.replenish()
-
-    def _retry_later(self) -> None:
-        """A spare that failed to start is tried again, not given up on: without
-        one, the next restart pays a cold start."""
-        if not self.closed:
-            asyncio.get_running_loop().call_later(SPARE_RETRY_S, self.replenish)
-
-    def take(self) -> Occupant | None:
-        spare = self._spare
-        if spare is None or spare.proc.exited.done():
-            return None
-        self._spare = None
-        return spare
-
-    @property
-    def spare_pid(self) -> int | None:
-        return self._spare.proc.pid if self._spare else None
-
-    async def close(self) -> None:
-        self.closed = True
-        if self._starting is not None:
-            self._starting.cancel()
-            with contextlib.suppress(BaseException):
-                await self._starting
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            spare.link.close()
-            await spare.proc.stop()
-            self.uids.give_back(spare.uid)
 
 
 class EmulatorSlot:
@@ -449,7 +292,7 @@ class EmulatorSlot:
                 LOG.warning("emulator %s died (%s)", self.id, self.stats.last_exit)
             self.emit("EMULATOR_EXIT", {
                 "id": self.id, "pid": occupant.proc.pid, "reason": reason.value,
-                "signal": _signal_name(-status) if status < 0 else None,
+                "signal": signal_name(-status) if status < 0 else None,
                 "status": status if status >= 0 else None,
             })
             actions = self.policy.on_exit(died_ns, status, reason, detail)
