@@ -12,9 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-BLOCK_SIZES = (512, 4096)
-MAX_LUN = 255
-MAX_QUEUES = 16
+from emulators.limits import BLOCK_SIZE_RULE, BLOCK_SIZES, ID_RULE, MAX_LUN, is_id
+from launcher.heartbeat.protocol import MAX_CONTROLLERS, MAX_REQUEST_QUEUES
 
 
 class ConfigError(ValueError):
@@ -53,9 +52,12 @@ class EmulatorConfig:
     def from_json(cls, text: str) -> EmulatorConfig:
         try:
             raw = json.loads(text)
+            controllers = _list(raw, "controllers")
+            if len(controllers) > MAX_CONTROLLERS:
+                raise ValueError(f"{len(controllers)} controllers, at most {MAX_CONTROLLERS}")
             return cls(
-                id=_str(raw, "id"),
-                controllers=tuple(_controller(c) for c in _list(raw, "controllers")),
+                id=_id(raw, "id"),
+                controllers=tuple(_controller(c) for c in controllers),
                 control_fd=_int(raw, "control_fd", -1, 1 << 20),
                 state_fd=_int(raw, "state_fd", -1, 1 << 20),
                 first_start=_bool(raw, "first_start"),
@@ -98,30 +100,44 @@ def _controller(raw: Any) -> ControllerConfig:
     if len({x.lun for x in luns}) != len(luns):
         raise ValueError("duplicate LUN on a controller")
     return ControllerConfig(
-        id=_str(raw, "id"),
+        id=_id(raw, "id"),
         socket_fd=_int(raw, "socket_fd", 0, 1 << 20),
-        queues=_int(raw, "queues", 1, MAX_QUEUES),
+        queues=_int(raw, "queues", 1, MAX_REQUEST_QUEUES),
         luns=luns,
     )
 
 
 def _lun(raw: Any) -> LunConfig:
-    block_size = _int(raw, "block_size", 512, 4096)
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size {block_size} is not one of {BLOCK_SIZES}")
-    return LunConfig(
-        lun=_int(raw, "lun", 0, MAX_LUN),
-        disk_id=_str(raw, "disk_id"),
-        fd=_int(raw, "fd", 0, 1 << 20),
-        readonly=_bool(raw, "readonly"),
-        block_size=block_size,
+    return checked_lun(
+        _int(raw, "lun", 0, MAX_LUN), _str(raw, "disk_id"), _int(raw, "fd", 0, 1 << 20),
+        _bool(raw, "readonly"), _int(raw, "block_size", 0, 1 << 20),
     )
+
+
+def checked_lun(lun: int, disk_id: str, fd: int, readonly: bool, block_size: int) -> LunConfig:
+    """A LUN's description, checked against the rules every side enforces
+    (emulators.limits); ValueError says which one it breaks. Used for the LUNs
+    of a config and for a LUN added at run time alike."""
+    if not 0 <= lun <= MAX_LUN:
+        raise ValueError(f"lun {lun} is out of range 0..{MAX_LUN}")
+    if not is_id(disk_id):
+        raise ValueError(f"disk_id {disk_id!r} must be {ID_RULE}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} must be {BLOCK_SIZE_RULE}")
+    return LunConfig(lun, disk_id, fd, readonly, block_size)
 
 
 def _list(raw: Any, key: str) -> list[Any]:
     value = raw[key]
     if not isinstance(value, list):
         raise TypeError(f"{key} must be a list")
+    return value
+
+
+def _id(raw: Any, key: str) -> str:
+    value = _str(raw, key)
+    if not is_id(value):
+        raise ValueError(f"{key} {value!r} must be {ID_RULE}")
     return value
 
 

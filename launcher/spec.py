@@ -33,6 +33,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from emulators.limits import (
+    BLOCK_SIZE_RULE,
+    BLOCK_SIZES,
+    ID_PATTERN,
+    ID_RULE,
+    MAX_LUN,
+    image_size_problem,
+)
+from launcher.heartbeat.protocol import MAX_CONTROLLERS, MAX_REQUEST_QUEUES
 from launcher.sizes import SIZE_SYNTAX, G, M, format_size, parse_size
 
 
@@ -275,10 +284,8 @@ _ABSENT = object()
 E = TypeVar("E", bound=StrEnum)
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-_ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _UID_RANGE_RE = re.compile(r"([0-9]{1,10})-([0-9]{1,10})")
 NAME_RULE = "1 to 63 characters from a-z, 0-9, - (not starting with -)"
-ID_RULE = "1 to 32 characters from a-z, 0-9, _, - (not starting with _ or -)"
 UID_RANGE_RULE = f'must be "A-B" with {UID_MIN} <= A <= B <= {UID_MAX}'
 
 
@@ -436,7 +443,6 @@ DISK_FIELDS = ("id", "controller", "lun", "image", "format", "readonly", "block_
 TOP_LEVEL = "[vm], [[emulator]], [[controller]], [[disk]]"
 ARRAYS = ("emulator", "controller", "disk")
 DISK_FORMATS = ("raw",)
-BLOCK_SIZES = (512, 4096)
 
 Fields = dict[str, Any]
 
@@ -540,7 +546,7 @@ def _parse_vm(t: _Table, base: Path, emulator_count: int) -> Fields:
 
 def _parse_emulator(t: _Table) -> Fields:
     f: Fields = {}
-    f["id"] = t.ident("id", _ID_RE, ID_RULE, "an id")
+    f["id"] = t.ident("id", ID_PATTERN, ID_RULE, "an id")
     f["kind"] = t.choice("kind", EmulatorKind, EmulatorKind.SCSI)
     f["restart"] = t.choice("restart", RestartMode, RestartMode.ON_FAILURE)
     f["heartbeat_ms"] = t.integer("heartbeat_ms", 10, 60_000, default=500)
@@ -557,17 +563,17 @@ def _parse_emulator(t: _Table) -> Fields:
 
 def _parse_controller(t: _Table) -> Fields:
     f: Fields = {}
-    f["id"] = t.ident("id", _ID_RE, ID_RULE, "an id")
+    f["id"] = t.ident("id", ID_PATTERN, ID_RULE, "an id")
     f["emulator"] = t.reference("emulator", "emulator")
-    f["queues"] = t.integer("queues", 1, 16, default=1)
+    f["queues"] = t.integer("queues", 1, MAX_REQUEST_QUEUES, default=1)
     return f
 
 
 def _parse_disk(t: _Table, base: Path) -> tuple[Fields, os.stat_result | None]:
     f: Fields = {}
-    f["id"] = t.ident("id", _ID_RE, ID_RULE, "an id")
+    f["id"] = t.ident("id", ID_PATTERN, ID_RULE, "an id")
     f["controller"] = t.reference("controller", "controller")
-    f["lun"] = t.integer("lun", 0, 255)
+    f["lun"] = t.integer("lun", 0, MAX_LUN)
     f["image"] = t.path("image", base, "a path to a disk image", required=True)
     st = t.file("image", f["image"], block_ok=True)
     fmt = t.data.get("format", "raw")
@@ -578,16 +584,13 @@ def _parse_disk(t: _Table, base: Path) -> tuple[Fields, os.stat_result | None]:
     f["readonly"] = t.boolean("readonly", False)
     size = t.data.get("block_size", 512)
     if not isinstance(size, int) or isinstance(size, bool) or size not in BLOCK_SIZES:
-        t.bad("block_size", size, "must be one of " + ", ".join(map(str, BLOCK_SIZES)))
+        t.bad("block_size", size, "must be " + BLOCK_SIZE_RULE)
         size = None
     f["block_size"] = size
     if st is not None and stat.S_ISREG(st.st_mode) and size is not None:
-        if st.st_size == 0:
-            t.bad("image", t.data["image"],
-                  f"is empty; a disk image must hold at least one block of {size} bytes")
-        elif st.st_size % size:
-            t.bad("image", t.data["image"],
-                  f"size {st.st_size} bytes is not a multiple of block_size ({size})")
+        problem = image_size_problem(st.st_size, size)
+        if problem is not None:
+            t.bad("image", t.data["image"], problem)
     return f, st
 
 
@@ -678,11 +681,21 @@ def _cross_check(emulators: list[_Entry], controllers: list[_Entry],
     _unique_ids([d for d, _ in disks], "disk")
     for entry in controllers:
         _check_reference(entry, "emulator", "emulator", emulator_ids)
-    served = {c.fields["emulator"] for c in controllers}
+    served: dict[str, list[_Entry]] = {}
+    for entry in controllers:
+        served.setdefault(entry.fields["emulator"], []).append(entry)
     for ident, entry in emulator_ids.items():
         if ident not in served:
             entry.table.problem("serves no controller; name it in a [[controller]]'s "
                                 "emulator field, or remove it")
+        elif len(served[ident]) > MAX_CONTROLLERS:
+            # One line, on the first controller too many: the fix is one move.
+            first_extra = served[ident][MAX_CONTROLLERS]
+            first_extra.table.bad(
+                "emulator", ident,
+                f"this emulator would serve {len(served[ident])} controllers, at most "
+                f"{MAX_CONTROLLERS} are allowed (its heartbeat reports on no more); serve "
+                "the rest from another [[emulator]]")
     luns: dict[tuple[str, int], _Entry] = {}
     images: dict[tuple[int, int], _Entry] = {}
     for entry, st in disks:

@@ -1,6 +1,7 @@
 """What management can do to a running VM, on top of the supervisor.
 
-The management socket (launcher.management) parses and checks QMP commands;
+The management socket (launcher.management) parses and checks QMP commands
+(an id's syntax, a LUN in range, a block size: the rules of emulators.limits);
 this module carries them out against the supervisor's slots and QEMU, and
 says in one clear sentence why when it cannot. It owns the semantic checks
 that need the live VM: ids that exist or are free, a LUN not yet used, an
@@ -11,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emulators.limits import image_size_problem
 from launcher.management.commands import CommandError
 from launcher.slots import DiskChangeError, EmulatorSlot
 from launcher.spec import DiskSpec
@@ -25,7 +26,6 @@ from launcher.status import LOG
 if TYPE_CHECKING:
     from launcher.supervisor import Supervisor
 
-ID_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 RESTART_TIMEOUT = 30.0
 
 
@@ -124,28 +124,20 @@ class SupervisorControl:
 
     async def disk_add(self, id: str, controller: str, lun: int, image: str,
                        readonly: bool = False, block_size: int = 512) -> None:
-        if not ID_RULE.match(id):
-            raise _fail(f"disk id '{id}' must match [a-z0-9][a-z0-9_-]*, at most 32")
         if any(slot.disk(id) for slot in self.sv.slots):
             raise _fail(f"disk id '{id}' is already in use")
         owner = next((s for s in self.sv.slots if controller in s.disks), None)
         if owner is None:
             raise CommandError("DeviceNotFound", f"no controller '{controller}'")
-        if not 0 <= lun <= 255:
-            raise _fail(f"lun {lun} must be from 0 to 255")
-        if block_size not in (512, 4096):
-            raise _fail(f"block-size {block_size} must be 512 or 4096")
         path = Path(image)
-        if not path.is_absolute():
-            raise _fail(f"image '{image}' must be an absolute path")
         try:
             st = os.stat(path)
         except OSError as e:
             raise _fail(f"image '{image}': {e.strerror}") from None
         if stat.S_ISREG(st.st_mode):
-            if st.st_size == 0 or st.st_size % block_size:
-                raise _fail(f"image '{image}' is {st.st_size} bytes: "
-                                   f"not a non-zero multiple of {block_size}")
+            problem = image_size_problem(st.st_size, block_size)
+            if problem is not None:
+                raise _fail(f"image '{image}' {problem}")
         elif not stat.S_ISBLK(st.st_mode):
             raise _fail(f"image '{image}' is not a regular file or a block device")
         disk = DiskSpec(id=id, controller=controller, lun=lun, image=path.resolve(),

@@ -30,6 +30,8 @@ import stat
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from emulators.limits import BLOCK_SIZES
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -109,8 +111,8 @@ class FdBackend:
     """A disk image or block device behind an fd that was handed to us."""
 
     def __init__(self, fd: int, block_size: int = 512, readonly: bool = False) -> None:
-        if block_size not in (512, 4096):
-            raise ValueError(f"block size must be 512 or 4096, not {block_size}")
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"block size must be one of {BLOCK_SIZES}, not {block_size}")
         st = os.fstat(fd)
         self._fd = fd
         self._block_size = block_size

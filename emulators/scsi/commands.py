@@ -27,7 +27,7 @@ from . import mode_pages, sbc, vpd
 from .backend import BackendError, BackendFailure
 from .cdb import Opcode
 from .iov import gather, iov_len
-from .lun import MAX_LUN, LogicalUnit
+from .lun import FLAT_SPACE_MAX_LUN, LogicalUnit
 from .result import GOOD, CommandResult, Handler, reply
 from .sense import (
     INTERNAL_TARGET_FAILURE,
@@ -71,8 +71,8 @@ class ScsiTarget:
 
     def __init__(self, luns: Mapping[int, LogicalUnit]) -> None:
         for n in luns:
-            if not 0 <= n <= MAX_LUN:
-                raise ValueError(f"LUN {n} outside 0..{MAX_LUN}")
+            if not 0 <= n <= FLAT_SPACE_MAX_LUN:
+                raise ValueError(f"LUN {n} outside 0..{FLAT_SPACE_MAX_LUN}")
         self.luns: dict[int, LogicalUnit] = dict(luns)
         self._handlers: dict[int, Handler] = {
             Opcode.TEST_UNIT_READY: _no_op,
@@ -108,7 +108,7 @@ class ScsiTarget:
         }
 
     def add_lun(self, lun: int, lu: LogicalUnit) -> None:
-        if not 0 <= lun <= MAX_LUN or lun in self.luns:
+        if not 0 <= lun <= FLAT_SPACE_MAX_LUN or lun in self.luns:
             raise ValueError(f"LUN {lun} is taken or out of range")
         self._luns_changed()
         self.luns[lun] = lu

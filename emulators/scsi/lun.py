@@ -22,12 +22,15 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from emulators.limits import BLOCK_SIZES
+
 from .backend import BlockBackend
 from .sense import UA_CAPACITY_CHANGED, UA_POWER_ON_RESET, Sense, SenseKey
 
 MAX_PENDING_UA = 8
-MAX_LUN = 0x3FFF
-"""Flat space addressing (SAM-5 4.7.7) carries 14 bits of LUN."""
+FLAT_SPACE_MAX_LUN = 0x3FFF
+"""Flat space addressing (SAM-5 4.7.7) carries 14 bits of LUN; mplaunch
+offers fewer (emulators.limits.MAX_LUN)."""
 
 _LAYOUT = struct.Struct("<4sHB8H3BBBBQIQ")
 _MAGIC = b"LUNS"
@@ -158,8 +161,8 @@ class LogicalUnit:
         product: str = "VDISK",
         on_change: Callable[[LunState], None] | None = None,
     ) -> None:
-        if backend.block_size not in (512, 4096):
-            raise ValueError(f"block size must be 512 or 4096, not {backend.block_size}")
+        if backend.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block size must be one of {BLOCK_SIZES}, not {backend.block_size}")
         self.backend = backend
         self.disk_id = disk_id
         self.state = state

@@ -94,8 +94,6 @@ VRING_NOFD_MASK: Final = 0x100
 VRING_F_LOG: Final = 0
 """Bit of SET_VRING_ADDR's flags asking for used-ring dirty logging."""
 
-MAX_QUEUE_SIZE: Final = 32768
-"""Virtio 1.2 section 2.7: a split queue holds at most 32768 entries."""
 
 
 class Feature(enum.IntEnum):

@@ -43,11 +43,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from emulators.limits import VIRTIO_MAX_QUEUE_SIZE
+
 from .codec import CloseFd, Message, encode_ack, encode_reply
 from .constants import (
     DEFAULT_FEATURES,
     DEFAULT_PROTOCOL_FEATURES,
-    MAX_QUEUE_SIZE,
     Feature,
     ProtocolFeature,
     Request,
@@ -158,11 +159,12 @@ class BackendSession:
         close_fd: CloseFd,
         features: int = DEFAULT_FEATURES,
         protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
-        max_queue_size: int = MAX_QUEUE_SIZE,
+        max_queue_size: int = VIRTIO_MAX_QUEUE_SIZE,
     ) -> None:
         if not 3 <= num_queues <= 256:
             raise LocalProtocolError(f"{num_queues} queues: virtio-scsi needs 3 to 256")
-        if max_queue_size & (max_queue_size - 1) or not 1 <= max_queue_size <= MAX_QUEUE_SIZE:
+        size_max = VIRTIO_MAX_QUEUE_SIZE
+        if max_queue_size & (max_queue_size - 1) or not 1 <= max_queue_size <= size_max:
             raise LocalProtocolError(f"max queue size {max_queue_size} is not a power of two")
         self.num_queues = num_queues
         self.offered_features = features

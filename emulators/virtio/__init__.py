@@ -17,7 +17,7 @@ from emulators.virtio.errors import (
     VirtioError,
 )
 from emulators.virtio.memory import MAX_REGIONS, GuestMemory, MemoryRegion
-from emulators.virtio.splitqueue import MAX_QUEUE_SIZE, SplitQueue, vring_need_event
+from emulators.virtio.splitqueue import SplitQueue, vring_need_event
 from emulators.virtio.state import (
     BufferQueueState,
     MemoryQueueState,
@@ -29,7 +29,6 @@ from emulators.virtio.state import (
 )
 
 __all__ = [
-    "MAX_QUEUE_SIZE",
     "MAX_REGIONS",
     "BadChain",
     "BufferQueueState",

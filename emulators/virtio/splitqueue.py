@@ -39,6 +39,7 @@ import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
+from emulators.limits import VIRTIO_MAX_QUEUE_SIZE
 from emulators.virtio.chain import DEFAULT_MAX_INDIRECT, BadChain, DescriptorChain, walk_chain
 from emulators.virtio.errors import (
     ChainError,
@@ -61,15 +62,13 @@ from emulators.virtio.state import (
 )
 
 __all__ = [
-    "MAX_QUEUE_SIZE",
+    "VIRTIO_MAX_QUEUE_SIZE",
     "VRING_AVAIL_F_NO_INTERRUPT",
     "SplitQueue",
     "full_fence",
     "vring_need_event",
 ]
 
-#: Largest split queue size the spec allows (2.6: "Queue Size ... maximum 32768").
-MAX_QUEUE_SIZE = 32768
 VRING_AVAIL_F_NO_INTERRUPT = 1
 
 _U16 = struct.Struct("<H")
@@ -138,7 +137,7 @@ class SplitQueue:
         event_idx: bool,
         state: QueueState,
         indirect: bool = True,
-        max_size: int = MAX_QUEUE_SIZE,
+        max_size: int = VIRTIO_MAX_QUEUE_SIZE,
         max_indirect: int = DEFAULT_MAX_INDIRECT,
     ) -> None:
         """Check the ring layout (2.6) and attach to it; ``state`` is not changed.

@@ -77,9 +77,15 @@ HEADER_SIZE: Final = HEADER.size
 MAX_DATAGRAM: Final = 64 * 1024
 MAX_PAYLOAD: Final = MAX_DATAGRAM - HEADER_SIZE
 MAX_FDS: Final = 253  # SCM_MAX_FD: the most fds Linux passes in one sendmsg()
+# What one heartbeat reply can report bounds the shape of an emulator: the
+# spec (launcher.spec) and the emulator's config check take these bounds from here.
 MAX_CONTROLLERS: Final = 16
-MAX_QUEUES: Final = 18  # control + event + up to 16 request queues
-MAX_PROGRESS_ENTRIES: Final = MAX_CONTROLLERS * MAX_QUEUES
+"""Controllers one emulator serves."""
+MAX_REQUEST_QUEUES: Final = 16
+"""Request queues per controller (the spec's ``queues``)."""
+MAX_RINGS: Final = 2 + MAX_REQUEST_QUEUES
+"""Virtqueues per controller: control, event, then the request queues."""
+MAX_PROGRESS_ENTRIES: Final = MAX_CONTROLLERS * MAX_RINGS
 U32_MAX: Final = 2**32 - 1
 U64_MAX: Final = 2**64 - 1
 
@@ -275,7 +281,7 @@ class QueueProgress:
 
     def __post_init__(self) -> None:
         _check_uint("controller", self.controller, MAX_CONTROLLERS - 1)
-        _check_uint("queue", self.queue, MAX_QUEUES - 1)
+        _check_uint("queue", self.queue, MAX_RINGS - 1)
         _check_uint("completed", self.completed, U64_MAX)
         _check_uint("in_flight", self.in_flight, U32_MAX)
 

@@ -15,7 +15,6 @@ Nothing here does I/O; tests drive ``Dispatcher`` with a fake ``VmControl``.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -23,15 +22,12 @@ from importlib import metadata
 from pathlib import PurePosixPath
 from typing import Any, Protocol
 
+from emulators.limits import BLOCK_SIZE_RULE, BLOCK_SIZES, ID_RULE, LUN_RULE, MAX_LUN, is_id
 from launcher.management.protocol import ErrorClass
 from launcher.sizes import SIZE_SYNTAX, parse_size
 
 LOG = logging.getLogger("mplaunch")
 
-LUN_MAX = 255  # the spec's bound: virtio-scsi targets address LUNs 0-255 flat
-BLOCK_SIZES = (512, 4096)
-_ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-ID_RULE = "1 to 32 characters from a-z, 0-9, _, - (not starting with _ or -)"
 
 
 class CommandError(Exception):
@@ -161,7 +157,7 @@ def _bad(name: str, value: object, rule: str) -> CommandError:
 
 def _ident(args: dict[str, Any], name: str) -> str:
     value = args[name]
-    if not _ID_RE.fullmatch(value):
+    if not is_id(value):
         raise _bad(name, value, ID_RULE)
     return str(value)
 
@@ -197,14 +193,14 @@ async def _disk_add(vm: VmControl, args: dict[str, Any]) -> Any:
     ident = _ident(args, "id")
     controller = _ident(args, "controller")
     lun = args["lun"]
-    if not 0 <= lun <= LUN_MAX:
-        raise _bad("lun", lun, f"an integer from 0 to {LUN_MAX}")
+    if not 0 <= lun <= MAX_LUN:
+        raise _bad("lun", lun, LUN_RULE)
     image = args["image"]
     if not image or "\0" in image or not PurePosixPath(image).is_absolute():
         raise _bad("image", image, "an absolute path to an image file")
     block_size = args["block_size"]
     if block_size not in BLOCK_SIZES:
-        raise _bad("block_size", block_size, "one of " + ", ".join(map(str, BLOCK_SIZES)))
+        raise _bad("block_size", block_size, BLOCK_SIZE_RULE)
     await vm.disk_add(ident, controller, lun, image, args["readonly"], block_size)
     return {}
 
@@ -239,10 +235,11 @@ COMMANDS: tuple[Command, ...] = (
     Command("disk-add", "Attach an image as a new LUN; the guest is told and rescans.", (
         Arg("id", ArgType.STRING, "a new disk id"),
         Arg("controller", ArgType.STRING, "the controller's id"),
-        Arg("lun", ArgType.INT, f"a free LUN, 0 to {LUN_MAX}"),
+        Arg("lun", ArgType.INT, f"a free LUN, 0 to {MAX_LUN}"),
         Arg("image", ArgType.STRING, "absolute path of a raw image or block device"),
         Arg("readonly", ArgType.BOOL, "attach read-only", False, False),
-        Arg("block_size", ArgType.INT, "logical block size: 512 or 4096", False, 512),
+        Arg("block_size", ArgType.INT, "logical block size: " + BLOCK_SIZE_RULE, False,
+            BLOCK_SIZES[0]),
     ), _disk_add),
     Command("disk-remove", "Detach a disk; the guest is told.", (_DISK_ID,), _disk_remove),
     Command("disk-resize", "Grow a disk's image; the guest sees the new capacity.", (

@@ -16,7 +16,7 @@ from launcher.heartbeat.protocol import (
     MAX_DATAGRAM,
     MAX_FDS,
     MAX_PROGRESS_ENTRIES,
-    MAX_QUEUES,
+    MAX_RINGS,
     U32_MAX,
     U64_MAX,
     VERSION,
@@ -98,7 +98,7 @@ def test_assign_fds_travel_beside_the_bytes() -> None:
 progress_entries = st.builds(
     QueueProgress,
     st.integers(0, MAX_CONTROLLERS - 1),
-    st.integers(0, MAX_QUEUES - 1),
+    st.integers(0, MAX_RINGS - 1),
     st.integers(0, U64_MAX),
     st.integers(0, U32_MAX),
 )
@@ -315,7 +315,7 @@ def test_largest_messages_fit_one_datagram() -> None:
     every_queue = tuple(
         QueueProgress(c, q, c * 100 + q, q)
         for c in range(MAX_CONTROLLERS)
-        for q in range(MAX_QUEUES)
+        for q in range(MAX_RINGS)
     )
     pong = Pong(1, 2, every_queue)
     datagram, _ = encode(pong)
