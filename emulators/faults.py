@@ -38,6 +38,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ENV = "MPLAUNCH_FAULT"
@@ -127,6 +128,8 @@ def format_armings(armings: tuple[Arming, ...]) -> str:
 # name -> remaining passes before the kill; only armed names are present.
 _remaining: dict[str, int] = {}
 _ARMED = False
+#: Called with (name, pid) after strike() killed; the launcher's plan moves on.
+after_strike: Callable[[str, int], None] | None = None
 
 
 def arm(armings: tuple[Arming, ...]) -> None:
@@ -181,11 +184,14 @@ def strike(name: str, pid: int | None) -> bool:
     if not _due(name) or pid is None:
         return False
     _say(f"point {name} reached, launcher kills pid {pid}")
+    killed = True
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
-        return False
-    return True
+        killed = False
+    if after_strike is not None:
+        after_strike(name, pid)
+    return killed
 
 
 arm(parse(os.environ.get(ENV, "")))

@@ -11,10 +11,12 @@ does not trust the emulator to have done this: it reads the emulator's
 from __future__ import annotations
 
 import enum
+import os
 
 import prctl
 
-from launcher.sandbox import seccomp
+from emulators import faults
+from launcher.sandbox import profiles, seccomp
 
 
 class LockdownMode(enum.Enum):
@@ -38,6 +40,8 @@ def lockdown(mode: LockdownMode) -> None:
         # same uid may ptrace this one, even if one existed.
         prctl.set_dumpable(False)
         prctl.set_no_new_privs(True)
-        seccomp.load(seccomp.build_stage2(log_only=mode is LockdownMode.LOG))
+        # A process a test armed with a fault point may SIGKILL itself.
+        extra = (profiles.fault_kill(os.getpid()),) if faults.armed() else ()
+        seccomp.load(seccomp.build_stage2(log_only=mode is LockdownMode.LOG, extra=extra))
     except (OSError, seccomp.FilterError) as e:
         raise LockdownError(f"cannot apply the seccomp allow list: {e}") from None

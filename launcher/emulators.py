@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
+from launcher import faultplan
 from launcher.sandbox import check
 from launcher.sandbox.jail import ADDRESS_SPACE_HEADROOM, JailSpec
 from launcher.spec import EmulatorSpec, SandboxMode, Spec
@@ -126,19 +127,27 @@ class EmulatorProcess:
     id: str
     process: asyncio.subprocess.Process
     exited: asyncio.Task[int]
+    #: The launcher signalled it (kill or stop): its death is no fault point's.
+    signalled: bool = False
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def kill(self) -> None:
+        self.signalled = True
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
+
+    def report_exit(self, exited: asyncio.Task[int]) -> None:
+        if not exited.cancelled() and exited.exception() is None:
+            faultplan.PLAN.exited(self.pid, exited.result(), self.signalled)
 
     async def stop(self) -> int:
         for sig, timeout in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, None)):
             if self.exited.done():
                 break
+            self.signalled = True
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(sig)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -166,14 +175,22 @@ async def start(
     argv = command or emulator_argv(res.config, res.sandbox)
     if res.sandbox is not SandboxMode.OFF:
         argv = jail_spec(res).argv(argv)
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        pass_fds=res.config.all_fds(),
-        stdin=asyncio.subprocess.DEVNULL,
-        env={},
-        start_new_session=True,
-    )
+    # Empty but for a test's fault-point arming (launcher.faultplan).
+    env = faultplan.PLAN.offer()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            pass_fds=res.config.all_fds(),
+            stdin=asyncio.subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    except BaseException:
+        faultplan.PLAN.given(env, None)
+        raise
+    faultplan.PLAN.given(env, process.pid)
     proc = EmulatorProcess(res.spec.id, process, asyncio.create_task(process.wait()))
+    proc.exited.add_done_callback(proc.report_exit)
     if res.sandbox is SandboxMode.OFF:
         LOG.warning("emulator %s started UNCONFINED (pid %d): sandbox = \"off\"",
                     res.spec.id, process.pid)

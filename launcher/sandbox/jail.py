@@ -22,7 +22,8 @@ the launcher's check (:mod:`launcher.sandbox.check`) reports it.
    (RLIMIT_NPROC, counted per uid), parent-death signal, umask 077.
 8. no_new_privs; a check that every capability set is empty.
 9. Seccomp stage 1 (:data:`launcher.sandbox.profiles.STAGE1_DENY`).
-10. execve of COMMAND with an empty environment.
+10. execve of COMMAND with an empty environment (but for a test's
+    ``MPLAUNCH_FAULT``, see :mod:`emulators.faults`).
 
 A PID namespace is not used: unsharing one moves only the children of the
 caller, so the jail would have to fork and stay between the launcher and
@@ -45,6 +46,8 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from emulators.faults import ENV as FAULT_ENV
 
 EXIT_JAIL = 121
 """The jail's exit status when a step failed: the emulator never ran."""
@@ -248,7 +251,9 @@ def exec_confined(command: list[str]) -> None:
 
     path = ctypes.create_string_buffer(os.fsencode(command[0]))
     argv = (ctypes.c_char_p * (len(command) + 1))(*[os.fsencode(a) for a in command], None)
-    envp = (ctypes.c_char_p * 1)(None)
+    # Empty, but for a test's fault-point arming (launcher/faultplan.py).
+    env = [os.fsencode(f"{FAULT_ENV}={v}") for v in [os.environ.get(FAULT_ENV)] if v]
+    envp = (ctypes.c_char_p * (len(env) + 1))(*env, None)
     seccomp.load(seccomp.build_stage1(ctypes.addressof(path)))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -31,6 +31,7 @@ import enum
 import errno
 import socket
 from dataclasses import dataclass
+from signal import SIGKILL
 
 # x86_64 values the profiles compare arguments against.
 PROT_EXEC = 0x4
@@ -147,6 +148,13 @@ STAGE2_ALLOW: tuple[Rule, ...] = (
 """The emulator after lockdown. Not listed, and so killed: socket, connect,
 execve, fork, clone, clone3, ptrace, kill, tgkill, setuid, mount, and every
 other call."""
+
+
+def fault_kill(pid: int) -> Rule:
+    """Added to stage 2 only in a process a test armed with a fault point
+    (:mod:`emulators.faults`): it may SIGKILL itself, and nothing else."""
+    return Rule("kill", "an armed fault point kills this process (tests only)",
+                when=(_eq(0, pid), _eq(1, SIGKILL)))
 
 
 STAGE1_DENY: tuple[Rule, ...] = (

@@ -62,12 +62,13 @@ def _add(filt: Any, action: int, rule: Rule) -> None:
         raise FilterError(f"seccomp rule for {rule.syscall}: {e}") from None
 
 
-def build_stage2(log_only: bool) -> Any:
-    """The emulator's allow list; violations kill the process, or are logged
-    and let through when ``log_only`` (the spec's ``sandbox = "log"``)."""
+def build_stage2(log_only: bool, extra: tuple[Rule, ...] = ()) -> Any:
+    """The emulator's allow list (and ``extra`` rules); violations kill the
+    process, or are logged and let through when ``log_only`` (the spec's
+    ``sandbox = "log"``)."""
     default = pyseccomp.LOG if log_only else pyseccomp.KILL_PROCESS
     filt = pyseccomp.SyscallFilter(default)
-    for rule in STAGE2_ALLOW:
+    for rule in STAGE2_ALLOW + extra:
         action = pyseccomp.ALLOW if rule.refuse is None else pyseccomp.ERRNO(rule.refuse)
         _add(filt, action, rule)
     return filt
