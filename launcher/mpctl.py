@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, Runstate
 
+from emulators.limits import BLOCK_SIZES
 from launcher.sizes import format_size
 from launcher.spec import DEFAULT_RUN_ROOT
 
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--lun", type=int, required=True, help="a free LUN on that controller")
     add.add_argument("--image", type=Path, required=True, help="raw image or block device")
     add.add_argument("--readonly", action="store_true", help="attach read-only")
-    add.add_argument("--block-size", type=int, default=512, choices=(512, 4096))
+    add.add_argument("--block-size", type=int, default=BLOCK_SIZES[0], choices=BLOCK_SIZES)
     remove = sub.add_parser("disk-remove", help="detach a disk")
     remove.add_argument("vm", help=vm_help)
     remove.add_argument("disk", help="the disk's id")
