@@ -16,6 +16,7 @@ from dataclasses import dataclass
 class Opcode(enum.IntEnum):
     TEST_UNIT_READY = 0x00
     REQUEST_SENSE = 0x03
+    FORMAT_UNIT = 0x04
     READ_6 = 0x08
     WRITE_6 = 0x0A
     INQUIRY = 0x12
@@ -83,6 +84,8 @@ _FF8 = (0xFF,) * 8
 COMMANDS: tuple[CommandInfo, ...] = (
     CommandInfo(0x00, None, _u(0x00, 0, 0, 0, 0, _C)),
     CommandInfo(0x03, None, _u(0x03, 0x01, 0, 0, 0xFF, _C)),
+    # FORMAT UNIT: FMTPINFO and FMTDATA are looked at (both must be 0).
+    CommandInfo(0x04, None, _u(0x04, 0xD0, 0, 0, 0, _C)),
     CommandInfo(0x08, None, _u(0x08, 0x1F, 0xFF, 0xFF, 0xFF, _C)),
     CommandInfo(0x0A, None, _u(0x0A, 0x1F, 0xFF, 0xFF, 0xFF, _C)),
     CommandInfo(0x12, None, _u(0x12, 0x03, 0xFF, 0xFF, 0xFF, _C)),

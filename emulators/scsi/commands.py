@@ -77,6 +77,7 @@ class ScsiTarget:
         self._handlers: dict[int, Handler] = {
             Opcode.TEST_UNIT_READY: _no_op,
             Opcode.REQUEST_SENSE: _request_sense,
+            Opcode.FORMAT_UNIT: sbc.format_unit,
             Opcode.READ_6: sbc.read6,
             Opcode.WRITE_6: sbc.write6,
             Opcode.INQUIRY: _inquiry,

@@ -1,4 +1,5 @@
-"""Block commands (SBC-3): READ, WRITE, VERIFY, WRITE SAME, UNMAP, SYNCHRONIZE CACHE.
+"""Block commands (SBC-3): READ, WRITE, VERIFY, WRITE SAME, UNMAP, SYNCHRONIZE CACHE,
+FORMAT UNIT.
 
 Theory of operation: every handler parses its CDB with one
 ``struct.unpack_from``, checks fields, then the LBA range against the cached
@@ -220,6 +221,33 @@ def synchronize_cache(
     _check_range(lu, lba, n)
     if not lu.readonly:
         lu.backend.flush()
+    return GOOD
+
+
+_FMTPINFO = 0xC0
+_FMTDATA = 0x10
+
+
+def format_unit(
+    lu: LogicalUnit, cdb: bytes, data_out: Sequence[memoryview], data_in: Sequence[memoryview]
+) -> CommandResult:
+    """FORMAT UNIT (SBC-3 5.3, mandatory): an image file has nothing to format.
+
+    With FMTDATA 0 there is no parameter list and the device server picks
+    its defaults, which here means keeping the medium as it is: a no-op, as
+    QEMU's scsi-disk does. A parameter list (FMTDATA 1) would ask for
+    defect-list or protection changes this target cannot make, and
+    protection information (FMTPINFO) is not supported: both are refused
+    with INVALID FIELD IN CDB pointing at the bit, instead of silently
+    ignoring what the initiator asked for.
+    """
+    flags = cdb[1]
+    if flags & _FMTPINFO:
+        raise CheckCondition(INVALID_FIELD_IN_CDB.at(1, 7))
+    if flags & _FMTDATA:
+        raise CheckCondition(INVALID_FIELD_IN_CDB.at(1, 4))
+    if lu.readonly:
+        raise CheckCondition(WRITE_PROTECTED)
     return GOOD
 
 

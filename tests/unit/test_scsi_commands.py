@@ -110,8 +110,29 @@ def test_no_op_commands(rig: Rig, cdb: bytes) -> None:
 
 
 def test_unknown_opcode(rig: Rig) -> None:
-    for op in (0x04, 0x3B, 0xA5, 0x7F, 0xC0, 0xE0):
+    for op in (0x07, 0x3B, 0xA5, 0x7F, 0xC0, 0xE0):
         assert rig.cmd(bytes((op,)) + bytes(15)).is_sense(S.INVALID_OPCODE), hex(op)
+
+
+def test_format_unit_without_parameter_list_is_a_no_op(rig: Rig) -> None:
+    before = os.pread(rig.fd, 4096, 0)
+    r = rig.cmd(bytes((0x04, 0, 0, 0, 0, 0)))
+    assert r.status == 0 and r.sense_len == 0 and r.used == 108
+    # LONGLIST, CMPLST and the defect list format mean nothing without FMTDATA.
+    assert rig.cmd(bytes((0x04, 0x2F, 0, 0, 0, 0))).status == 0
+    assert os.pread(rig.fd, 4096, 0) == before
+
+
+def test_format_unit_refusals_point_at_the_bit(rig: Rig, tmp_path: Path) -> None:
+    r = rig.cmd(bytes((0x04, 0x10, 0, 0, 0, 0)), data_out=bytes(4))
+    assert r.is_sense(S.INVALID_FIELD_IN_CDB) and r.field_pointer == 1
+    assert r.sense[15] & 0x0F == 0x08 | 4  # BPV set, bit 4: FMTDATA
+    r = rig.cmd(bytes((0x04, 0x40, 0, 0, 0, 0)))
+    assert r.is_sense(S.INVALID_FIELD_IN_CDB) and r.field_pointer == 1
+    assert r.sense[15] & 0x0F == 0x08 | 7  # FMTPINFO
+    (tmp_path / "ro").mkdir()
+    readonly = Rig(tmp_path / "ro", readonly=True)
+    assert readonly.cmd(bytes((0x04, 0, 0, 0, 0, 0))).is_sense(S.WRITE_PROTECTED)
 
 
 def test_naca_refused(rig: Rig) -> None:
@@ -470,6 +491,7 @@ def test_report_supported_opcodes(rig: Rig) -> None:
     descs = [r.data[4 + i: 12 + i] for i in range(0, n, 8)]
     ops = {(d[0], struct.unpack_from(">H", d, 2)[0] if d[5] & 1 else None) for d in descs}
     assert (0x28, None) in ops and (0x9E, 0x10) in ops and (0xA3, 0x0C) in ops
+    assert (0x04, None) in ops  # FORMAT UNIT, mandatory in SBC-3
     assert all(struct.unpack_from(">H", d, 6)[0] in (6, 10, 12, 16) for d in descs)
     r = rig.cmd(rsoc(0, rctd=True), data_in_len=8192)
     assert struct.unpack_from(">I", r.data)[0] == n // 8 * 20
