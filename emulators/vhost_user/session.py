@@ -38,6 +38,7 @@ can give straight to its `GuestMemory` (which checks every access again).
 
 from __future__ import annotations
 
+import copy
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -265,6 +266,14 @@ class BackendSession:
             ),
         )
 
+    def trial_copy(self) -> BackendSession:
+        """An independent copy to try a message on: same state and ring owner,
+        and it closes no fd (they are this session's).  The launcher's session
+        keeper asks one whether a message would be refused before it forwards
+        the message to an emulator (admission.py)."""
+        shared = {id(self._ring_owner): self._ring_owner, id(self._close_fd): _keep_fd}
+        return copy.deepcopy(self, shared)
+
     def close(self) -> list[Effect]:
         """End of the connection: stop every ring and release every fd."""
         if self.state is SessionState.CLOSED:
@@ -299,12 +308,16 @@ class BackendSession:
         if not self.acked_protocol_features & (1 << bit):
             raise _Refused(f"protocol feature {bit.name} was not negotiated")
 
-    def _translate(self, uva: int, length: int, what: str) -> int:
-        """Front-end virtual address range -> guest physical address, within one region."""
+    def _translate(self, uva: int, length: int, what: str, align: int = 1) -> int:
+        """Front-end virtual address range -> guest physical address, within one
+        region, and `align`ed there too: the queue works on guest addresses."""
         for mapped in self._memory:
             r = mapped.region
             if r.userspace_addr <= uva and uva + length <= r.userspace_addr + r.memory_size:
-                return r.guest_phys_addr + (uva - r.userspace_addr)
+                gpa = r.guest_phys_addr + (uva - r.userspace_addr)
+                if gpa % align:
+                    raise _Refused(f"{what} at guest address {gpa:#x} is not {align}-byte aligned")
+                return gpa
         raise _Refused(f"{what} {uva:#x}+{length:#x} is not inside one memory region")
 
     def _ring_config(self, ring: _Ring) -> RingConfig:
@@ -317,9 +330,9 @@ class BackendSession:
             num=n,
             base=ring.base,
             addr=a,
-            desc_gpa=self._translate(a.desc_user_addr, 16 * n, "descriptor table"),
-            avail_gpa=self._translate(a.avail_user_addr, 6 + 2 * n, "avail ring"),
-            used_gpa=self._translate(a.used_user_addr, 6 + 8 * n, "used ring"),
+            desc_gpa=self._translate(a.desc_user_addr, 16 * n, "descriptor table", 16),
+            avail_gpa=self._translate(a.avail_user_addr, 6 + 2 * n, "avail ring", 2),
+            used_gpa=self._translate(a.used_user_addr, 6 + 8 * n, "used ring", 4),
         )
 
     def _close_all(self, fds: tuple[int, ...]) -> None:
@@ -521,6 +534,10 @@ class BackendSession:
                 effects.append(CloseFds(closing))
             return effects
         return [Reply(encode_reply(message.request, VringState(ring.index, ring.base)))]
+
+
+def _keep_fd(fd: int) -> None:
+    """A trial copy's close_fd: the fds belong to the session it was copied from."""
 
 
 def _check_regions(regions: tuple[MemoryRegion, ...]) -> None:
