@@ -11,6 +11,19 @@ Request queues are drained in batches: every chain available at a wake-up is
 served, the used ring is published once, and the guest is signalled once.
 The event queue's buffers stay in the avail ring until an event needs one,
 so a ring stop (GET_VRING_BASE) never strands a consumed buffer.
+
+A ring the guest corrupted (QueueError while serving it, or saved progress
+its used index contradicts when a successor resumes it) gets the virtio
+answer, not a crash: it stays stopped, and is said to be on the ring's err
+eventfd and in one log line, until the driver resets the device and the
+front-end sets the ring up anew. The other rings go on, and the heartbeat
+reports nothing in flight for it: nothing is being worked on, and a restart
+would only find the same ring.
+
+State store order (DESIGN.md, "The state store"; launcher/statestore):
+a ring's slot is cleared before its progress words are reset and set valid
+only after them; it is cleared at a stop only once the GET_VRING_BASE answer
+was sent (`ForgetRing`), never on close, which a successor's start follows.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from emulators import faults
 from emulators.config import ControllerConfig, LunConfig
 from emulators.scsi.backend import FdBackend
 from emulators.scsi.lun import LogicalUnit, LunState
@@ -30,6 +44,8 @@ from emulators.vhost_user.effects import (
     CloseFds,
     Effect,
     EnableRing,
+    ForgetRing,
+    MappedRegion,
     Reply,
     ResetDevice,
     RingConfig,
@@ -43,11 +59,16 @@ from emulators.vhost_user.effects import (
 from emulators.vhost_user.errors import SessionError
 from emulators.vhost_user.session import BackendSession
 from emulators.virtio.chain import BadChain
-from emulators.virtio.errors import GuestMemoryError, QueueConfigError, QueueError
+from emulators.virtio.errors import (
+    GuestMemoryError,
+    QueueConfigError,
+    QueueError,
+    RecoveryError,
+)
 from emulators.virtio.memory import GuestMemory, MemoryRegion
 from emulators.virtio.splitqueue import SplitQueue
-from emulators.virtio.state import BufferQueueState, QueueState, required_size, reset_state
-from launcher.statestore.layout import MAX_QUEUE_SIZE, StateStore
+from emulators.virtio.state import BufferQueueState, QueueState, required_size
+from launcher.statestore.layout import MAX_QUEUE_SIZE, RingIdentity, StateStore
 
 LOG = logging.getLogger("emulator")
 
@@ -64,6 +85,7 @@ RECV_MAX_FDS = 16
 class Ring:
     queue: SplitQueue
     enabled: bool
+    config: RingConfig
 
 
 class ControllerLoop:
@@ -106,6 +128,7 @@ class ControllerLoop:
         self.rings: dict[int, Ring] = {}
         self.kick_fds: dict[int, int] = {}
         self.call_fds: dict[int, int] = {}
+        self.err_fds: dict[int, int] = {}
         self.pending_kicks: set[int] = set()
         self.closed = False
         self.completed = 0
@@ -133,21 +156,22 @@ class ControllerLoop:
         if self.store is not None:
             self.store.write_lun_slot(self.index, lun, lun, state.pack())
 
-    def _queue_state(self, index: int, num: int) -> tuple[QueueState, bool]:
-        """The ring's progress state, and whether it resumes a predecessor's."""
+    def _queue_state(self, ring: RingConfig) -> tuple[QueueState, bool]:
+        """The ring's progress state, and whether it resumes a predecessor's:
+        only a slot saved for this very ring (size, start base, addresses)."""
+        num = ring.num
         if self.store is None:
             return BufferQueueState(bytearray(required_size(num)), num), False
-        valid, stored_num, body = self.store.queue_slot(self.index, index)
+        saved, body = self.store.queue_slot(self.index, ring.index)
         state = BufferQueueState(body[: required_size(num)], num)
         body.release()
-        resume = valid and stored_num == num
-        self.store.set_queue_slot(self.index, index, True, num)
-        return state, resume
+        return state, saved == _identity(ring)
 
     def _start_ring(self, ring: RingConfig, features: int, enabled: bool) -> None:
         if self.memory is None:
             raise SessionError("a ring started before any memory table")
-        state, resume = self._queue_state(ring.index, ring.num)
+        faults.point("ring.start.before")
+        state, resume = self._queue_state(ring)
         try:
             queue = SplitQueue(
                 self.memory, ring.num, ring.desc_gpa, ring.avail_gpa, ring.used_gpa,
@@ -157,18 +181,41 @@ class ControllerLoop:
             )
         except QueueConfigError as e:
             raise SessionError(f"ring {ring.index}: {e}") from None
-        self.rings[ring.index] = Ring(queue, enabled)
-        if not resume:
-            reset_state(state, ring.base, ring.base)
-            queue.set_base(ring.base)
-        else:
-            self._resume(queue, ring.index)
+        self.rings[ring.index] = Ring(queue, enabled, ring)
+        if not resume or not self._resume(queue, ring):
+            self._fresh(queue, ring)
+        faults.point("ring.start.after")
         self.pending_kicks.add(ring.index)
 
-    def _resume(self, queue: SplitQueue, index: int) -> None:
+    def _fresh(self, queue: SplitQueue, ring: RingConfig) -> None:
+        """Start at the front-end's base: slot cleared, progress reset, then
+        the slot vouches for it (a crash in between leaves no valid slot)."""
+        if self.store is not None:
+            self.store.set_queue_slot(self.index, ring.index, None)
+        queue.set_base(ring.base)
+        if self.store is not None:
+            self.store.set_queue_slot(self.index, ring.index, _identity(ring))
+
+    def _resume(self, queue: SplitQueue, ring: RingConfig) -> bool:
         """Carry on where the dead emulator stopped: settle its last batch and
-        run again every request it had taken but not completed, oldest first."""
-        plan = queue.resume()
+        run again every request it had taken but not completed, oldest first.
+
+        Returns False when the saved progress is stale rather than the
+        guest's fault: nothing was in flight and the guest's used index is
+        the base the ring starts at, i.e. a ring set up anew over a slot its
+        predecessor was killed before clearing. The caller starts it fresh.
+        """
+        index = ring.index
+        try:
+            plan = queue.resume()
+        except RecoveryError as e:
+            if queue.inflight == 0 and queue.guest_used_idx() == ring.base:
+                LOG.info("%s: queue %d: saved progress is stale (%s); starting at %d",
+                         self.config.id, index, e, ring.base)
+                return False
+            assert queue.broken is not None
+            self._stopped(index, queue.broken, str(e))
+            return True
         if plan.rerun:
             LOG.info("%s: queue %d resumes at %d, re-running %d request(s)",
                      self.config.id, index, plan.last_avail_idx, len(plan.rerun))
@@ -184,6 +231,16 @@ class ControllerLoop:
         fd = self.call_fds.get(index)
         if fd is not None:
             os.eventfd_write(fd, 1)  # an interrupt may have died with the old emulator
+        return True
+
+    def _stopped(self, index: int, error: QueueError, detail: str = "") -> None:
+        """The guest broke ring `index`: say so once, on its err fd and in the log."""
+        why = f"{error}: {detail}" if detail else str(error)
+        LOG.warning("%s: queue %d stopped until the driver resets the device: %s",
+                    self.config.id, index, why)
+        fd = self.err_fds.get(index)
+        if fd is not None:
+            os.eventfd_write(fd, 1)  # QEMU logs "vhost vring error in virtqueue N"
 
     def _handler(self, index: int) -> Callable[[Sequence[memoryview], Sequence[memoryview]], int]:
         target = self.target
@@ -191,8 +248,9 @@ class ControllerLoop:
 
     # -- RingOwner, for GET_VRING_BASE
 
-    def vring_base(self, index: int) -> int:
-        return self.rings[index].queue.get_base()
+    def vring_base(self, index: int) -> int | None:
+        ring = self.rings.get(index)
+        return None if ring is None else ring.queue.get_base()
 
     # -- control messages
 
@@ -223,21 +281,8 @@ class ControllerLoop:
                         self.sock.sendall(data)
                     finally:
                         self.sock.setblocking(False)
-                case SetMemTable(regions):
-                    self._unmap()
-                    if regions:
-                        self.memory = _map(
-                            [
-                                MemoryRegion(
-                                    guest_phys_addr=r.region.guest_phys_addr,
-                                    memory_size=r.region.memory_size,
-                                    userspace_addr=r.region.userspace_addr,
-                                    mmap_offset=r.region.mmap_offset,
-                                    fd=r.fd,
-                                )
-                                for r in regions
-                            ]
-                        )
+                case SetMemTable(regions, rings):
+                    self._set_memory(regions, rings)
                 case SetKick(index, fd):
                     self.kick_fds.pop(index, None)
                     if fd is not None:
@@ -248,8 +293,10 @@ class ControllerLoop:
                     if fd is not None:
                         self.call_fds[index] = fd
                         os.eventfd_write(fd, 1)  # a completion may have gone to the old one
-                case SetErr():
-                    pass
+                case SetErr(index, fd):
+                    self.err_fds.pop(index, None)
+                    if fd is not None:
+                        self.err_fds[index] = fd
                 case StartRing(ring, features, enabled):
                     self._start_ring(ring, features, enabled)
                 case EnableRing(index, enabled):
@@ -257,13 +304,18 @@ class ControllerLoop:
                         self.rings[index].enabled = enabled
                         self.pending_kicks.add(index)
                 case StopRing(index):
+                    # On GET_VRING_BASE the answer follows with nothing stored
+                    # in between; the progress stays valid until ForgetRing.
+                    faults.point("ring.stop.before_reply")
                     stopped = self.rings.pop(index, None)
                     if stopped is not None:
                         stopped.queue.release()
+                case ForgetRing(index):
+                    faults.point("ring.stop.after_reply")
                     if self.store is not None:
-                        self.store.set_queue_slot(self.index, index, False, 0)
+                        self.store.set_queue_slot(self.index, index, None)
                 case ResetDevice():
-                    pass
+                    faults.point("device.reset")
                 case CloseFds(fds):
                     for fd in fds:
                         os.close(fd)
@@ -302,7 +354,7 @@ class ControllerLoop:
                     self._serve(ring.queue, index)
             except QueueError as e:
                 # The guest corrupted this ring itself: stop serving it, keep the others.
-                LOG.warning("%s: queue %d stopped: %s", self.config.id, index, e)
+                self._stopped(index, e)
 
     def _serve(self, queue: SplitQueue, index: int) -> None:
         handle = self._handler(index)
@@ -376,11 +428,55 @@ class ControllerLoop:
         return changed
 
     def progress(self) -> list[tuple[int, int, int]]:
-        """(ring, completed, in flight) of every started ring, for the heartbeat."""
+        """(ring, completed, in flight) of every started ring, for the heartbeat.
+
+        A stopped (broken) ring reports nothing in flight: the heads it holds
+        wait for the driver's reset, not for this process, so they are no
+        sign of a hang, and a restart would not complete them either.
+        """
         return [
-            (index, self.completed_per_ring.get(index, 0), ring.queue.inflight)
+            (
+                index,
+                self.completed_per_ring.get(index, 0),
+                0 if ring.queue.broken is not None else ring.queue.inflight,
+            )
             for index, ring in sorted(self.rings.items())
         ]
+
+    # -- guest memory
+
+    def _set_memory(self, regions: Sequence[MappedRegion], rings: Sequence[RingConfig]) -> None:
+        """A new memory table: map it, move every running ring onto it at its
+        current position, then unmap the old one (as libvhost-user does)."""
+        if not regions:
+            self._unmap()
+            return
+        memory = _map([
+            MemoryRegion(
+                guest_phys_addr=r.region.guest_phys_addr,
+                memory_size=r.region.memory_size,
+                userspace_addr=r.region.userspace_addr,
+                mmap_offset=r.region.mmap_offset,
+                fd=r.fd,
+            )
+            for r in regions
+        ])
+        moved = {r.index: r for r in rings}
+        for index, ring in list(self.rings.items()):
+            config = moved.get(index)
+            if config is None:  # not started in the session: cannot happen, but never keep
+                ring.queue.release()  # a view of the old map
+                del self.rings[index]
+                continue
+            try:
+                ring.queue.move(memory, config.desc_gpa, config.avail_gpa, config.used_gpa)
+            except QueueConfigError as e:
+                raise SessionError(f"ring {index} does not fit the new memory table: {e}") from None
+            ring.config = config
+            self.pending_kicks.add(index)  # a kick may have come during the change
+        old, self.memory = self.memory, memory
+        if old is not None:
+            old.close()
 
     # -- teardown
 
@@ -404,7 +500,16 @@ class ControllerLoop:
         self.decoder.close()
         self.kick_fds.clear()
         self.call_fds.clear()
+        self.err_fds.clear()
         self.sock.close()
+
+
+def _identity(ring: RingConfig) -> RingIdentity:
+    """What a queue slot's progress belongs to: the ring as the front-end set
+    it up (its own addresses, which a new memory table does not change)."""
+    a = ring.addr
+    return RingIdentity(ring.num, ring.base, a.desc_user_addr, a.avail_user_addr,
+                        a.used_user_addr)
 
 
 def _map(regions: list[MemoryRegion]) -> GuestMemory:

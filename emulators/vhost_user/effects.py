@@ -48,9 +48,16 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class SetMemTable:
-    """Replace the whole guest memory map with these regions (empty: unmap all)."""
+    """Replace the whole guest memory map with these regions (empty: unmap all).
+
+    `rings` are the started rings, with their parts translated through the new
+    map: they keep running at their current position over it (QEMU sends a
+    new table while rings run when guest memory is hot-plugged; libvhost-user
+    re-maps each ring the same way).
+    """
 
     regions: tuple[MappedRegion, ...]
+    rings: tuple[RingConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +107,22 @@ class EnableRing:
 
 @dataclass(frozen=True, slots=True)
 class StopRing:
-    """Drop the ring's queue: it is stopped (GET_VRING_BASE, reset, close)."""
+    """Drop the ring's queue: it is stopped (GET_VRING_BASE, reset, close).
+
+    The ring's saved progress is kept: until the front-end has the ring's
+    position (see `ForgetRing`), a successor process may need it to answer
+    a GET_VRING_BASE sent again after a crash.
+    """
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetRing:
+    """The front-end no longer needs the stopped ring's progress: its
+    GET_VRING_BASE answer was sent, or it reset the device.  Comes after the
+    `Reply` it waits for, so a crash before it leaves the progress in place
+    and a successor answers the same index."""
 
     index: int
 
@@ -127,6 +149,7 @@ Effect = (
     | StartRing
     | EnableRing
     | StopRing
+    | ForgetRing
     | ResetDevice
     | CloseFds
 )

@@ -28,6 +28,13 @@ injected `RingOwner` for it while handling the message: the I/O layer is
 inside this call and not servicing the ring, so the value is final, and the
 `StopRing` effect that follows makes sure the ring is not touched again.
 This keeps one message in, one list of effects out, with no second step.
+The ring's saved progress (state store) outlives the stop until the answer
+is sent: `ForgetRing` comes after the `Reply`, so an emulator killed before
+the answer left leaves its successor what it needs to give the same one.
+
+A new memory table while rings run (memory hotplug) does not stop them:
+`SetMemTable` carries every started ring translated through the new table,
+and the I/O layer moves the queues onto it at their current positions.
 
 Addresses: SET_VRING_ADDR carries QEMU's virtual addresses.  The session
 translates them through the current memory table (userspace_addr ->
@@ -58,6 +65,7 @@ from .effects import (
     CloseFds,
     Effect,
     EnableRing,
+    ForgetRing,
     MappedRegion,
     Reply,
     ResetDevice,
@@ -94,8 +102,10 @@ HAS_OWN_REPLY = frozenset(
 class RingOwner(Protocol):
     """Implemented by the I/O layer, which owns the queue objects."""
 
-    def vring_base(self, index: int) -> int:
-        """Return the avail index the started ring `index` would consume next."""
+    def vring_base(self, index: int) -> int | None:
+        """Return the avail index the started ring `index` would consume next,
+        or None when no queue runs for it (the session then answers the base
+        it recorded: never an exception out of a GET_VRING_BASE)."""
         ...
 
 
@@ -390,10 +400,12 @@ class BackendSession:
         # so only the rings go back to their initial state.
         effects: list[Effect] = []
         closing: list[int] = []
+        stopped: list[int] = []
         enabled = bool(self._features is not None and not self._features & _PROTOCOL_FEATURES_BIT)
         for ring in self._rings:
             if ring.started:
                 effects.append(StopRing(ring.index))
+                stopped.append(ring.index)
             if ring.kick_fd is not None:
                 effects.append(SetKick(ring.index, None))
                 closing.append(ring.kick_fd)
@@ -401,6 +413,7 @@ class BackendSession:
             ring.kick_fd = None
             ring.enabled = enabled
         effects.append(ResetDevice())
+        effects += [ForgetRing(index) for index in stopped]
         if closing:
             effects.append(CloseFds(tuple(closing)))
         return effects
@@ -419,13 +432,11 @@ class BackendSession:
         new = tuple(MappedRegion(r, fd) for r, fd in zip(regions, message.fds, strict=True))
         self._memory = new
         try:
-            for ring in self._rings:
-                if ring.started:
-                    self._ring_config(ring)
+            running = tuple(self._ring_config(r) for r in self._rings if r.started)
         except _Refused as refused:
             self._memory = old
             raise _Refused(f"new memory table drops a started ring: {refused}") from None
-        effects: list[Effect] = [SetMemTable(new)]
+        effects: list[Effect] = [SetMemTable(new, running)]
         if old:
             effects.append(CloseFds(tuple(m.fd for m in old)))
         return effects
@@ -520,16 +531,21 @@ class BackendSession:
         effects: list[Effect] = []
         if ring.started:
             base = self._ring_owner.vring_base(ring.index)
+            if base is None:
+                base = ring.base
             if not 0 <= base <= 0xFFFF:
                 raise LocalProtocolError(f"ring owner gave base {base} for ring {ring.index}")
             # Stopping drops kick and call fds (as libvhost-user does); QEMU sends
-            # both again at the next start.
+            # both again at the next start.  The saved progress is forgotten only
+            # once the answer is sent (ForgetRing after Reply): a process killed
+            # in between leaves it to a successor, which gives the same answer.
             effects += [StopRing(ring.index), SetKick(ring.index, None), SetCall(ring.index, None)]
             closing = tuple(fd for fd in (ring.kick_fd, ring.call_fd) if fd is not None)
             ring.started = False
             ring.kick_fd = ring.call_fd = None
             ring.base = base
             effects.append(Reply(encode_reply(message.request, VringState(ring.index, base))))
+            effects.append(ForgetRing(ring.index))
             if closing:
                 effects.append(CloseFds(closing))
             return effects

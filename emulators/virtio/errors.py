@@ -15,9 +15,11 @@ virtio spec forbids. None of them means a bug in the emulator.
      |                                 cannot be started
      +-- QueueError                    the guest corrupted the ring itself
      |                                 (avail index jump, head out of range,
-     |                                 a head reused while in flight): the
-     |                                 queue is stopped for good; a device
-     |                                 reset (or a restart) is needed
+     |                                 a head reused while in flight, or a
+     |                                 used index that disagrees with the
+     |                                 saved progress on resume): the queue
+     |                                 is stopped until the driver resets
+     |                                 the device and sets the ring up anew
      +-- ChainError                    one descriptor chain is malformed; it
      |                                 carries its head so the caller can
      |                                 complete it with used_len 0 and go on
@@ -79,6 +81,7 @@ class QueueFault(enum.Enum):
     HEAD_OUT_OF_RANGE = "avail ring entry is not a valid descriptor index"
     HEAD_IN_FLIGHT = "avail ring offered a head that is still in flight"
     USED_HEAD_INVALID = "completion for a head that is not in flight"
+    RESUME_MISMATCH = "saved progress does not match the used ring"
 
 
 class QueueError(VirtioError):

@@ -47,6 +47,7 @@ from emulators.virtio.errors import (
     QueueConfigError,
     QueueError,
     QueueFault,
+    RecoveryError,
 )
 from emulators.virtio.memory import GuestMemory
 from emulators.virtio.state import (
@@ -241,8 +242,18 @@ class SplitQueue:
         Run the plan's ``rerun`` heads (via :meth:`chain_for`) and complete
         them as usual. The next :meth:`needs_notification` answers True, so
         an interrupt lost in the crash is delivered.
+
+        Raises :class:`RecoveryError` when the saved progress and the guest's
+        used index disagree; the queue is then broken (:attr:`broken`) like
+        one whose ring the guest corrupted: re-executing or skipping requests
+        on a guess would be worse than stopping.
         """
-        plan = resume(self._state, self.guest_used_idx())
+        try:
+            plan = resume(self._state, self.guest_used_idx())
+        except RecoveryError as exc:
+            self._broken = QueueError(QueueFault.RESUME_MISMATCH, self.guest_used_idx())
+            self._broken.__cause__ = exc
+            raise
         self._last_avail = plan.last_avail_idx
         self._used_idx = plan.used_idx
         self._inflight = len(plan.rerun)
@@ -441,6 +452,31 @@ class SplitQueue:
         return vring_need_event(used_event, new, old)
 
     # ------------------------------------------------------------------
+
+    def move(self, memory: GuestMemory, desc_gpa: int, avail_gpa: int, used_gpa: int) -> None:
+        """Carry on over a new guest memory map (vhost-user SET_MEM_TABLE while
+        the ring runs, e.g. memory hotplug), at the same position.
+
+        Only the views change: indexes, heads in flight and the saved
+        progress are the ring's, not the map's. The new views are taken (and
+        checked) before the old ones are dropped, so a refused move leaves
+        the queue as it was.
+        """
+        extra = 2 if self._event_idx else 0
+        size = self._size
+        for what, gpa, align in (
+            ("descriptor table", desc_gpa, 16),
+            ("avail ring", avail_gpa, 2),
+            ("used ring", used_gpa, 4),
+        ):
+            if gpa % align:
+                raise QueueConfigError(f"{what} at {gpa:#x} is not {align}-byte aligned")
+        desc = _ring_view(memory, desc_gpa, 16 * size, "descriptor table")
+        avail = _ring_view(memory, avail_gpa, 4 + 2 * size + extra, "avail ring")
+        used = _ring_view(memory, used_gpa, 4 + 8 * size + extra, "used ring")
+        self.release()
+        self._desc, self._avail, self._used = desc, avail, used
+        self._memory = memory
 
     def release(self) -> None:
         """Drop the ring views (before the memory is closed or replaced)."""

@@ -12,15 +12,30 @@ Layout (little endian; every slot 8-byte aligned)::
     header   magic "MPLSTATE", version, header size, slot counts and sizes
     per controller c, per queue q:
         queue slot:  valid u32, num u32, then the queue's progress words
-                     (emulators.virtio.state layout, sized for MAX_QUEUE_SIZE)
+                     (emulators.virtio.state layout, sized for MAX_QUEUE_SIZE),
+                     then the ring it belongs to: base u32, pad u32, and the
+                     front-end's desc, avail and used addresses (u64 each)
     per controller c, per LUN slot l:
-        lun slot:    valid u32, lun u32, then LunState.pack() bytes
+        lun slot:    active u32 (0: none, 1: copy A, 2: copy B), lun u32,
+                     then two copies of LunState.pack() bytes
 
 A queue slot is valid while its ring is started: a ring that was running when
 the emulator died is resumed (its in-flight heads re-executed); one that was
-not is started fresh when the front-end starts it. A LUN slot is valid once
-its unit state exists, so a successor inherits pending unit attentions, sense
-data and mode settings instead of raising a new power-on attention.
+not is started fresh when the front-end starts it. The slot names the ring
+it was saved for (size, start base and addresses, as the front-end gave
+them): a successor resumes it only for the same ring, so a slot left valid
+by a process killed while stopping its ring cannot be taken for a ring the
+driver set up anew. A LUN slot is valid once its unit state exists, so a
+successor inherits pending unit attentions, sense data and mode settings
+instead of raising a new power-on attention.
+
+Crash safety: every store is ordered so that a SIGKILL between any two of
+them leaves either the old or the new content, never a mix a successor
+would trust. A queue slot's valid flag is written last when it is set
+(after the progress words and the ring identity it vouches for) and first
+when it is cleared. A LUN state is never rewritten in place: the new state
+goes into the copy not in use, and a single-byte change of the active
+selector switches to it.
 """
 
 from __future__ import annotations
@@ -34,12 +49,27 @@ from emulators.scsi.lun import STATE_SIZE as LUN_STATE_SIZE
 from emulators.virtio.state import required_size
 
 MAGIC = b"MPLSTATE"
-VERSION = 1
+VERSION = 2
 MAX_QUEUE_SIZE = 1024
 MAX_LUN_SLOTS = 256
 _HEADER = struct.Struct("<8sIIIIIIII")
 HEADER_SIZE = 64
 _SLOT_META = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+_RING_ID = struct.Struct("<IIQQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class RingIdentity:
+    """Which ring a queue slot's progress belongs to: the size and start base
+    the front-end set, and its desc, avail and used addresses (the front-end's
+    own, which a new memory table does not change)."""
+
+    num: int
+    base: int
+    desc: int
+    avail: int
+    used: int
 
 
 class StateStoreError(ValueError):
@@ -60,11 +90,11 @@ class Layout:
 
     @property
     def queue_slot_size(self) -> int:
-        return _SLOT_META.size + required_size(MAX_QUEUE_SIZE)
+        return _SLOT_META.size + required_size(MAX_QUEUE_SIZE) + _RING_ID.size
 
     @property
     def lun_slot_size(self) -> int:
-        return _align8(_SLOT_META.size + LUN_STATE_SIZE)
+        return _align8(_SLOT_META.size + 2 * _align8(LUN_STATE_SIZE))
 
     @property
     def size(self) -> int:
@@ -135,35 +165,63 @@ class StateStore:
                 f"state store is {size} bytes, its header says {self.layout.size}"
             )
 
-    def queue_slot(self, controller: int, queue: int) -> tuple[bool, int, memoryview]:
-        """(valid, num, progress buffer) of a queue's slot."""
+    def queue_slot(self, controller: int, queue: int) -> tuple[RingIdentity | None, memoryview]:
+        """The ring a queue's slot holds progress for (None: no valid progress),
+        and the progress buffer."""
         off = self.layout.queue_offset(controller, queue)
         valid, num = _SLOT_META.unpack_from(self.view, off)
-        body = self.view[off + _SLOT_META.size : off + self.layout.queue_slot_size]
-        return bool(valid), num, body
+        body_end = off + self.layout.queue_slot_size - _RING_ID.size
+        body = self.view[off + _SLOT_META.size : body_end]
+        if not valid:
+            return None, body
+        base, _, desc, avail, used = _RING_ID.unpack_from(self.view, body_end)
+        return RingIdentity(num, base, desc, avail, used), body
 
-    def set_queue_slot(self, controller: int, queue: int, valid: bool, num: int) -> None:
+    def set_queue_slot(self, controller: int, queue: int, ring: RingIdentity | None) -> None:
+        """Vouch for the progress words of `ring` (None: for none).
+
+        Setting: identity first, the valid flag last. Clearing: the flag
+        alone. Call it only once the progress words are what they should be.
+        """
         off = self.layout.queue_offset(controller, queue)
-        if valid:
-            _SLOT_META.pack_into(self.view, off, 1, num)
-        else:
-            _SLOT_META.pack_into(self.view, off, 0, 0)
+        if ring is None:
+            _U32.pack_into(self.view, off, 0)
+            return
+        id_at = off + self.layout.queue_slot_size - _RING_ID.size
+        _RING_ID.pack_into(self.view, id_at, ring.base, 0, ring.desc, ring.avail, ring.used)
+        _U32.pack_into(self.view, off + 4, ring.num)
+        _U32.pack_into(self.view, off, 1)
 
     def lun_slot(self, controller: int, slot: int) -> tuple[bool, int, memoryview]:
+        """(valid, lun, the state bytes in use) of a LUN's slot."""
         off = self.layout.lun_offset(controller, slot)
-        valid, lun = _SLOT_META.unpack_from(self.view, off)
-        body = self.view[off + _SLOT_META.size : off + _SLOT_META.size + LUN_STATE_SIZE]
-        return bool(valid), lun, body
+        active, lun = _SLOT_META.unpack_from(self.view, off)
+        copy = 1 if active == 2 else 0
+        start = off + _SLOT_META.size + copy * _align8(LUN_STATE_SIZE)
+        return active in (1, 2), lun, self.view[start : start + LUN_STATE_SIZE]
 
     def write_lun_slot(self, controller: int, slot: int, lun: int, state: bytes) -> None:
-        """Body first, then the valid mark: a crash between leaves the old state or none."""
+        """Write `state` into the copy not in use, then switch to it.
+
+        The switch is one changed byte (1 <-> 2), so a crash at any instant
+        leaves the old state or the new one, never a torn mix of both.
+        """
+        if len(state) > LUN_STATE_SIZE:
+            raise ValueError(f"LUN state of {len(state)} bytes, the slot holds {LUN_STATE_SIZE}")
         off = self.layout.lun_offset(controller, slot)
-        start = off + _SLOT_META.size
+        active, stored_lun = _SLOT_META.unpack_from(self.view, off)
+        if active in (1, 2) and stored_lun != lun:
+            _U32.pack_into(self.view, off, 0)  # another LUN's state: drop it first
+            active = 0
+        target = 1 if active == 2 else 2
+        start = off + _SLOT_META.size + (target - 1) * _align8(LUN_STATE_SIZE)
         self.view[start : start + len(state)] = state
-        _SLOT_META.pack_into(self.view, off, 1, lun)
+        if active not in (1, 2):
+            _U32.pack_into(self.view, off + 4, lun)
+        _U32.pack_into(self.view, off, target)
 
     def clear_lun_slot(self, controller: int, slot: int) -> None:
-        _SLOT_META.pack_into(self.view, self.layout.lun_offset(controller, slot), 0, 0)
+        _U32.pack_into(self.view, self.layout.lun_offset(controller, slot), 0)
 
     def close(self) -> None:
         self.view.release()

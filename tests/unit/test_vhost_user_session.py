@@ -19,6 +19,7 @@ from emulators.vhost_user.effects import (
     CloseFds,
     Effect,
     EnableRing,
+    ForgetRing,
     MappedRegion,
     Reply,
     ResetDevice,
@@ -135,9 +136,11 @@ def test_stop_and_restart() -> None:
     assert of(StopRing, effects) == [StopRing(0), StopRing(1), StopRing(2)]
     assert reply_values(effects) == [VringState(0, 5), VringState(1, 0), VringState(2, 77)]
     assert h.owner.asked == [0, 1, 2]
-    # StopRing comes before the reply and before the fds are closed.
+    # StopRing comes before the reply and before the fds are closed; the
+    # ring's saved progress is forgotten only once the answer is out.
     ring2 = effects[effects.index(StopRing(2)) :]
-    assert [type(e) for e in ring2] == [StopRing, SetKick, SetCall, Reply, CloseFds]
+    assert [type(e) for e in ring2] == [StopRing, SetKick, SetCall, Reply, ForgetRing, CloseFds]
+    assert of(ForgetRing, effects) == [ForgetRing(0), ForgetRing(1), ForgetRing(2)]
     snap = h.session.snapshot()
     assert [r.base for r in snap.rings] == [5, 0, 77]
     assert all(not r.started and r.kick_fd is None and r.call_fd is None for r in snap.rings)
@@ -159,7 +162,8 @@ def test_reset_owner_stops_rings_and_start_works_again() -> None:
     h = started_harness()
     effects = h.send(Request.RESET_OWNER)
     assert of(StopRing, effects) == [StopRing(0), StopRing(1), StopRing(2)]
-    assert isinstance(effects[-2], ResetDevice) and effects[-1] == CloseFds((1007, 1008, 1009))
+    assert isinstance(effects[-5], ResetDevice) and effects[-1] == CloseFds((1007, 1008, 1009))
+    assert effects[-4:-1] == [ForgetRing(0), ForgetRing(1), ForgetRing(2)]
     snap = h.session.snapshot()
     assert snap.owner and snap.features == DEFAULT_FEATURES and snap.memory
     assert all(not r.started and not r.enabled for r in snap.rings)
@@ -359,6 +363,43 @@ def test_memory_table_that_drops_a_started_ring_is_refused() -> None:
     moved = MemoryTable((region(0, RAM, UVA + 0x1000_0000),))
     assert reply_values(h.send(Request.SET_MEM_TABLE, moved, fds=fds, need_reply=True)) == [U64(1)]
     assert h.session.snapshot().memory[0].region.userspace_addr == UVA
+    h.check_fds()
+
+
+def test_memory_table_while_rings_run_carries_them_over() -> None:
+    """Memory hotplug: the rings keep running, translated through the new table."""
+    h = started_harness()
+    fds = h.books.new(2)
+    # Same front-end addresses, guest RAM now at another guest physical address,
+    # plus a hot-plugged region.
+    table = MemoryTable((region(0x4000_0000, RAM, UVA), region(0x8000_0000, 1 << 20, UVA + RAM)))
+    effects = h.send(Request.SET_MEM_TABLE, table, fds=fds, need_reply=True)
+    assert reply_values(effects) == [U64(0)]
+    (new,) = of(SetMemTable, effects)
+    assert isinstance(new, SetMemTable)
+    assert [r.index for r in new.rings] == [0, 1, 2]
+    for ring in new.rings:
+        desc, avail, used = ring_gpas(ring.index)
+        assert (ring.desc_gpa, ring.avail_gpa, ring.used_gpa) == (
+            0x4000_0000 + desc, 0x4000_0000 + avail, 0x4000_0000 + used,
+        )
+    assert not of(StopRing, effects)
+    assert all(r.started and r.enabled for r in h.session.snapshot().rings)
+    h.check_fds()
+
+
+def test_get_vring_base_without_a_running_queue_answers_the_recorded_base(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = started_harness()
+    h.owner.bases = {2: 40}
+    h.qemu_stop([2])
+    h.send(Request.SET_VRING_BASE, VringState(2, 40))
+    h.send(Request.SET_VRING_KICK, VringFd(2), fds=h.books.new())
+    monkeypatch.setattr(h.owner, "vring_base", lambda index: None)
+    effects = h.send(Request.GET_VRING_BASE, VringState(2, 0))
+    assert reply_values(effects) == [VringState(2, 40)]
+    assert StopRing(2) in effects
     h.check_fds()
 
 
