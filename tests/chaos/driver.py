@@ -14,6 +14,20 @@ event explains is a finding too:
                 -> "emulator X hung: ...; killing pid P", "emulator X restarted (pid N ...)"
     KILL_SPARE  SIGKILL of the waiting warm spare
                 -> "warm spare (pid P) died while waiting", then a new spare process
+    HANG_SPARE  SIGSTOP of the waiting warm spare (spares get heartbeats too)
+                -> the spare is killed and replaced within its hang timeout
+    KILL_HANDOVER  SIGKILL of an emulator, then of the spare a few ms later,
+                while it is being handed the dead emulator's place
+                -> "emulator X restarted (pid N ...)" by a cold start or a new spare
+    FREEZE_HANDOVER  SIGSTOP of the spare, then SIGKILL of an emulator: the
+                hand-over meets a frozen spare
+                -> a restart all the same, and the frozen spare killed
+    SPARE_DEATH the sequence that once ended supervision: freeze the spare,
+                SIGKILL the emulator, SIGKILL the spare a second later
+                -> a restart all the same
+
+The hand-over kinds check outcomes (a restart, no old process left), not
+exact log lines: how a failed hand-over is logged is the launcher's choice.
 
 The delay before the next event is random (seeded), sometimes zero, so a
 kill may land on an emulator that restarted a moment ago and is still
@@ -24,6 +38,7 @@ ran and why others did not.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.util
 import os
@@ -46,6 +61,16 @@ class Kind(enum.Enum):
     KILL = "kill"
     HANG = "hang"
     KILL_SPARE = "kill-spare"
+    HANG_SPARE = "hang-spare"
+    KILL_HANDOVER = "kill-handover"
+    FREEZE_HANDOVER = "freeze-handover"
+    SPARE_DEATH = "spare-death"
+
+
+#: Kinds that end the serving emulator and involve the spare.
+HANDOVER_KINDS = (Kind.KILL_HANDOVER, Kind.FREEZE_HANDOVER, Kind.SPARE_DEATH)
+#: Kinds that need a warm spare.
+SPARE_KINDS = (Kind.KILL_SPARE, Kind.HANG_SPARE, *HANDOVER_KINDS)
 
 
 class Phase(enum.Enum):
@@ -86,6 +111,8 @@ class Capabilities:
     hang: bool
     spare: bool
     why: str
+    #: The spare kinds beyond KILL_SPARE (MPL_CHAOS_HANDOVER=0 turns them off).
+    handover: bool = True
 
     @classmethod
     def detect(cls) -> Capabilities:
@@ -110,11 +137,17 @@ class Capabilities:
             spare = bool(getattr(spares, "WARM_SPARE", False))
             notes.append("spare kills " + ("on: launcher.spares.WARM_SPARE" if spare
                                            else "off: launcher.spares.WARM_SPARE not set"))
-        return cls(hang, spare, "; ".join(notes))
+        handover = spare and os.environ.get("MPL_CHAOS_HANDOVER", "1") == "1"
+        if spare and not handover:
+            notes.append("hand-over kinds off by MPL_CHAOS_HANDOVER")
+        return cls(hang, spare, "; ".join(notes), handover)
 
     def kinds(self) -> list[Kind]:
-        return [Kind.KILL] + ([Kind.HANG] if self.hang else []) + (
+        kinds = [Kind.KILL] + ([Kind.HANG] if self.hang else []) + (
             [Kind.KILL_SPARE] if self.spare else [])
+        if self.spare and self.handover:
+            kinds += [*HANDOVER_KINDS] + ([Kind.HANG_SPARE] if self.hang else [])
+        return kinds
 
 
 @dataclass
@@ -131,6 +164,8 @@ class Event:
     new_pid: int | None = None
     via: str = ""
     problem: str = ""
+    spare_pid: int | None = None  # the spare a hand-over kind froze or killed
+    extra_deaths: int = 0  # the killed spare had taken over: one more restart
 
     def line(self) -> str:
         took = f"{(self.handled - self.fired) * 1e3:.0f} ms" if self.handled else "NOT HANDLED"
@@ -188,6 +223,22 @@ def alive(pid: int) -> bool:
         return False
 
 
+def _gone(pid: int, deadline: float) -> bool:
+    """Whether `pid` ends by `deadline` (the launcher may reap a frozen spare
+    a little after the restart)."""
+    while alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _kill(pid: int | None) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @dataclass
 class Driver:
     """Fires events one at a time and checks that each was handled."""
@@ -203,26 +254,59 @@ class Driver:
         unused = [k for k in kinds if k not in {e.kind for e in self.events}]
         if unused and remaining <= len(unused):
             return unused[0]
-        weights = {Kind.KILL: 6, Kind.HANG: 2, Kind.KILL_SPARE: 2}
+        weights = {Kind.KILL: 6, Kind.HANG: 2, Kind.KILL_SPARE: 2, Kind.HANG_SPARE: 1,
+                   Kind.KILL_HANDOVER: 1, Kind.FREEZE_HANDOVER: 1, Kind.SPARE_DEATH: 1}
         return self.rng.choices(kinds, [weights[k] for k in kinds])[0]
 
     def fire(self, kind: Kind, boot: int, phase: Phase) -> Event:
         number = len(self.events) + 1
         if kind is Kind.KILL_SPARE:
             event = self._fire_spare(number, boot, phase)
+        elif kind is Kind.HANG_SPARE:
+            event = self._hang_spare(number, boot, phase)
         else:
             event = self._fire_emulator(number, kind, boot, phase)
         self.events.append(event)
         return event
 
+    def _wait_spare(self) -> int | None:
+        deadline = time.monotonic() + HANDLED_TIMEOUT
+        pid = self.fleet.spare_pid()
+        while pid is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            pid = self.fleet.spare_pid()
+        return pid
+
     def _fire_emulator(self, number: int, kind: Kind, boot: int, phase: Phase) -> Event:
+        spare = self._wait_spare() if kind in HANDOVER_KINDS else None
         target = self.rng.choice(self.fleet.ids)
         pid = self.fleet.current_pids()[target]
         restarts = self.fleet.count(_RESTARTED, target)
         hung = self.fleet.count(_HUNG, target)
-        sig = signal.SIGKILL if kind is Kind.KILL else signal.SIGSTOP
+        sig = signal.SIGSTOP if kind is Kind.HANG else signal.SIGKILL
         event = Event(number, kind, boot, phase, target, pid, time.monotonic())
-        os.kill(pid, sig)
+        if kind in HANDOVER_KINDS:
+            if spare is None:
+                event.problem = "no warm spare for a hand-over event"
+                return event
+            event.spare_pid = spare
+            if kind is not Kind.KILL_HANDOVER:
+                os.kill(spare, signal.SIGSTOP)
+            event.fired = time.monotonic()
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            event.problem = f"{target} pid {pid} was already gone"
+            if spare is not None:
+                os.kill(spare, signal.SIGCONT)
+            return event
+        if kind is Kind.KILL_HANDOVER:
+            # Into the hand-over: the assignment goes out within milliseconds.
+            time.sleep(self.rng.uniform(0, 0.03))
+            _kill(spare)
+        elif kind is Kind.SPARE_DEATH:
+            time.sleep(1.0)
+            _kill(spare)
         deadline = event.fired + HANDLED_TIMEOUT
         while time.monotonic() < deadline:
             now = time.monotonic()
@@ -236,23 +320,48 @@ class Driver:
                 assert mm is not None
                 event.new_pid = int(mm.group(2))
                 event.via = mm.group(3) or ""
+                if event.new_pid == event.spare_pid and not alive(event.new_pid):
+                    # The spare took over just before our kill reached it: that
+                    # is one more death, and the next restart is the answer.
+                    restarts = self.fleet.count(_RESTARTED, target)
+                    event.extra_deaths += 1
+                    continue
                 event.handled = now
                 if alive(pid):
                     event.problem = f"old pid {pid} still alive"
-                elif event.new_pid == pid:
-                    event.problem = "same pid"
+                elif event.new_pid == pid or event.new_pid == event.spare_pid:
+                    event.problem = f"pid {event.new_pid} took over"
+                elif event.spare_pid is not None and not _gone(event.spare_pid, deadline):
+                    event.problem = f"spare pid {event.spare_pid} still alive"
                 return event
             self.m.descendants()
             time.sleep(0.01)
         event.problem = f"no restart of {target} within {HANDLED_TIMEOUT} s"
+        if event.spare_pid is not None and alive(event.spare_pid):
+            _kill(event.spare_pid)  # leave no frozen process behind a failed event
+        return event
+
+    def _hang_spare(self, number: int, boot: int, phase: Phase) -> Event:
+        pid = self._wait_spare()
+        if pid is None:
+            event = Event(number, Kind.HANG_SPARE, boot, phase, "spare", -1, time.monotonic())
+            event.problem = "no warm spare to freeze"
+            return event
+        event = Event(number, Kind.HANG_SPARE, boot, phase, "spare", pid, time.monotonic())
+        os.kill(pid, signal.SIGSTOP)
+        deadline = event.fired + HANDLED_TIMEOUT
+        while time.monotonic() < deadline:
+            new = self.fleet.spare_pid()
+            if not alive(pid) and new is not None and new != pid:
+                event.new_pid, event.handled = new, time.monotonic()
+                return event
+            time.sleep(0.01)
+        event.problem = f"frozen spare not replaced within {HANDLED_TIMEOUT} s"
+        _kill(pid)
         return event
 
     def _fire_spare(self, number: int, boot: int, phase: Phase) -> Event:
-        deadline = time.monotonic() + HANDLED_TIMEOUT
-        pid = self.fleet.spare_pid()
-        while pid is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-            pid = self.fleet.spare_pid()
+        pid = self._wait_spare()
         if pid is None:
             event = Event(number, Kind.KILL_SPARE, boot, phase, "spare", -1, time.monotonic())
             event.problem = "no warm spare to kill"
@@ -276,17 +385,25 @@ class Driver:
         kinds = Counter((e.kind, e.target) for e in self.events)
         out = []
         for emulator in self.fleet.ids:
-            kills, hangs = kinds[(Kind.KILL, emulator)], kinds[(Kind.HANG, emulator)]
+            extra = sum(e.extra_deaths for e in self.events if e.target == emulator)
+            kills = kinds[(Kind.KILL, emulator)] + extra + sum(
+                kinds[(k, emulator)] for k in HANDOVER_KINDS)
+            hangs = kinds[(Kind.HANG, emulator)]
             checks = (("died", _DIED, kills), ("hung", _HUNG, hangs),
                       ("restarted", _RESTARTED, kills + hangs))
             for what, rx, want in checks:
                 got = self.fleet.count(rx, emulator)
                 if got != want:
                     out.append(f"{emulator}: {got} '{what}' lines for {want} events")
+        # A waiting spare's death is logged as such; a frozen spare the launcher
+        # replaced, or one that died while being handed over, may be too.
         spare_kills = sum(1 for e in self.events if e.kind is Kind.KILL_SPARE)
+        spare_any = spare_kills + sum(1 for e in self.events
+                                      if e.kind in (Kind.HANG_SPARE, *HANDOVER_KINDS))
         got = sum(1 for line in self.fleet.lines() if _SPARE_DIED.search(line))
-        if got != spare_kills:
-            out.append(f"{got} 'warm spare died' lines for {spare_kills} spare kills")
+        if not spare_kills <= got <= spare_any:
+            out.append(f"{got} 'warm spare died' lines for {spare_kills} spare kills "
+                       f"and {spare_any - spare_kills} other spare events")
         if any("give up" in line for line in self.fleet.lines()):
             out.append("the restart policy gave up")
         return out
@@ -294,7 +411,7 @@ class Driver:
     def summary(self) -> str:
         by_kind = Counter(e.kind.value for e in self.events)
         by_phase = Counter(f"boot{e.boot}/{e.phase.value}" for e in self.events)
-        via = Counter(e.via for e in self.events if e.kind is not Kind.KILL_SPARE)
+        via = Counter(e.via for e in self.events if e.target != "spare")
         stalls = [float(mm.group(4)) for line in self.fleet.lines()
                   if (mm := _RESTARTED.search(line))]
         detect = [(e.detected - e.fired) * 1e3 for e in self.events if e.detected]

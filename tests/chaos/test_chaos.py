@@ -12,8 +12,11 @@ every restart is explained by an event, and nothing is left running.
 
 Environment: MPL_CHAOS_SEED replays a run's choices (the seed is printed);
 MPL_CHAOS_EVENTS (default 30) and MPL_CHAOS_SECONDS (guest I/O seconds per
-boot; default from the event count) make a long soak; MPL_CHAOS_HANG and
-MPL_CHAOS_SPARE (1 or 0) force an event kind on or off.
+boot; default from the event count) make a long run (bench/soak.py is the
+soak benchmark); MPL_CHAOS_HANG, MPL_CHAOS_SPARE and MPL_CHAOS_HANDOVER (1 or
+0) force event kinds on or off. The kinds include the warm spare's: killed
+or frozen while it waits, killed or frozen while it is handed a dead
+emulator's place, and the spare-death sequence (tests/chaos/driver.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import pytest
 
 from tests.chaos import guest
 from tests.chaos.driver import Capabilities, Driver, Fleet, Phase, phase_of
+from tests.chaos.verdict import POWER_ON, boots_of
 from tests.support.vm import DiskDef, Mplaunch, VmDef, lines_of, shell_cmd
 
 MiB = 1024 * 1024
@@ -46,7 +50,6 @@ SECONDS = int(os.environ.get("MPL_CHAOS_SECONDS", "0")) or max(
 #: completion: Linux's virtio_scsi never times a command out.
 STALL_S = 60.0
 UIDS = "64700-64709"  # away from other VMs' default range
-POWER_ON = re.compile(r"(sd \d+:\d+:\d+:\d+): Power-on or device reset occurred")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("guest"),
               pytest.mark.timeout(240 + 3 * BOOTS * SECONDS + 10 * EVENTS)]
@@ -127,11 +130,6 @@ def run_chaos(m: Mplaunch, vm: VmDef, driver: Driver) -> None:
 
 def _order(phase: Phase) -> int:
     return [Phase.FIRMWARE, Phase.PROBE, Phase.IO, Phase.REBOOT].index(phase)
-
-
-def boots_of(console: str) -> list[str]:
-    """The console split at each "MPL BOOT" line (the text before the first dropped)."""
-    return ["MPL BOOT" + part for part in console.split("MPL BOOT")[1:]]
 
 
 def test_guest_io_survives_random_kills_and_hangs(tmp_path: Path) -> None:
