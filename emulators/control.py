@@ -4,7 +4,9 @@ Over an AF_UNIX SOCK_SEQPACKET socket (one datagram, one message) the
 emulator says READY once it is locked down, answers every PING from its
 event loop with the progress of each queue, and, when it starts as a warm
 spare, receives its whole assignment (a config and the fds it names) in one
-ASSIGN. The protocol itself is in launcher.heartbeat.protocol.
+ASSIGN. While it serves, COMMANDs add, remove or resize a LUN, each answered
+by one RESULT carrying the command's seq. The protocol itself (every message
+decoded into its own class) is in launcher.heartbeat.protocol.
 """
 
 from __future__ import annotations

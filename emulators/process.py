@@ -16,7 +16,7 @@ Two ways to start:
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import selectors
@@ -24,10 +24,12 @@ import signal
 import sys
 from types import FrameType
 
-from emulators.config import ConfigError, EmulatorConfig, LunConfig
+from emulators.config import ConfigError, EmulatorConfig, checked_lun
 from emulators.control import ControlChannel
 from emulators.controller import ControllerLoop
+from emulators.limits import resize_problem
 from emulators.lockdown import LockdownError, LockdownMode, lockdown
+from emulators.scsi.lun import LogicalUnit
 from emulators.vhost_user.errors import RemoteProtocolError, SessionError
 from launcher.heartbeat import protocol as proto
 from launcher.statestore.layout import StateStore, StateStoreError
@@ -188,35 +190,45 @@ class Emulator:
             return
         self.control.send(proto.Assigned(True))
 
-    def _on_command(self, message: proto.Command) -> None:
-        """A LUN added, removed or resized while running; one answer each."""
+    def _on_command(self, command: proto.Command) -> None:
+        """A LUN added, removed or resized while running: one RESULT each, with
+        the command's seq. A LUN_ADD's fd is ours from the moment it arrived:
+        unless a LUN holds it once the command is done, it is closed here."""
         assert self.control is not None
-        fds = list(message.fds)
         try:
-            request = json.loads(message.config)
-            controller = self._controller(str(request["controller"]))
-            op = request["op"]
-            if op == "lun-add":
-                if len(fds) != 1:
-                    raise ValueError(f"lun-add takes one fd, got {len(fds)}")
-                controller.add_lun(LunConfig(
-                    int(request["lun"]), str(request["disk_id"]), fds.pop(),
-                    bool(request["readonly"]), int(request["block_size"]),
-                ))
-            elif op == "lun-remove":
-                controller.remove_lun(int(request["lun"]))
-            elif op == "lun-resize":
-                controller.resize_lun(int(request["lun"]))
-            else:
-                raise ValueError(f"unknown operation {op!r}")
-        except (KeyError, TypeError, ValueError, OSError) as e:
-            for fd in fds:
-                os.close(fd)
-            self.control.send(proto.Result(False, f"{type(e).__name__}: {e}"))
+            self._apply_command(command)
+        except (ValueError, OSError) as e:
+            if isinstance(command, proto.LunAdd):
+                with contextlib.suppress(OSError):
+                    os.close(command.fd)
+            self.control.send(proto.Result(False, f"{type(e).__name__}: {e}", command.seq))
             return
-        for fd in fds:
-            os.close(fd)
-        self.control.send(proto.Result(True))
+        self.control.send(proto.Result(True, seq=command.seq))
+
+    def _apply_command(self, command: proto.Command) -> None:
+        """Carry ``command`` out, or raise ValueError/OSError having changed nothing."""
+        controller = self._controller(command.controller)
+        match command:
+            case proto.LunAdd():
+                controller.add_lun(checked_lun(
+                    command.lun, command.disk_id, command.fd, command.readonly,
+                    command.block_size,
+                ))
+            case proto.LunRemove():
+                controller.remove_lun(command.lun)
+            case proto.LunResizeCheck():
+                unit = _unit(controller, command.lun)
+                problem = resize_problem(
+                    unit.num_blocks * unit.block_size, command.size, unit.block_size
+                )
+                if problem is not None:
+                    raise ValueError(problem)
+            case proto.LunResize():
+                unit = _unit(controller, command.lun)
+                held = unit.backend.size_bytes()
+                if held != command.size:  # grown by someone else, or not at all
+                    raise ValueError(f"the image holds {held} bytes, not {command.size}")
+                controller.resize_lun(command.lun)
 
     def _controller(self, controller_id: str) -> ControllerLoop:
         for c in self.controllers:
@@ -235,6 +247,13 @@ class Emulator:
 
     def stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
+
+
+def _unit(controller: ControllerLoop, lun: int) -> LogicalUnit:
+    unit = controller.target.scsi.luns.get(lun)
+    if unit is None:
+        raise ValueError(f"no LUN {lun} on {controller.config.id}")
+    return unit
 
 
 def _drain(fd: int) -> bool:

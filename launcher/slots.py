@@ -16,15 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
+from emulators.limits import resize_problem
 from launcher import emulators
 from launcher.heartbeat import protocol as proto
 from launcher.heartbeat.detector import NoReply, Stalled
@@ -380,50 +381,92 @@ class EmulatorSlot:
                     return disk
         return None
 
-    async def _command(self, request: dict[str, object], fds: list[int]) -> None:
+    async def _command(self, command: proto.Command) -> proto.Result:
+        """``command``'s answer from the serving emulator. DiskChangeError when
+        none comes (no emulator, a timeout, a broken link); the caller holds
+        ``_commands`` and decides what a refusal means."""
         occupant = self.occupant
         if occupant is None or occupant.link.closed:
             raise DiskChangeError(f"emulator {self.id} is restarting; try again")
-        async with self._commands:
-            try:
-                result = await occupant.link.command(json.dumps(request), fds, COMMAND_TIMEOUT)
-            except (TimeoutError, OSError) as e:
-                raise DiskChangeError(
-                    f"emulator {self.id} did not answer: {e or 'timeout'}"
-                ) from None
-        if not result.ok:
-            raise DiskChangeError(f"emulator {self.id} refused: {result.error}")
+        try:
+            return await occupant.link.command(command, COMMAND_TIMEOUT)
+        except (TimeoutError, OSError) as e:
+            raise DiskChangeError(
+                f"emulator {self.id} did not answer: {e or 'timeout'}"
+            ) from None
+
+    def _refused(self, result: proto.Result) -> DiskChangeError:
+        return DiskChangeError(f"emulator {self.id} refused: {result.error}")
 
     async def add_disk(self, disk: DiskSpec) -> None:
-        """Open the image, hand its fd to the emulator; the guest then sees it."""
-        if any(d.lun == disk.lun for d in self.disks[disk.controller]):
-            raise DiskChangeError(f"LUN {disk.lun} is already in use on {disk.controller}")
-        fd = emulators.open_disk(str(disk.image), disk.readonly)
-        try:
-            await self._command(
-                {"op": "lun-add", "controller": disk.controller, "lun": disk.lun,
-                 "disk_id": disk.id, "readonly": disk.readonly, "block_size": disk.block_size},
-                [fd],
-            )
-        except BaseException:
-            os.close(fd)
-            raise
-        self.disk_fds[disk.id] = fd
-        self.disks[disk.controller].append(disk)
+        """Open the image, hand its fd to the emulator; the guest then sees it.
+
+        One disk change at a time per slot (``_commands``): the LUN check and
+        the change it allowed are not separated by another change."""
+        async with self._commands:
+            if any(d.lun == disk.lun for d in self.disks[disk.controller]):
+                raise DiskChangeError(f"LUN {disk.lun} is already in use on {disk.controller}")
+            try:
+                fd = emulators.open_disk(str(disk.image), disk.readonly)
+            except emulators.DiskOpenError as e:
+                raise DiskChangeError(str(e)) from None
+            try:
+                result = await self._command(proto.LunAdd(
+                    disk.controller, disk.lun, disk.id, fd, disk.readonly, disk.block_size,
+                ))
+                if not result.ok:
+                    raise self._refused(result)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.disk_fds[disk.id] = fd
+            self.disks[disk.controller].append(disk)
 
     async def remove_disk(self, disk: DiskSpec) -> None:
-        await self._command(
-            {"op": "lun-remove", "controller": disk.controller, "lun": disk.lun}, []
-        )
-        self.disks[disk.controller] = [d for d in self.disks[disk.controller] if d.id != disk.id]
-        with contextlib.suppress(OSError, KeyError):
-            os.close(self.disk_fds.pop(disk.id))
+        async with self._commands:
+            result = await self._command(proto.LunRemove(disk.controller, disk.lun))
+            if not result.ok:
+                raise self._refused(result)
+            self.disks[disk.controller] = [
+                d for d in self.disks[disk.controller] if d.id != disk.id
+            ]
+            with contextlib.suppress(OSError, KeyError):
+                os.close(self.disk_fds.pop(disk.id))
 
-    async def resize_disk(self, disk: DiskSpec) -> None:
-        """The image was resized by the caller: the guest is told its new capacity."""
-        await self._command(
-            {"op": "lun-resize", "controller": disk.controller, "lun": disk.lun}, []
-        )
+    async def resize_disk(self, disk: DiskSpec, size: int) -> int:
+        """Grow ``disk`` to ``size`` bytes; the guest sees the new capacity.
+        Returns the old size.
+
+        The file is the one behind the fd held for the disk (a path may name
+        another file by now), and the order is what keeps the guest safe: the
+        emulator agrees to the size first (LUN_RESIZE_CHECK, nothing changes),
+        then the file grows, then the emulator shows the guest the new
+        capacity (LUN_RESIZE). A refusal at either step leaves the file at its
+        old size, which no guest request reached beyond."""
+        async with self._commands:
+            fd = self.disk_fds[disk.id]
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DiskChangeError(f"disk '{disk.id}' is a block device: resize it "
+                                      "outside mplaunch")
+            problem = resize_problem(st.st_size, size, disk.block_size)
+            if problem is not None:
+                raise DiskChangeError(problem)
+            result = await self._command(proto.LunResizeCheck(disk.controller, disk.lun, size))
+            if not result.ok:
+                raise self._refused(result)
+            os.ftruncate(fd, size)
+            # fault point: disk.resize.after_grow
+            try:
+                result = await self._command(proto.LunResize(disk.controller, disk.lun, size))
+            except DiskChangeError as e:
+                # Whether the emulator showed the new size is unknown: keep it.
+                raise DiskChangeError(f"{e}; the image now holds {size} bytes, which the "
+                                      "guest sees after the emulator's next start") from None
+            if not result.ok:
+                os.ftruncate(fd, st.st_size)
+                raise self._refused(result)
+            return st.st_size
 
     async def stop(self) -> int | None:
         self._stopping = True

@@ -39,6 +39,7 @@ class SupervisorControl:
     def __init__(self, supervisor: Supervisor) -> None:
         self.sv = supervisor
         self.started = time.monotonic()
+        self._disk_changes = asyncio.Lock()
 
     # -- queries
 
@@ -124,64 +125,57 @@ class SupervisorControl:
 
     async def disk_add(self, id: str, controller: str, lun: int, image: str,
                        readonly: bool = False, block_size: int = 512) -> None:
-        if any(slot.disk(id) for slot in self.sv.slots):
-            raise _fail(f"disk id '{id}' is already in use")
-        owner = next((s for s in self.sv.slots if controller in s.disks), None)
-        if owner is None:
-            raise CommandError("DeviceNotFound", f"no controller '{controller}'")
-        path = Path(image)
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise _fail(f"image '{image}': {e.strerror}") from None
-        if stat.S_ISREG(st.st_mode):
-            problem = image_size_problem(st.st_size, block_size)
-            if problem is not None:
-                raise _fail(f"image '{image}' {problem}")
-        elif not stat.S_ISBLK(st.st_mode):
-            raise _fail(f"image '{image}' is not a regular file or a block device")
-        disk = DiskSpec(id=id, controller=controller, lun=lun, image=path.resolve(),
-                        format="raw", readonly=readonly, block_size=block_size)
-        try:
-            await owner.add_disk(disk)
-        except (DiskChangeError, OSError) as e:
-            raise _fail(str(e)) from None
+        # One disk change at a time: two adds must not both pass the id and
+        # LUN checks before either is recorded.
+        async with self._disk_changes:
+            if any(slot.disk(id) for slot in self.sv.slots):
+                raise _fail(f"disk id '{id}' is already in use")
+            owner = next((s for s in self.sv.slots if controller in s.disks), None)
+            if owner is None:
+                raise CommandError("DeviceNotFound", f"no controller '{controller}'")
+            path = Path(image)
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise _fail(f"image '{image}': {e.strerror}") from None
+            if stat.S_ISREG(st.st_mode):
+                problem = image_size_problem(st.st_size, block_size)
+                if problem is not None:
+                    raise _fail(f"image '{image}' {problem}")
+            elif not stat.S_ISBLK(st.st_mode):
+                raise _fail(f"image '{image}' is not a regular file or a block device")
+            disk = DiskSpec(id=id, controller=controller, lun=lun, image=path.resolve(),
+                            format="raw", readonly=readonly, block_size=block_size)
+            try:
+                await owner.add_disk(disk)
+            except (DiskChangeError, OSError) as e:
+                raise _fail(str(e)) from None
         LOG.info("disk %s added: %s at LUN %d of %s", id, path, lun, controller)
         self.sv.emit("DISK_ADDED", {"id": id, "controller": controller, "lun": lun,
-                                    "image": str(path), "size": os.stat(path).st_size,
+                                    "image": str(path), "size": st.st_size,
                                     "readonly": readonly, "block_size": block_size})
 
     async def disk_remove(self, id: str) -> None:
-        slot, disk = self._disk(id)
-        try:
-            await slot.remove_disk(disk)
-        except DiskChangeError as e:
-            raise _fail(str(e)) from None
+        async with self._disk_changes:
+            slot, disk = self._disk(id)
+            try:
+                await slot.remove_disk(disk)
+            except DiskChangeError as e:
+                raise _fail(str(e)) from None
         LOG.info("disk %s removed from %s", id, disk.controller)
         self.sv.emit("DISK_REMOVED", {"id": id, "controller": disk.controller, "lun": disk.lun})
 
     async def disk_resize(self, id: str, size: int) -> None:
-        slot, disk = self._disk(id)
-        if disk.readonly:
-            raise _fail(f"disk '{id}' is read-only")
-        try:
-            st = os.stat(disk.image)
-        except OSError as e:
-            raise _fail(f"image '{disk.image}': {e.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise _fail(f"disk '{id}' is a block device: resize it outside mplaunch")
-        if size % disk.block_size:
-            raise _fail(f"size {size} is not a multiple of the block size {disk.block_size}")
-        if size < st.st_size:
-            raise _fail(f"size {size} is smaller than the current {st.st_size}: "
-                               "shrinking would lose data")
-        os.truncate(disk.image, size)
-        try:
-            await slot.resize_disk(disk)
-        except DiskChangeError as e:
-            raise _fail(str(e)) from None
-        LOG.info("disk %s resized from %d to %d bytes", id, st.st_size, size)
-        self.sv.emit("DISK_RESIZED", {"id": id, "old_size": st.st_size, "new_size": size})
+        async with self._disk_changes:
+            slot, disk = self._disk(id)
+            if disk.readonly:
+                raise _fail(f"disk '{id}' is read-only")
+            try:
+                old_size = await slot.resize_disk(disk, size)
+            except (DiskChangeError, OSError) as e:
+                raise _fail(str(e)) from None
+        LOG.info("disk %s resized from %d to %d bytes", id, old_size, size)
+        self.sv.emit("DISK_RESIZED", {"id": id, "old_size": old_size, "new_size": size})
 
     async def quit(self) -> None:
         self.sv.request_stop("quit command")

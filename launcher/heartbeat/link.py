@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import time
@@ -48,7 +49,9 @@ class ControlLink:
         self.detector: HangDetector | None = None
         self.ready: asyncio.Future[proto.Ready] = asyncio.get_running_loop().create_future()
         self.assigned: asyncio.Future[proto.Assigned] | None = None
-        self.result: asyncio.Future[proto.Result] | None = None
+        # Commands waiting for their RESULT, by seq; answers are matched by it.
+        self._results: dict[int, asyncio.Future[proto.Result]] = {}
+        self._command_seq = 0
         self.hung: asyncio.Future[Judgement] = asyncio.get_running_loop().create_future()
         self.closed = False
         self._ticker: asyncio.Task[None] | None = None
@@ -67,11 +70,20 @@ class ControlLink:
         self.send(proto.Assign(config_json, tuple(fds)))
         return self.assigned
 
-    async def command(self, request: str, fds: list[int], timeout: float) -> proto.Result:
-        """One change to the running emulator; its answer. One at a time."""
-        self.result = asyncio.get_running_loop().create_future()
-        self.send(proto.Command(request, tuple(fds)))
-        return await asyncio.wait_for(self.result, timeout)
+    async def command(self, command: proto.Command, timeout: float) -> proto.Result:
+        """Send one change to the running emulator under a seq of its own, and
+        return its answer: the RESULT with that seq and no other, so an answer
+        that comes after its command timed out completes nothing. Raises
+        TimeoutError, or OSError when the command cannot be sent."""
+        self._command_seq = self._command_seq % proto.U32_MAX + 1
+        seq = self._command_seq
+        answer: asyncio.Future[proto.Result] = asyncio.get_running_loop().create_future()
+        self._results[seq] = answer
+        try:
+            self.send(dataclasses.replace(command, seq=seq))
+            return await asyncio.wait_for(answer, timeout)
+        finally:
+            del self._results[seq]
 
     def watch(self, heartbeat_ms: int, hang_timeout_ms: int) -> None:
         """Start the heartbeat: ping, and judge the replies."""
@@ -131,14 +143,27 @@ class ControlLink:
             if not self.ready.done():
                 self.ready.set_result(message)
         elif isinstance(message, proto.Result):  # before Assigned: it is one
-            if self.result is not None and not self.result.done():
-                self.result.set_result(message)
+            self._on_result(message)
         elif (
             isinstance(message, proto.Assigned)
             and self.assigned is not None
             and not self.assigned.done()
         ):
             self.assigned.set_result(message)
+
+    def _on_result(self, result: proto.Result) -> None:
+        answer = self._results.get(result.seq)
+        if answer is not None:
+            if not answer.done():
+                answer.set_result(result)
+        elif 0 < result.seq <= self._command_seq:
+            LOG.warning("emulator %s answered command %d after it was given up on; ignored",
+                        self.name, result.seq)
+        else:
+            raise proto.ControlSessionError(
+                "an answer to a command never sent",
+                message_type=proto.MessageType.RESULT, seq=result.seq,
+            )
 
     def close(self) -> None:
         if self.closed:

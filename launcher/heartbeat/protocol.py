@@ -23,6 +23,15 @@ followed by the payload of that type:
                                     controller u8, queue u16, completed u64,
                                     in_flight u32
     SHUTDOWN  launcher -> emulator  nothing
+    COMMAND   launcher -> emulator  fd count u8, op u8, lun u16, controller
+                                    id length u8, controller id (UTF-8), then
+                                    by op:
+                LUN_ADD             flags u8 (bit 0: read-only), block size
+                                    u32, disk id length u8, disk id; one fd
+                LUN_REMOVE          nothing
+                LUN_RESIZE_CHECK    size u64 (bytes)
+                LUN_RESIZE          size u64 (bytes)
+    RESULT    emulator -> launcher  as ASSIGNED; its seq is the COMMAND's
 
 READY is sent once the emulator is sandboxed and waiting, before it has any
 work: a warm spare sits in that state until mplaunch ASSIGNs it a config and
@@ -30,6 +39,20 @@ the fds that go with it (the config JSON is opaque here).  PING carries the
 launcher's monotonic clock, which PONG echoes with the per-queue progress the
 hang detector watches.  SHUTDOWN asks for a graceful stop: finish what is in
 flight, then exit 0.
+
+A COMMAND changes the disks of an emulator that is serving: each op is its
+own message class (`LunAdd`, `LunRemove`, `LunResizeCheck`, `LunResize`),
+decoded here and nowhere else.  A disk grows in three steps so that the
+guest never sees blocks the file does not have yet and a refusal changes
+nothing: LUN_RESIZE_CHECK asks whether the LUN may become ``size`` bytes
+(the emulator checks, changes nothing), the launcher then grows the file,
+and LUN_RESIZE tells the emulator the file now holds ``size`` bytes (it
+checks that, then shows the guest the new capacity).  Every COMMAND has a
+seq of its own and is answered by one RESULT with the same seq, so an
+answer that comes after its command was given up on completes nothing.
+The codec checks what the wire can say (lengths, UTF-8, flags, fd count);
+whether a LUN number, block size or disk id obeys the VM's rules
+(``emulators.limits``) is checked by the emulator when it acts.
 
 `encode(message)` returns the datagram and the fds to send with it;
 `decode(datagram, fds)` returns one message.  Decoding checks syntax only:
@@ -96,6 +119,12 @@ _PING: Final = struct.Struct("<Q")
 _PONG_HEAD: Final = struct.Struct("<QH")
 _PROGRESS: Final = struct.Struct("<BHQI")
 _READY_LOCKED_DOWN: Final = 0x01
+_COMMAND_HEAD: Final = struct.Struct("<BBHB")  # fd count, op, lun, controller id length
+_LUN_ADD: Final = struct.Struct("<BIB")  # flags, block size, disk id length
+_LUN_SIZE: Final = struct.Struct("<Q")
+_LUN_ADD_READONLY: Final = 0x01
+U16_MAX: Final = 2**16 - 1
+MAX_NAME_BYTES: Final = 255  # an id's length travels in one byte
 
 
 class MessageType(enum.IntEnum):
@@ -107,6 +136,15 @@ class MessageType(enum.IntEnum):
     SHUTDOWN = 6
     COMMAND = 7
     RESULT = 8
+
+
+class CommandOp(enum.IntEnum):
+    """What a COMMAND asks; one message class each."""
+
+    LUN_ADD = 1
+    LUN_REMOVE = 2
+    LUN_RESIZE_CHECK = 3
+    LUN_RESIZE = 4
 
 
 class Sender(enum.Enum):
@@ -328,16 +366,97 @@ class Shutdown:
         _check_seq(self.seq)
 
 
+def _check_name(name: str, value: str) -> None:
+    _check_text(name, value, MAX_NAME_BYTES)
+    if not value:
+        raise LocalControlError(f"{name} must not be empty")
+
+
 @dataclass(frozen=True, slots=True)
-class Command(Assign):
-    """A change to an assigned emulator (a LUN added, removed or resized): a
-    UTF-8 JSON request, opaque here, and the fds it names; same wire form as
-    ASSIGN."""
+class LunAdd:
+    """Serve the disk behind ``fd`` as LUN ``lun`` of ``controller``; the
+    guest is told. The emulator owns ``fd`` from the moment it receives it."""
+
+    controller: str
+    lun: int
+    disk_id: str
+    fd: int
+    readonly: bool
+    block_size: int
+    seq: int = 0
+
+    def __post_init__(self) -> None:
+        _check_name("controller", self.controller)
+        _check_uint("lun", self.lun, U16_MAX)
+        _check_name("disk_id", self.disk_id)
+        _check_uint("fd", self.fd, 2**31 - 1)
+        if not isinstance(self.readonly, bool):
+            raise LocalControlError("readonly must be a bool")
+        _check_uint("block_size", self.block_size, U32_MAX)
+        _check_seq(self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class LunRemove:
+    """Stop serving LUN ``lun`` of ``controller``; the guest is told."""
+
+    controller: str
+    lun: int
+    seq: int = 0
+
+    def __post_init__(self) -> None:
+        _check_name("controller", self.controller)
+        _check_uint("lun", self.lun, U16_MAX)
+        _check_seq(self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class LunResizeCheck:
+    """May LUN ``lun`` of ``controller`` become ``size`` bytes? Changes nothing."""
+
+    controller: str
+    lun: int
+    size: int
+    seq: int = 0
+
+    def __post_init__(self) -> None:
+        _check_name("controller", self.controller)
+        _check_uint("lun", self.lun, U16_MAX)
+        _check_uint("size", self.size, U64_MAX)
+        _check_seq(self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class LunResize:
+    """The image of LUN ``lun`` of ``controller`` now holds ``size`` bytes:
+    show the guest its new capacity."""
+
+    controller: str
+    lun: int
+    size: int
+    seq: int = 0
+
+    def __post_init__(self) -> None:
+        _check_name("controller", self.controller)
+        _check_uint("lun", self.lun, U16_MAX)
+        _check_uint("size", self.size, U64_MAX)
+        _check_seq(self.seq)
+
+
+Command = LunAdd | LunRemove | LunResizeCheck | LunResize
+"""Every COMMAND; ``isinstance(message, Command)`` tells one."""
+
+_OP_OF: Final[dict[type[Command], CommandOp]] = {
+    LunAdd: CommandOp.LUN_ADD,
+    LunRemove: CommandOp.LUN_REMOVE,
+    LunResizeCheck: CommandOp.LUN_RESIZE_CHECK,
+    LunResize: CommandOp.LUN_RESIZE,
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Result(Assigned):
-    """The answer to COMMAND; same wire form as ASSIGNED."""
+    """The answer to the COMMAND with the same ``seq``; same wire form as ASSIGNED."""
 
 
 Message = Ready | Assign | Assigned | Ping | Pong | Shutdown | Command | Result
@@ -349,7 +468,10 @@ _TYPE_OF: Final[dict[type[Message], MessageType]] = {
     Ping: MessageType.PING,
     Pong: MessageType.PONG,
     Shutdown: MessageType.SHUTDOWN,
-    Command: MessageType.COMMAND,
+    LunAdd: MessageType.COMMAND,
+    LunRemove: MessageType.COMMAND,
+    LunResizeCheck: MessageType.COMMAND,
+    LunResize: MessageType.COMMAND,
     Result: MessageType.RESULT,
 }
 
@@ -369,9 +491,11 @@ def encode(message: Message) -> tuple[bytes, list[int]]:
     match message:
         case Ready(pid=pid, locked_down=locked_down):
             payload = _READY.pack(pid, _READY_LOCKED_DOWN if locked_down else 0)
-        case Command(config=config, fds=assign_fds) | Assign(config=config, fds=assign_fds):
+        case Assign(config=config, fds=assign_fds):
             payload = _ASSIGN_HEAD.pack(len(assign_fds)) + config.encode("utf-8")
             fds = list(assign_fds)
+        case LunAdd() | LunRemove() | LunResizeCheck() | LunResize():
+            payload, fds = _encode_command(message)
         case Result(ok=ok, error=error) | Assigned(ok=ok, error=error):
             payload = _ASSIGNED_HEAD.pack(1 if ok else 0) + error.encode("utf-8")
         case Ping(sent_ns=sent_ns):
@@ -389,6 +513,22 @@ def encode(message: Message) -> tuple[bytes, list[int]]:
             seq=message.seq,
         )
     return datagram, fds
+
+
+def _encode_command(command: Command) -> tuple[bytes, list[int]]:
+    controller = command.controller.encode("utf-8")
+    fds = [command.fd] if isinstance(command, LunAdd) else []
+    head = _COMMAND_HEAD.pack(len(fds), _OP_OF[type(command)], command.lun, len(controller))
+    match command:
+        case LunAdd(disk_id=disk_id, readonly=readonly, block_size=block_size):
+            disk = disk_id.encode("utf-8")
+            flags = _LUN_ADD_READONLY if readonly else 0
+            body = _LUN_ADD.pack(flags, block_size, len(disk)) + disk
+        case LunResizeCheck(size=size) | LunResize(size=size):
+            body = _LUN_SIZE.pack(size)
+        case LunRemove():
+            body = b""
+    return head + controller + body, fds
 
 
 def decode(datagram: bytes, fds: list[int], *, sender: Sender | None = None) -> Message:
@@ -424,7 +564,7 @@ def decode(datagram: bytes, fds: list[int], *, sender: Sender | None = None) -> 
         return RemoteControlError(text, message_type=kind, seq=seq, datagram=data)
 
     if sender is not None and SENT_BY[kind] is not sender:
-        raise fail(f"a {sender.value} does not send {kind.name}")
+        raise fail(f"the {sender.value} does not send {kind.name}")
     if kind not in (MessageType.ASSIGN, MessageType.COMMAND) and fds:
         raise fail(f"{len(fds)} fds arrived with a message that carries none")
     payload = data[HEADER_SIZE:]
@@ -462,13 +602,14 @@ def _decode_payload(
             if flags & ~_READY_LOCKED_DOWN:
                 raise fail(f"unknown READY flags {flags:#04x}")
             return Ready(pid, bool(flags & _READY_LOCKED_DOWN), seq)
-        case MessageType.ASSIGN | MessageType.COMMAND:
+        case MessageType.ASSIGN:
             at_least(_ASSIGN_HEAD.size)
             (declared,) = _ASSIGN_HEAD.unpack_from(payload)
             if declared != len(fds):
                 raise fail(f"declares {declared} fds but {len(fds)} arrived")
-            cls = Assign if kind is MessageType.ASSIGN else Command
-            return cls(text(payload[_ASSIGN_HEAD.size :], "config"), tuple(fds), seq)
+            return Assign(text(payload[_ASSIGN_HEAD.size :], "config"), tuple(fds), seq)
+        case MessageType.COMMAND:
+            return _decode_command(seq, payload, fds, fail)
         case MessageType.ASSIGNED | MessageType.RESULT:
             at_least(_ASSIGNED_HEAD.size)
             (ok,) = _ASSIGNED_HEAD.unpack_from(payload)
@@ -496,3 +637,51 @@ def _decode_payload(
             return Shutdown(seq)
     raise AssertionError(kind)  # pragma: no cover - every MessageType is matched
 
+
+
+def _decode_command(
+    seq: int, payload: bytes, fds: list[int], fail: Callable[[str], RemoteControlError]
+) -> Command:
+    rest = payload
+
+    def take(size: int, what: str) -> bytes:
+        nonlocal rest
+        if len(rest) < size:
+            raise fail(f"payload ends inside the {what}")
+        out, rest = rest[:size], rest[size:]
+        return out
+
+    def text(raw: bytes, name: str) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise fail(f"{name} is not valid UTF-8 at byte {exc.start}") from None
+
+    declared, raw_op, lun, name_size = _COMMAND_HEAD.unpack(take(_COMMAND_HEAD.size, "header"))
+    if declared != len(fds):
+        raise fail(f"declares {declared} fds but {len(fds)} arrived")
+    try:
+        op = CommandOp(raw_op)
+    except ValueError:
+        raise fail(f"unknown command op {raw_op}") from None
+    wanted = 1 if op is CommandOp.LUN_ADD else 0
+    if len(fds) != wanted:
+        raise fail(f"{op.name} carries {wanted} fds, not {len(fds)}")
+    controller = text(take(name_size, "controller id"), "controller id")
+    command: Command
+    match op:
+        case CommandOp.LUN_ADD:
+            flags, block_size, disk_size = _LUN_ADD.unpack(take(_LUN_ADD.size, "LUN_ADD fields"))
+            if flags & ~_LUN_ADD_READONLY:
+                raise fail(f"unknown LUN_ADD flags {flags:#04x}")
+            disk_id = text(take(disk_size, "disk id"), "disk id")
+            command = LunAdd(controller, lun, disk_id, fds[0], bool(flags), block_size, seq)
+        case CommandOp.LUN_REMOVE:
+            command = LunRemove(controller, lun, seq)
+        case CommandOp.LUN_RESIZE_CHECK | CommandOp.LUN_RESIZE:
+            (size,) = _LUN_SIZE.unpack(take(_LUN_SIZE.size, "size"))
+            cls = LunResizeCheck if op is CommandOp.LUN_RESIZE_CHECK else LunResize
+            command = cls(controller, lun, size, seq)
+    if rest:
+        raise fail(f"{len(rest)} bytes after the end of {op.name}")
+    return command

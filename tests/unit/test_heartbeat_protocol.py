@@ -22,9 +22,15 @@ from launcher.heartbeat.protocol import (
     VERSION,
     Assign,
     Assigned,
+    Command,
+    CommandOp,
     ControlProtocolError,
     ControlSessionError,
     LocalControlError,
+    LunAdd,
+    LunRemove,
+    LunResize,
+    LunResizeCheck,
     Message,
     MessageType,
     Ping,
@@ -32,6 +38,7 @@ from launcher.heartbeat.protocol import (
     QueueProgress,
     Ready,
     RemoteControlError,
+    Result,
     Sender,
     Shutdown,
     decode,
@@ -79,6 +86,13 @@ EXAMPLES: list[Message] = [
         progress=(QueueProgress(0, 2, U64_MAX, U32_MAX), QueueProgress(15, 17, 0, 0)),
     ),
     Shutdown(seq=8),
+    LunAdd("scsi0", 3, "d3", fd=9, readonly=True, block_size=4096, seq=10),
+    LunAdd("c\u00e9", 0, "x", fd=0, readonly=False, block_size=512),
+    LunRemove("scsi0", 255, seq=11),
+    LunResizeCheck("scsi0", 7, U64_MAX, seq=12),
+    LunResize("scsi0", 7, 1 << 30, seq=U32_MAX),
+    Result(ok=True, seq=12),
+    Result(ok=False, error="no LUN 7 on scsi0", seq=13),
 ]
 
 
@@ -89,10 +103,52 @@ def test_examples_round_trip(message: Message) -> None:
     assert decode(datagram, fds) == message
 
 
+def test_lun_add_wire_layout_is_pinned() -> None:
+    datagram, fds = encode(LunAdd("c0", 0x0102, "disk", fd=42, readonly=True, block_size=4096,
+                                  seq=5))
+    assert fds == [42]
+    assert datagram == (
+        b"MH" + bytes([VERSION, MessageType.COMMAND]) + (5).to_bytes(4, "little")
+        + bytes([1, CommandOp.LUN_ADD]) + b"\x02\x01" + b"\x02c0"
+        + b"\x01" + (4096).to_bytes(4, "little") + b"\x04disk"
+    )
+    # The fd travels beside the bytes: the receiver's number is the one decoded.
+    assert decode(datagram, [7]) == LunAdd("c0", 0x0102, "disk", 7, True, 4096, 5)
+
+
+def test_resize_wire_layout_is_pinned() -> None:
+    datagram, fds = encode(LunResize("c0", 1, 1 << 33, seq=6))
+    assert fds == []
+    assert datagram[8:] == bytes([0, CommandOp.LUN_RESIZE, 1, 0, 2]) + b"c0" + (
+        (1 << 33).to_bytes(8, "little"))
+
+
+@pytest.mark.parametrize("command", [m for m in EXAMPLES if isinstance(m, Command)],
+                         ids=lambda m: type(m).__name__)
+def test_commands_are_commands_and_only_the_launcher_sends_them(command: Message) -> None:
+    assert message_type(command) is MessageType.COMMAND
+    datagram, fds = encode(command)
+    assert decode(datagram, fds, sender=Sender.LAUNCHER) == command
+    with pytest.raises(RemoteControlError, match="the emulator does not send COMMAND"):
+        decode(datagram, fds, sender=Sender.EMULATOR)
+
+
 def test_assign_fds_travel_beside_the_bytes() -> None:
     datagram, fds = encode(Assign("[1]", fds=(10, 11)))
     assert fds == [10, 11]
     assert decode(datagram, [20, 21]) == Assign("[1]", fds=(20, 21))
+
+
+def _utf8_ok(message: Message) -> bool:
+    texts = {Assign: ("config",), Assigned: ("error",), Result: ("error",),
+             LunAdd: ("controller", "disk_id"), LunRemove: ("controller",),
+             LunResizeCheck: ("controller",), LunResize: ("controller",)}
+    try:
+        for name in texts.get(type(message), ()):
+            getattr(message, name).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 progress_entries = st.builds(
@@ -103,6 +159,8 @@ progress_entries = st.builds(
     st.integers(0, U32_MAX),
 )
 seqs = st.integers(0, U32_MAX)
+names = st.text(min_size=1, max_size=30)
+luns = st.integers(0, 2**16 - 1)
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Ready, st.integers(1, U32_MAX), st.booleans(), seqs),
     st.builds(
@@ -117,16 +175,16 @@ messages: st.SearchStrategy[Message] = st.one_of(
         st.lists(progress_entries, max_size=40, unique_by=lambda p: p.key).map(tuple),
     ),
     st.builds(Shutdown, seqs),
-).filter(lambda m: not isinstance(m, Assign | Assigned) or _utf8_ok(m))
+    st.builds(LunAdd, names, luns, names, st.integers(0, 2**31 - 1), st.booleans(),
+              st.integers(0, U32_MAX), seqs),
+    st.builds(LunRemove, names, luns, seqs),
+    st.builds(LunResizeCheck, names, luns, st.integers(0, U64_MAX), seqs),
+    st.builds(LunResize, names, luns, st.integers(0, U64_MAX), seqs),
+    st.builds(Result, st.just(True), st.just(""), seqs),
+    st.builds(Result, st.just(False), st.text(min_size=1, max_size=200), seqs),
+).filter(_utf8_ok)
 
 
-def _utf8_ok(message: Assign | Assigned) -> bool:
-    text = message.config if isinstance(message, Assign) else message.error
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 @settings(max_examples=150, deadline=None)
@@ -227,6 +285,26 @@ def _good(message: Message | None = None) -> bytes:
             "queue 0.3 is reported twice",
         ),
         (_good() + bytes(MAX_DATAGRAM), [], "exceeds 65536"),
+        (_good(LunRemove("c0", 1)), [3], "declares 0 fds but 1 arrived"),
+        (_good(LunAdd("c0", 1, "d", 3, False, 512)), [], "declares 1 fds but 0 arrived"),
+        (_good(LunRemove("c0", 1))[:8] + bytes([1, 2, 1, 0, 2]) + b"c0", [3],
+         "LUN_REMOVE carries 0 fds, not 1"),
+        (_good(LunAdd("c0", 1, "d", 3, False, 512))[:8] + bytes([0, 1, 1, 0, 2]) + b"c0"
+         + struct.pack("<BIB", 0, 512, 1) + b"d", [], "LUN_ADD carries 1 fds, not 0"),
+        (_good(LunRemove("c0", 1))[:8] + bytes([0, 9, 1, 0, 2]) + b"c0", [],
+         "unknown command op 9"),
+        (_good(LunRemove("c0", 1))[:12], [], "payload ends inside the header"),
+        (_good(LunRemove("c0", 1))[:-1], [], "payload ends inside the controller id"),
+        (_good(LunRemove("c0", 1))[:8] + bytes([0, 2, 1, 0, 0]), [], "controller must not be"),
+        (_good(LunRemove("c0", 1)) + b"!", [], "1 bytes after the end of LUN_REMOVE"),
+        (_good(LunResize("c0", 1, 5))[:-1], [], "payload ends inside the size"),
+        (_good(LunResizeCheck("c0", 1, 5))[:-8] + b"\xff" * 9, [], "1 bytes after the end"),
+        (_good(LunAdd("c0", 1, "d", 3, False, 512))[:-7] + struct.pack("<BIB", 2, 512, 1) + b"d",
+         [3],
+         "unknown LUN_ADD flags 0x02"),
+        (_good(LunAdd("c0", 1, "d", 3, False, 512))[:-1], [3], "ends inside the disk id"),
+        (_good(LunRemove("c0", 1))[:-2] + b"\xff\xfe", [], "controller id is not valid UTF-8"),
+        (_good(Result(True))[:8] + b"\x00", [], "RESULT .*must say why"),
     ],
 )
 def test_bad_datagrams_are_remote_errors(datagram: bytes, fds: list[int], match: str) -> None:
@@ -261,7 +339,7 @@ def test_sender_check(message: Message, sender: Sender, ok: bool) -> None:
     if ok:
         assert decode(datagram, fds, sender=sender) == message
     else:
-        with pytest.raises(RemoteControlError, match=f"a {sender.value} does not send"):
+        with pytest.raises(RemoteControlError, match=f"the {sender.value} does not send"):
             decode(datagram, fds, sender=sender)
 
 
@@ -292,6 +370,18 @@ def test_sender_check(message: Message, sender: Sender, ok: bool) -> None:
         (lambda: Pong(1, 1, [QueueProgress(0, 0, 0, 0)]),  # type: ignore[arg-type]
          "progress must be a tuple"),
         (lambda: Shutdown(seq=-5), "seq"),
+        (lambda: LunAdd("", 0, "d", 3, False, 512), "controller must not be empty"),
+        (lambda: LunAdd("c", 0, "", 3, False, 512), "disk_id must not be empty"),
+        (lambda: LunAdd("c", 0, "d" * 256, 3, False, 512), "disk_id is 256 bytes"),
+        (lambda: LunAdd("c", 1 << 16, "d", 3, False, 512), "lun = 65536"),
+        (lambda: LunAdd("c", 0, "d", -1, False, 512), "fd = -1"),
+        (lambda: LunAdd("c", 0, "d", 3, 1, 512),  # type: ignore[arg-type]
+         "readonly must be a bool"),
+        (lambda: LunAdd("c", 0, "d", 3, False, -512), "block_size"),
+        (lambda: LunRemove("c", -1), "lun = -1"),
+        (lambda: LunResizeCheck("c", 0, -1), "size = -1"),
+        (lambda: LunResize("c", 0, U64_MAX + 1), "size"),
+        (lambda: LunResize("c", 0, 1, seq=-1), "seq"),
     ],
 )
 def test_building_a_bad_message_is_a_local_error(build: object, match: str) -> None:
