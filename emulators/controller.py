@@ -154,7 +154,9 @@ class ControllerLoop:
 
     def _save_lun(self, lun: int, state: LunState) -> None:
         if self.store is not None:
+            faults.point("lun.save.before")
             self.store.write_lun_slot(self.index, lun, lun, state.pack())
+            faults.point("lun.save.after")
 
     def _queue_state(self, ring: RingConfig) -> tuple[QueueState, bool]:
         """The ring's progress state, and whether it resumes a predecessor's:
@@ -192,7 +194,9 @@ class ControllerLoop:
         the slot vouches for it (a crash in between leaves no valid slot)."""
         if self.store is not None:
             self.store.set_queue_slot(self.index, ring.index, None)
+        faults.point("ring.fresh.slot_cleared")
         queue.set_base(ring.base)
+        faults.point("ring.fresh.based")
         if self.store is not None:
             self.store.set_queue_slot(self.index, ring.index, _identity(ring))
 
@@ -227,6 +231,7 @@ class ControllerLoop:
                     done.append((chain.head, 0))
                 else:
                     done.append((head, handle(chain.readable, chain.writable)))
+            faults.point("queue.resume.rerun_done")
             queue.push_used_many(done)
         fd = self.call_fds.get(index)
         if fd is not None:
@@ -276,11 +281,13 @@ class ControllerLoop:
         for effect in effects:
             match effect:
                 case Reply(data):
+                    faults.point("vhost.reply.before")
                     self.sock.setblocking(True)
                     try:
                         self.sock.sendall(data)
                     finally:
                         self.sock.setblocking(False)
+                    faults.point("vhost.reply.after")
                 case SetMemTable(regions, rings):
                     self._set_memory(regions, rings)
                 case SetKick(index, fd):
@@ -461,6 +468,7 @@ class ControllerLoop:
             )
             for r in regions
         ])
+        faults.point("memtable.mapped")
         moved = {r.index: r for r in rings}
         for index, ring in list(self.rings.items()):
             config = moved.get(index)
@@ -477,6 +485,7 @@ class ControllerLoop:
         old, self.memory = self.memory, memory
         if old is not None:
             old.close()
+        faults.point("memtable.moved")
 
     # -- teardown
 

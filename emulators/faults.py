@@ -45,39 +45,62 @@ ENV = "MPLAUNCH_FAULT"
 
 #: Points passed inside an emulator process (it kills itself).
 EMULATOR_POINTS: tuple[str, ...] = (
-    # request path: each store into the state store, in order
+    # The request path: after each store into the state store, in the order
+    # of emulators/virtio/state.py (taking a head; P1..P5 of a batch).
     "queue.mark_inflight",
+    "queue.consumed",
+    "queue.batch_recorded",
+    "queue.used_written",
     "queue.publish_used",
     "queue.clear_inflight",
     "queue.batch_settle",
-    # vhost-user ring lifecycle
+    # A restarted ring re-ran its predecessor's requests, not yet published.
+    "queue.resume.rerun_done",
+    # A LUN's unit state (unit attentions, ...) saved around each change.
+    "lun.save.before",
+    "lun.save.after",
+    # vhost-user ring lifecycle: start (fresh: slot cleared, base set), stop
+    # (GET_VRING_BASE before and after its answer), device reset.
     "ring.start.before",
+    "ring.fresh.slot_cleared",
+    "ring.fresh.based",
     "ring.start.after",
     "ring.stop.before_reply",
     "ring.stop.after_reply",
     "device.reset",
-    # launcher control channel, each command before and after its reply
-    "control.assign.before_reply",
-    "control.assign.after_reply",
+    # SET_MEM_TABLE: new table mapped; running rings moved onto it.
+    "memtable.mapped",
+    "memtable.moved",
+    # Any vhost-user answer, before and after it is sent (N picks which).
+    "vhost.reply.before",
+    "vhost.reply.after",
+    # The launcher's control channel: each command, before and after its answer.
     "control.heartbeat.before_reply",
     "control.heartbeat.after_reply",
+    "control.assign.before_reply",
+    "control.assign.after_reply",
     "control.lun_add.before_reply",
     "control.lun_add.after_reply",
     "control.lun_remove.before_reply",
     "control.lun_remove.after_reply",
+    "control.lun_resize_check.before_reply",
+    "control.lun_resize_check.after_reply",
     "control.lun_resize.before_reply",
     "control.lun_resize.after_reply",
 )
 
 #: Points passed in the launcher; they kill the process involved in the step.
 LAUNCHER_POINTS: tuple[str, ...] = (
+    # Hand-over to a warm spare: the spare is killed.
     "handover.assign_sent",
     "handover.replay_sent",
     "handover.answer_received",
     "handover.occupant_installed",
+    # Cold start: the new emulator is killed.
     "cold.process_started",
-    "cold.replay_sent",
     "cold.occupant_installed",
+    # disk-resize: the image grew, the emulator not yet told; it is killed.
+    "disk.resize.after_grow",
 )
 
 POINTS: tuple[str, ...] = EMULATOR_POINTS + LAUNCHER_POINTS

@@ -39,6 +39,7 @@ import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
+from emulators import faults
 from emulators.limits import VIRTIO_MAX_QUEUE_SIZE
 from emulators.virtio.chain import DEFAULT_MAX_INDIRECT, BadChain, DescriptorChain, walk_chain
 from emulators.virtio.errors import (
@@ -330,8 +331,10 @@ class SplitQueue:
         number = words[W_LAST_COUNTER] + 1
         words[W_LAST_COUNTER] = number
         words[W_COUNTERS + head] = number
+        faults.point("queue.mark_inflight")
         last = (last + 1) & 0xFFFF
         words[W_LAST_AVAIL] = last
+        faults.point("queue.consumed")
         self._last_avail = last
         self._inflight += 1
         return chain
@@ -373,12 +376,17 @@ class SplitQueue:
             raise ValueError(f"used length {used_len} is not a u32")
         words[self._batch_base] = head  # P1
         words[W_BATCH_LEN] = 1
+        faults.point("queue.batch_recorded")
         used = self._used_idx
         _USED_ELEM.pack_into(self._used, 4 + 8 * (used & self._mask), head, used_len)  # P2
+        faults.point("queue.used_written")
         new = (used + 1) & 0xFFFF
         self._publish_used_idx(new)  # P3
+        faults.point("queue.publish_used")
         words[W_COUNTERS + head] = 0  # P4
+        faults.point("queue.clear_inflight")
         words[W_USED] = new  # P5
+        faults.point("queue.batch_settle")
         self._used_idx = new
         self._inflight -= 1
 
@@ -406,6 +414,7 @@ class SplitQueue:
         for i, (head, _) in enumerate(completions):
             words[base + i] = head
         words[W_BATCH_LEN] = n
+        faults.point("queue.batch_recorded")
         # P2: used elements, before the index that makes them visible.
         used = self._used_idx
         mask = self._mask
@@ -413,13 +422,17 @@ class SplitQueue:
         ring = self._used
         for i, (head, length) in enumerate(completions):
             pack(ring, 4 + 8 * ((used + i) & mask), head, length)
+        faults.point("queue.used_written")
         # P3: publish.
         new = (used + n) & 0xFFFF
         self._publish_used_idx(new)
+        faults.point("queue.publish_used")
         # P4, P5: settle.
         for head, _ in completions:
             words[W_COUNTERS + head] = 0
+        faults.point("queue.clear_inflight")
         words[W_USED] = new
+        faults.point("queue.batch_settle")
         self._used_idx = new
         self._inflight -= n
 
