@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The runner owns the process; this object owns the decisions.  The runner
-tells it what happened (`start`, `on_started`, `on_exit`,
+tells it what happened (`start`, `on_started`, `on_exit`, `on_start_failed`,
 `on_stop_requested`) and lets time pass (`tick(now_ns)`, when
 `next_deadline_ns()` comes due); it answers with actions: `Start` (start an
 emulator now), `GiveUp` (pause or power off the VM through QEMU's QMP), or
@@ -14,11 +14,11 @@ States, in the spirit of supervisord's process states::
 
     STOPPED --start--> STARTING --on_started--> RUNNING
                           |                        |
-                          +------ on_exit ---------+--> decide:
-                                  restart now   -> STARTING
-                                  restart later -> BACKOFF --tick--> STARTING
-                                  no restart    -> EXITED
-                                  burst spent   -> GAVE_UP
+                          +-- on_exit -------------+--> decide:
+                          +-- on_start_failed         restart now   -> STARTING
+                                                      restart later -> BACKOFF --tick--> STARTING
+                                                      no restart    -> EXITED
+                                                      burst spent   -> GAVE_UP
     any live state --on_stop_requested--> STOPPING --on_exit--> STOPPED
     BACKOFF --on_stop_requested--> STOPPED
 
@@ -36,6 +36,15 @@ them:
 - A restart that management asked for (``requested_restart``) always
   happens, at once, and does not count against the burst: the operator must
   not be able to pause the VM by mistake.
+- An emulator that exited on a front-end message it was right to refuse
+  (``frontend_fault``: the session keeper discarded that message, so it is
+  never sent again) is restarted at once and not counted either: a
+  misbehaving front-end must not make the VM give up on a healthy device.
+  ``restart = "never"`` still gives up.
+- A start that failed (``on_start_failed``: the process did not start, was
+  not confined, or a warm spare died, froze or refused its hand-over) is
+  counted like a crash: the next start is cold, and a start that keeps
+  failing ends in the give-up action like a crash loop.
 - At most ``burst`` restarts within a sliding window of ``window_s``; the
   one after that gives up.
 - The first restart in the window is immediate (the guest is waiting on its
@@ -81,6 +90,8 @@ class ExitReason(enum.StrEnum):
     KILLED_HUNG = "killed_hung"  # the runner killed it after a hang verdict
     EXITED_CLEAN = "exited_clean"  # exit status 0
     REQUESTED_RESTART = "requested_restart"  # the runner killed it because management asked
+    FRONTEND_FAULT = "frontend_fault"  # exited on a front-end message it had to refuse
+    START_FAILED = "start_failed"  # never became the occupant (see on_start_failed)
 
 
 class PolicyError(Exception):
@@ -159,6 +170,7 @@ _ALLOWED: Final[dict[str, frozenset[RunState]]] = {
     "start": frozenset({RunState.STOPPED, RunState.EXITED, RunState.GAVE_UP, RunState.BACKOFF}),
     "on_started": frozenset({RunState.STARTING}),
     "on_exit": frozenset({RunState.STARTING, RunState.RUNNING, RunState.STOPPING}),
+    "on_start_failed": frozenset({RunState.STARTING, RunState.STOPPING}),
     "on_stop_requested": frozenset(RunState),
     "tick": frozenset(RunState),
 }
@@ -181,6 +193,7 @@ class RestartPolicy:
         on_give_up: GiveUpAction,
         backoff_ms: Sequence[int] = DEFAULT_BACKOFF_MS,
         log: Callable[[str], None] | None = None,
+        log_give_up: Callable[[str], None] | None = None,
     ) -> None:
         if burst < 0:
             raise ValueError(f"burst must be >= 0, not {burst}")
@@ -195,6 +208,8 @@ class RestartPolicy:
         self.on_give_up = GiveUpAction(on_give_up)
         self.backoff_ms = tuple(backoff_ms)
         self._log = log if log is not None else _log.info
+        # A give-up is the one decision that is an error; said once, here.
+        self._log_give_up = log_give_up if log_give_up is not None else self._log
         self._state = RunState.STOPPED
         self._restarts: deque[int] = deque()  # decision times of counted restarts
         self._restart_at_ns: int | None = None
@@ -206,11 +221,12 @@ class RestartPolicy:
 
     @classmethod
     def from_spec(
-        cls, spec: EmulatorSpec, log: Callable[[str], None] | None = None
+        cls, spec: EmulatorSpec, log: Callable[[str], None] | None = None,
+        log_give_up: Callable[[str], None] | None = None,
     ) -> RestartPolicy:
         return cls(
             spec.id, spec.restart, spec.restart_burst, spec.restart_window_s, spec.on_give_up,
-            log=log,
+            log=log, log_give_up=log_give_up,
         )
 
     @property
@@ -281,7 +297,9 @@ class RestartPolicy:
             return [self._decide(Nothing(
                 f"emulator {self.emulator} stopped as requested ({cause})"
             ))]
-        if reason is ExitReason.REQUESTED_RESTART:
+        if reason is ExitReason.REQUESTED_RESTART or (
+            reason is ExitReason.FRONTEND_FAULT and self.mode is not RestartMode.NEVER
+        ):
             self._state = RunState.STARTING
             return [self._decide(Start(
                 f"restart emulator {self.emulator} ({cause}); not counted against restart_burst"
@@ -291,6 +309,28 @@ class RestartPolicy:
             return [self._decide(Nothing(
                 f"emulator {self.emulator} exited cleanly ({status_text}); "
                 f"restart = {self.mode.value} does not restart it"
+            ))]
+        if self.mode is RestartMode.NEVER:
+            return [self._give_up(
+                f"give up on emulator {self.emulator} ({cause}): restart = never"
+            )]
+        return [self._restart(now_ns, cause)]
+
+    def on_start_failed(self, now_ns: int, detail: str) -> list[PolicyAction]:
+        """A Start did not give a running emulator (``detail`` says why).
+
+        Counted against the burst like a crash: without that, a start that
+        always fails (a sandbox that no longer holds, a spare that freezes)
+        would loop for ever instead of reaching the give-up action.
+        """
+        self._enter("on_start_failed", now_ns)
+        cause = f"{ExitReason.START_FAILED.value}: {detail}"
+        self._last_exit_reason = ExitReason.START_FAILED
+        self._last_exit_status = None
+        if self._state is RunState.STOPPING:
+            self._state = RunState.STOPPED
+            return [self._decide(Nothing(
+                f"emulator {self.emulator} stopped as requested ({cause})"
             ))]
         if self.mode is RestartMode.NEVER:
             return [self._give_up(
@@ -375,5 +415,5 @@ class RestartPolicy:
 
     def _decide(self, action: PolicyAction) -> PolicyAction:
         self._last_decision = action.reason
-        self._log(action.reason)
+        (self._log_give_up if isinstance(action, GiveUp) else self._log)(action.reason)
         return action

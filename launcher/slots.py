@@ -26,16 +26,27 @@ from typing import Any
 
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
 from emulators.limits import resize_problem
+from emulators.process import EXIT_PROTOCOL
 from launcher import emulators
 from launcher.heartbeat import protocol as proto
 from launcher.heartbeat.detector import NoReply, Stalled
 from launcher.heartbeat.link import ControlLink, control_pair
 from launcher.libvirt import backend_socket
-from launcher.occupant import Occupant, now_ns, signal_name
+from launcher.occupant import (
+    Ending,
+    HandOverFailed,
+    Occupant,
+    hand_over,
+    now_ns,
+    reap,
+    serve,
+    signal_name,
+)
 from launcher.restart_policy import (
     ExitReason,
     GiveUp,
     Nothing,
+    PolicyAction,
     RestartPolicy,
     Start,
     describe_status,
@@ -52,7 +63,6 @@ REQUEST_QUEUES_MAX = 16
 QUEUE_SLOTS = 2 + REQUEST_QUEUES_MAX
 LUN_SLOTS = 256
 COMMAND_TIMEOUT = 5.0
-ASSIGN_TIMEOUT = 5.0
 
 
 def _listen(path: Path) -> socket.socket:
@@ -83,6 +93,26 @@ class SlotStats:
     started_ns: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SlotSnapshot:
+    """What management may know of a slot, taken at one instant: a copy, so
+    a query never holds (or reaches through) the live process and link."""
+
+    id: str
+    pid: int | None  # only while a live process serves the slot
+    uid: int | None
+    state: str
+    uptime_s: float | None
+    restarts: int
+    last_exit: str | None
+    last_stall_ms: float | None
+    controllers: tuple[str, ...]
+    disks: tuple[str, ...]
+    heartbeat_rtt_ms: float | None
+    inflight: int | None
+    completed: int | None
+
+
 class EmulatorSlot:
     """One emulator of the spec, restarted as its policy says."""
 
@@ -105,7 +135,7 @@ class EmulatorSlot:
             c.id: list(spec.disks_of(c.id)) for c in self.controllers
         }
         self._commands = asyncio.Lock()
-        self.policy = RestartPolicy.from_spec(emulator, log=LOG.info)
+        self.policy = RestartPolicy.from_spec(emulator, log=LOG.info, log_give_up=LOG.error)
         self.stats = SlotStats()
         self.occupant: Occupant | None = None
         self.uids = uids
@@ -115,6 +145,7 @@ class EmulatorSlot:
         self.emit: Callable[[str, dict[str, Any]], None] = lambda name, data: None
         self._stopping = False
         self._restart_requested = asyncio.Event()
+        self._cold_next = False  # the last start failed on a warm spare
         self.disk_fds: dict[str, int] = {}
         self.qemu_ends: dict[str, socket.socket] = {}
         self._keeper_ends: dict[str, socket.socket] = {}
@@ -143,6 +174,27 @@ class EmulatorSlot:
     def proc(self) -> emulators.EmulatorProcess | None:
         return self.occupant.proc if self.occupant else None
 
+    def snapshot(self) -> SlotSnapshot:
+        occ = self.occupant
+        live = occ is not None and not occ.proc.exited.done()
+        detector = occ.link.detector if occ is not None and live else None
+        totals = detector.totals if detector is not None else None
+        return SlotSnapshot(
+            id=self.id,
+            pid=occ.proc.pid if occ is not None and live else None,
+            uid=occ.uid if occ is not None and live else None,
+            state=self.policy.state.value,
+            uptime_s=round((now_ns() - self.stats.started_ns) / 1e9, 1) if live else None,
+            restarts=self.stats.restarts,
+            last_exit=self.stats.last_exit,
+            last_stall_ms=self.stats.last_stall_ms,
+            controllers=tuple(c.id for c in self.controllers),
+            disks=tuple(d.id for disks in self.disks.values() for d in disks),
+            heartbeat_rtt_ms=detector.round_trip_ms if detector is not None else None,
+            inflight=totals.in_flight if totals is not None else None,
+            completed=totals.completed if totals is not None else None,
+        )
+
     def start_keepers(self, on_qemu_closed: Callable[[str], None]) -> None:
         """Keepers hold QEMU's sessions; QEMU's ends are then QEMU's alone."""
         for controller in self.controllers:
@@ -151,6 +203,9 @@ class EmulatorSlot:
                 self._keeper_ends.pop(controller.id, None),
                 num_queues=2 + controller.queues,
                 on_qemu_closed=on_qemu_closed,
+                on_refused=lambda r: self.emit("FRONTEND_REFUSED",
+                                               {"id": self.id, **r.event_data()}),
+                guest_memory=self.spec.vm.memory,
             )
 
     async def accept_frontends(self) -> None:
@@ -197,13 +252,16 @@ class EmulatorSlot:
         )
         return config, ours, theirs
 
-    async def _launch_cold(self, first_start: bool) -> None:
+    async def _launch_cold(self, first_start: bool) -> Occupant:
+        """A new process, confined; raises (everything closed) if not."""
         config, ours, theirs = self._config(first_start)
         link_ours, link_theirs = control_pair()
         theirs.append(link_theirs)
         config = dataclasses.replace(config, control_fd=link_theirs.fileno())
         uid = self.uids.take(self.base_uid)
         if uid is None:
+            for sock in (*ours.values(), *theirs, link_ours):
+                sock.close()
             raise RuntimeError(f"uid_range has no uid left for emulator {self.id}")
         res = emulators.EmulatorResources.for_vm(self.spec, self.emulator, config, uid)
         try:
@@ -217,160 +275,192 @@ class EmulatorSlot:
         finally:
             for sock in theirs:
                 sock.close()
-        self._occupy(Occupant(proc, ControlLink(self.id, link_ours), uid), ours, first_start)
+        occupant = Occupant(proc, ControlLink(self.id, link_ours), uid)
+        for cid, sock in ours.items():
+            self.keepers[cid].attach(sock, replay=not first_start)
+        return occupant
 
-    async def _launch_spare(self, spare: Occupant) -> bool:
-        """Hand the assignment to a waiting spare; False if it refused."""
+    async def _launch_spare(self, spare: Occupant) -> Occupant:
+        """Hand the assignment to a waiting spare (now ours); raises
+        HandOverFailed with the spare reaped and its uid given back."""
         config, ours, theirs = self._config(first_start=False)
-        reply: proto.Assigned | None = None
-        try:
-            answer = spare.link.send_assign(config.to_json(), config.assigned_fds())
-            # The replay goes out at once, without waiting for the answer: the
-            # spare reads it as soon as it has built its controllers, and every
-            # wake-up saved is time the guest does not wait.
+
+        def replay() -> None:
             for cid, sock in ours.items():
                 self.keepers[cid].attach(sock, replay=True)
-            reply = await asyncio.wait_for(answer, ASSIGN_TIMEOUT)
-        except (TimeoutError, OSError) as e:
-            LOG.warning("warm spare (pid %d) did not take emulator %s: %s", spare.proc.pid,
-                        self.id, e or "timeout")
-        finally:
-            for sock in theirs:
-                sock.close()
-        if reply is None or not reply.ok:
+
+        try:
+            await hand_over(spare, config, replay)
+        except BaseException:
             for keeper in self.keepers.values():
                 keeper.detach()
-            if reply is not None:
-                LOG.warning("warm spare refused emulator %s: %s", self.id, reply.error)
             for sock in ours.values():
                 sock.close()
             spare.link.close()
-            await spare.proc.stop()
+            await reap(spare.proc)
             self.uids.give_back(spare.uid)
-            return False
+            raise
+        finally:
+            for sock in theirs:
+                sock.close()
         spare.link.name = self.id
         spare.proc.id = self.id
-        self._occupy(spare, {}, first_start=False)
         self.stats.spare_restarts += 1
-        return True
+        return spare
 
-    def _occupy(self, occupant: Occupant, ours: dict[str, socket.socket],
-                first_start: bool) -> None:
+    def _occupy(self, occupant: Occupant) -> None:
         self.occupant = occupant
-        for cid, sock in ours.items():
-            self.keepers[cid].attach(sock, replay=not first_start)
         occupant.link.watch(self.emulator.heartbeat_ms, self.emulator.hang_timeout_ms)
         self.stats.starts += 1
         self.stats.started_ns = now_ns()
         self.policy.on_started(now_ns())
 
     async def start(self) -> None:
+        """The first start, before QEMU: a failure here ends the VM."""
         self.policy.start(now_ns())
-        await self._launch_cold(first_start=True)
+        self._occupy(await self._launch_cold(first_start=True))
 
     def request_restart(self) -> None:
         """Management asked for a restart: kill the occupant; the policy restarts it."""
         self._restart_requested.set()
 
     async def supervise(self) -> None:
-        """Watch the occupant; restart it as the policy decides. Returns when the
-        slot stops for good (stop requested, clean end, or give-up)."""
+        """The slot's life after its first start: one task of the VM's group.
+
+        Returns when the slot stops for good (stop requested, clean end,
+        give-up). Every end of an occupant and every failed restart goes
+        through the policy; only CancelledError (the VM's teardown) leaves
+        early."""
         while not self._stopping and self.occupant is not None:
             occupant = self.occupant
-            reason, detail = await self._wait_end(occupant)
-            status = await asyncio.shield(occupant.proc.exited)
-            died_ns = now_ns()
-            for keeper in self.keepers.values():
-                keeper.detach()
-            occupant.link.close()
-            self.uids.give_back(occupant.uid)
-            if self._stopping:
+            ending = await serve(occupant, self._restart_requested)
+            actions = self._ended(occupant, ending)
+            if not await self._carry_out(actions, now_ns(), occupant.proc.pid):
                 return
-            self.stats.last_exit = describe_status(status)
-            if reason is ExitReason.CRASHED and status == 0:
-                reason = ExitReason.EXITED_CLEAN
-            if reason is ExitReason.CRASHED:
-                LOG.warning("emulator %s died (%s)", self.id, self.stats.last_exit)
-            self.emit("EMULATOR_EXIT", {
-                "id": self.id, "pid": occupant.proc.pid, "reason": reason.value,
-                "signal": signal_name(-status) if status < 0 else None,
-                "status": status if status >= 0 else None,
-            })
-            actions = self.policy.on_exit(died_ns, status, reason, detail)
-            while actions:
-                action = actions.pop(0)
-                if isinstance(action, Start):
-                    await self._restart(died_ns, occupant.proc.pid)
-                elif isinstance(action, GiveUp):
-                    self.occupant = None
-                    self.emit("EMULATOR_GIVE_UP", {
-                        "id": self.id, "restarts": self.stats.restarts,
-                        "action": action.action.value, "reason": action.reason,
-                    })
-                    await self._on_give_up(action)
-                    return
-                elif isinstance(action, Nothing):
-                    deadline = self.policy.next_deadline_ns()
-                    if deadline is None:
-                        self.occupant = None
-                        return
-                    await asyncio.sleep(max(0, deadline - now_ns()) / 1e9)
-                    if self._stopping:
-                        return
-                    actions = self.policy.tick(now_ns())
 
-    async def _wait_end(self, occupant: Occupant) -> tuple[ExitReason, str]:
-        """Until the process ends, hangs (then kill it), or management restarts it."""
-        restart = asyncio.create_task(self._restart_requested.wait())
-        try:
-            waits: set[asyncio.Future[Any]] = {occupant.proc.exited, occupant.link.hung, restart}
-            done, _ = await asyncio.wait(
-                waits,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            restart.cancel()
-        if occupant.proc.exited in done:
-            return ExitReason.CRASHED, ""
-        if restart in done:
-            self._restart_requested.clear()
+    def _ended(self, occupant: Occupant, ending: Ending) -> list[PolicyAction]:
+        """Bookkeeping, log and events for an occupant that ended; the policy's answer."""
+        died_ns = now_ns()
+        reason, detail, status = ending.reason, ending.detail, ending.status
+        blame = self._blame() if status == EXIT_PROTOCOL else None  # before detach
+        for keeper in self.keepers.values():
+            keeper.detach()
+        occupant.link.close()
+        self.uids.give_back(occupant.uid)
+        self.occupant = None
+        if self._stopping:
+            return []
+        self.stats.last_exit = describe_status(status)
+        if reason is ExitReason.CRASHED and status == 0:
+            reason = ExitReason.EXITED_CLEAN
+        if reason is ExitReason.CRASHED and blame is not None:
+            reason, detail = ExitReason.FRONTEND_FAULT, blame
+            LOG.warning("emulator %s refused a front-end message (%s): %s", self.id,
+                        self.stats.last_exit, blame)
+        elif reason is ExitReason.CRASHED:
+            LOG.warning("emulator %s died (%s)", self.id, self.stats.last_exit)
+        verdict = ending.verdict
+        if verdict is not None:
+            hang: dict[str, Any] = {
+                "id": self.id, "pid": occupant.proc.pid,
+                "why": "no-progress" if isinstance(verdict, Stalled) else "no-answer",
+                "inflight": verdict.in_flight if isinstance(verdict, Stalled) else 0,
+            }
+            if isinstance(verdict, Stalled | NoReply):
+                hang["silent_ms"] = int(verdict.since_ms)
+            self.emit("EMULATOR_HANG", hang)
+            LOG.warning("emulator %s hung: %s; killed pid %d", self.id, verdict.reason,
+                        occupant.proc.pid)
+        elif reason is ExitReason.REQUESTED_RESTART:
             LOG.info("emulator %s: restart requested", self.id)
-            occupant.proc.kill()
-            return ExitReason.REQUESTED_RESTART, "requested through management"
-        verdict = occupant.link.hung.result()
-        hang: dict[str, Any] = {
-            "id": self.id, "pid": occupant.proc.pid,
-            "why": "no-progress" if isinstance(verdict, Stalled) else "no-answer",
-            "inflight": verdict.in_flight if isinstance(verdict, Stalled) else 0,
-        }
-        if isinstance(verdict, Stalled | NoReply):
-            hang["silent_ms"] = int(verdict.since_ms)
-        self.emit("EMULATOR_HANG", hang)
-        LOG.warning("emulator %s hung: %s; killing pid %d", self.id, verdict.reason,
-                    occupant.proc.pid)
-        occupant.proc.kill()
-        return ExitReason.KILLED_HUNG, verdict.reason
+        self.emit("EMULATOR_EXIT", {
+            "id": self.id, "pid": occupant.proc.pid, "reason": reason.value,
+            "signal": signal_name(-status) if status < 0 else None,
+            "status": status if status >= 0 else None,
+        })
+        return self.policy.on_exit(died_ns, status, reason, detail)
+
+    def _blame(self) -> str | None:
+        """The front-end message an emulator was right to refuse (it exited
+        with the protocol status), if a keeper had one in flight; the keeper
+        drops it, so it is never sent again."""
+        for keeper in self.keepers.values():
+            blame_pending = getattr(keeper, "blame_pending", None)
+            text = blame_pending() if blame_pending is not None else None
+            if text:
+                return str(text)
+        return None
+
+    async def _carry_out(self, actions: list[PolicyAction], died_ns: int, old_pid: int) -> bool:
+        """Do what the policy said until there is an occupant again (True) or
+        the slot is done (False)."""
+        while actions:
+            action = actions.pop(0)
+            if isinstance(action, Start):
+                try:
+                    await self._restart(died_ns, old_pid)
+                except Exception as e:  # cancellation is the VM's teardown: not caught
+                    if self._stopping:
+                        return False
+                    why = str(e) or type(e).__name__
+                    LOG.warning("emulator %s: restart failed: %s", self.id, why)
+                    if isinstance(e, HandOverFailed):  # a process that was to be ours ended
+                        self.emit("EMULATOR_EXIT", {
+                            "id": self.id, "pid": e.pid, "reason": ExitReason.START_FAILED.value,
+                            "signal": signal_name(-e.status) if e.status < 0 else None,
+                            "status": e.status if e.status >= 0 else None,
+                        })
+                    actions = self.policy.on_start_failed(now_ns(), why)
+            elif isinstance(action, GiveUp):
+                self.emit("EMULATOR_GIVE_UP", {
+                    "id": self.id, "restarts": self.stats.restarts,
+                    "action": action.action.value, "reason": action.reason,
+                })
+                await self._on_give_up(action)
+                return False
+            elif isinstance(action, Nothing):
+                deadline = self.policy.next_deadline_ns()
+                if deadline is None:
+                    return False
+                await asyncio.sleep(max(0, deadline - now_ns()) / 1e9)
+                if self._stopping:
+                    return False
+                actions = self.policy.tick(now_ns())
+        return self.occupant is not None
 
     async def _restart(self, died_ns: int, old_pid: int) -> None:
-        spare = self.spares.take() if self.spares is not None else None
-        via = "cold start"
-        if spare is not None and await self._launch_spare(spare):
-            via = "warm spare"
-        else:
-            await self._launch_cold(first_start=False)
-        if self.spares is not None:
-            self.spares.replenish()
+        """One Start: the warm spare if one is ready and the last start did
+        not just fail on one, else a cold start. A failed hand-over raises
+        (the policy counts it; the next start is cold)."""
+        spare = None
+        if self.spares is not None and not self._cold_next:
+            spare = self.spares.take()
+        self._cold_next = False
+        try:
+            if spare is not None:
+                via = "warm spare"
+                occupant = await self._launch_spare(spare)
+            else:
+                via = "cold start"
+                occupant = await self._launch_cold(first_start=False)
+        except HandOverFailed:
+            self._cold_next = True
+            raise
+        finally:
+            if self.spares is not None:
+                self.spares.replenish()
+        self._occupy(occupant)
         stall_ms = (now_ns() - died_ns) / 1e6
         self.stats.restarts += 1
         self.stats.last_stall_ms = stall_ms
         self.stats.stalls_ms.append(stall_ms)
         self.emit("EMULATOR_RESTART", {
-            "id": self.id, "pid": self.proc.pid if self.proc else -1,
+            "id": self.id, "pid": occupant.proc.pid,
             "restarts": self.stats.restarts, "stall_ms": round(stall_ms, 3),
             "reason": via, "old_pid": old_pid,
         })
         LOG.info("emulator %s restarted (pid %d, %s) %.1f ms after its end", self.id,
-                 self.proc.pid if self.proc else -1, via, stall_ms)
+                 occupant.proc.pid, via, stall_ms)
 
     # -- disks changed through management
 

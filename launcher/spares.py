@@ -3,7 +3,18 @@
 A restart takes the VM's warm spare when one is ready: an emulator process
 already started, confined and waiting, which receives the whole assignment
 (config and fds) in one control message. That skips the interpreter
-start-up that dominates a cold restart. The pool then starts a new spare.
+start-up that dominates a cold restart.
+
+Theory of operation. `SparePool.run` is one task in the VM's task group and
+the only owner of the spare while it waits: it starts a spare, watches it
+(its exit, and a heartbeat like any emulator's, so a frozen spare is found
+within its hang timeout rather than at the next restart), and when the
+spare dies or hangs it kills it, reaps it and starts another. `take` moves
+the spare to a slot, which owns it (and its heartbeat) from then on; the
+pool starts the next one when the slot calls `replenish` after its restart,
+so that start-up does not compete with the hand-over for the CPU. A spare
+that fails to start is tried again after `SPARE_RETRY_S`: without one, the
+next restart pays a cold start, which is slower but still correct.
 """
 
 from __future__ import annotations
@@ -12,10 +23,11 @@ import asyncio
 import contextlib
 import dataclasses
 import sys
+from typing import Any
 
 from emulators.config import EmulatorConfig
 from launcher import emulators
-from launcher.heartbeat.link import ControlLink, control_pair
+from launcher.heartbeat.link import ControlLink, LinkClosed, control_pair
 from launcher.occupant import Occupant
 from launcher.spec import Spec
 from launcher.status import LOG
@@ -27,29 +39,55 @@ WARM_SPARE = True
 
 
 class SparePool:
-    """At most one warm spare per VM, replaced after it is used."""
+    """At most one warm spare per VM, replaced after it is used or lost."""
 
     def __init__(self, spec: Spec, uids: UidPool) -> None:
         self.spec = spec
         self.uids = uids
         self._spare: Occupant | None = None
-        self._starting: asyncio.Task[None] | None = None
+        self._wanted = asyncio.Event()
+        self._taken: asyncio.Future[None] | None = None
         self.closed = False
         self.started = 0
-        controllers = max((len(spec.controllers_of(e.id)) for e in spec.emulators), default=1)
-        self._controllers = controllers
+        self._controllers = max(
+            (len(spec.controllers_of(e.id)) for e in spec.emulators), default=1
+        )
+        # A spare may replace any emulator: judge it by the strictest limits.
+        self.heartbeat_ms = min((e.heartbeat_ms for e in spec.emulators), default=500)
+        self.hang_timeout_ms = min((e.hang_timeout_ms for e in spec.emulators), default=2000)
 
     def replenish(self) -> None:
-        if self.closed or self._spare is not None or not self.spec.emulators:
-            return
-        if self._starting is None or self._starting.done():
-            self._starting = asyncio.create_task(self._start())
+        """Ask for a spare (the pool's task starts one if none is waiting)."""
+        if not self.closed and self.spec.emulators:
+            self._wanted.set()
 
-    async def _start(self) -> None:
+    async def run(self) -> None:
+        """The pool's life, until cancelled: keep one spare waiting.
+
+        Returns only when there is nothing to do (no emulators); errors in
+        starting or watching a spare are logged and retried here, so this task
+        never fails for a reason a retry can mend."""
+        if not self.spec.emulators:
+            return
+        while not self.closed:
+            await self._wanted.wait()
+            self._wanted.clear()
+            if self._spare is not None:
+                continue
+            spare = await self._start_one()
+            if spare is None:
+                await asyncio.sleep(SPARE_RETRY_S)
+                self._wanted.set()
+                continue
+            if await self._keep(spare):
+                self._wanted.set()  # lost while waiting: replace it now
+
+    async def _start_one(self) -> Occupant | None:
+        """A new spare, confined and ready; None (logged) if that failed."""
         uid = self.uids.take()
         if uid is None:
             LOG.warning("no warm spare: uid_range has no uid left for one")
-            return
+            return None
         ours, theirs = control_pair()
         try:
             base = self.spec.emulators[0]
@@ -68,53 +106,68 @@ class SparePool:
                 raise
             LOG.warning("warm spare failed to start: %s; trying again in %.0f s", e,
                         SPARE_RETRY_S)
-            self._retry_later()
-            return
+            return None
         finally:
             theirs.close()
-        link = ControlLink("spare", ours)
+        spare = Occupant(proc, ControlLink("spare", ours), uid)
         try:
-            await asyncio.wait_for(asyncio.shield(link.ready), READY_TIMEOUT)
-        except (TimeoutError, asyncio.CancelledError):
-            link.close()
-            await proc.stop()
-            self.uids.give_back(uid)
-            if not self.closed:
-                LOG.warning("warm spare (pid %d) never said ready", proc.pid)
-                self._retry_later()
-            return
-        if self.closed:
-            link.close()
-            await proc.stop()
-            self.uids.give_back(uid)
-            return
-        self._spare = Occupant(proc, link, uid)
+            await asyncio.wait_for(asyncio.shield(spare.link.ready), READY_TIMEOUT)
+        except (TimeoutError, LinkClosed) as e:
+            LOG.warning("warm spare (pid %d) never said ready (%s); trying again in %.0f s",
+                        proc.pid, e or "timeout", SPARE_RETRY_S)
+            await self._discard(spare)
+            return None
+        except BaseException:
+            await self._discard(spare)
+            raise
         self.started += 1
-        asyncio.create_task(self._watch(self._spare))
         LOG.debug("warm spare ready (pid %d, uid %d)", proc.pid, uid)
+        return spare
 
-    async def _watch(self, spare: Occupant) -> None:
-        """A spare that dies while waiting is replaced (and never handed out)."""
-        await asyncio.shield(spare.proc.exited)
-        if self._spare is spare:
-            self._spare = None
-            spare.link.close()
-            self.uids.give_back(spare.uid)
-            if not self.closed:
-                LOG.warning("warm spare (pid %d) died while waiting", spare.proc.pid)
-                self.replenish()
+    async def _keep(self, spare: Occupant) -> bool:
+        """Hold `spare` until a slot takes it (False) or it dies or hangs (True,
+        once it is killed and reaped)."""
+        self._spare = spare
+        taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._taken = taken
+        spare.link.watch(self.heartbeat_ms, self.hang_timeout_ms)
+        try:
+            async with spare.link.beating():
+                waits: set[asyncio.Future[Any]] = {spare.proc.exited, spare.link.hung, taken}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            if self._spare is spare:
+                self._spare = None
+                await self._discard(spare)
+            raise
+        if self._spare is not spare:
+            return False  # a slot owns it now
+        self._spare = None
+        if spare.proc.exited.done():
+            LOG.warning("warm spare (pid %d) died while waiting", spare.proc.pid)
+        else:
+            verdict = spare.link.hung.result()
+            LOG.warning("warm spare (pid %d) hung while waiting: %s; killing it",
+                        spare.proc.pid, verdict.reason)
+            spare.proc.kill()
+        await self._discard(spare)
+        return True
 
-    def _retry_later(self) -> None:
-        """A spare that failed to start is tried again, not given up on: without
-        one, the next restart pays a cold start."""
-        if not self.closed:
-            asyncio.get_running_loop().call_later(SPARE_RETRY_S, self.replenish)
+    async def _discard(self, spare: Occupant) -> None:
+        """Close, stop, reap and give the uid back; safe to call twice."""
+        spare.link.close()
+        await spare.proc.stop()
+        self.uids.give_back(spare.uid)
 
     def take(self) -> Occupant | None:
+        """The waiting spare, if it is alive and not judged hung; the caller
+        owns it from now on (its heartbeat, its stop, its uid)."""
         spare = self._spare
-        if spare is None or spare.proc.exited.done():
+        if spare is None or spare.proc.exited.done() or spare.link.hung.done():
             return None
         self._spare = None
+        if self._taken is not None and not self._taken.done():
+            self._taken.set_result(None)
         return spare
 
     @property
@@ -122,13 +175,9 @@ class SparePool:
         return self._spare.proc.pid if self._spare else None
 
     async def close(self) -> None:
+        """Stop the waiting spare (after `run` was cancelled, or instead of it)."""
         self.closed = True
-        if self._starting is not None:
-            self._starting.cancel()
-            with contextlib.suppress(BaseException):
-                await self._starting
         spare, self._spare = self._spare, None
         if spare is not None:
-            spare.link.close()
-            await spare.proc.stop()
-            self.uids.give_back(spare.uid)
+            with contextlib.suppress(ProcessLookupError):
+                await self._discard(spare)

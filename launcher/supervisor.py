@@ -1,21 +1,28 @@
 """The VM's lifetime, from run folder to reaped children.
 
-Theory of operation: one asyncio task per thing that can end the VM (QEMU's
-exit, a stop signal) is raced; whichever comes first starts the same orderly
-teardown: QMP quit, terminate, kill, then the emulators, then the run folder.
-Teardown is in `finally` blocks so that no path, including an error during
-start-up, leaves a child or the run folder behind.
+Theory of operation: the VM is the root of a supervision tree (drawn in
+docs/recovery.md). Every task it starts is a child of one asyncio task
+group: each slot's supervisor, the spare pool, QEMU's QMP follower, the
+front-end acceptors, the watchdog. Whichever comes first of QEMU's exit and
+a stop request (a signal, `quit`, a give-up that powers off) ends the VM:
+the children are cancelled and awaited, then the same orderly teardown
+runs: QMP quit, terminate, kill, then the spare and the emulators, then the
+run folder. A child that fails ends the VM with its error logged. Teardown
+is in `finally` blocks so that no path, including an error during start-up,
+leaves a child or the run folder behind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
+import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.accel import AccelChoice, choose_accel
+from launcher.emulators import DiskOpenError
 from launcher.libvirt import backend_socket
 from launcher.management.server import EventBus, ManagementServer
 from launcher.qemu import Qemu, bind_qmp_listener
@@ -66,6 +73,9 @@ class Supervisor:
         self.notifier = SdNotifier.from_environment()
         strip_environment()  # QEMU and the emulators must not talk to systemd
         self.spares: SparePool | None = None
+        self._group: asyncio.TaskGroup | None = None
+        self._children: list[asyncio.Task[object]] = []
+        self._qmp_failed = False
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -89,69 +99,111 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
 
     async def _run_in(self, run: RunFolder) -> int:
+        """Start-up and the VM's life in its task group, then teardown, always.
+
+        Every task the VM starts is a child of this group (see `_spawn`);
+        the children handle their own failures (a slot routes them into its
+        restart policy), so an exception that still reaches the group is a
+        bug: it ends the VM with the error logged, never silently."""
         listener = bind_qmp_listener(run.qemu_sock)
-        slots: list[EmulatorSlot] = []
-        qemu: Qemu | None = None
         server = ManagementServer(run.mplaunch_sock, SupervisorControl(self), self.bus)
         await server.start()
-        LOG.debug("management socket %s", run.mplaunch_sock)
-        watchdog = asyncio.create_task(self.notifier.run_watchdog())
+        code = EXIT_FAILED
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                try:
+                    code = await self._run_vm(run, listener)
+                finally:
+                    self._group = None
+                    for task in self._children:
+                        task.cancel()  # on purpose: the VM is ending
+        except* Exception as failed:
+            for error in failed.exceptions:
+                LOG.error("supervision failed: %s", error or type(error).__name__,
+                          exc_info=error)
+            self.outcome.emulator_died = self.outcome.emulator_died or "supervision failed"
+            code = EXIT_FAILED
+        finally:
+            await self._teardown(listener, server)
+        return code
+
+    def _spawn(self, coro: Coroutine[Any, Any, object], name: str) -> asyncio.Task[object]:
+        """A child of the VM's task group: its failure ends the VM, loudly."""
+        if self._group is None:
+            coro.close()
+            raise RuntimeError(f"{name}: the VM's task group is closed")
+        task = self._group.create_task(coro, name=name)
+        self._children.append(task)
+        return task
+
+    async def _run_vm(self, run: RunFolder, listener: socket.socket) -> int:
+        """Start the emulators (each confined before QEMU exists), then QEMU,
+        then supervise until the VM ends; the exit status."""
+        self._spawn(self.notifier.run_watchdog(), "systemd watchdog")
         try:
             if self.spec.emulators:
                 preflight(self.spec.vm.sandbox)  # the sandbox: fail closed, warn if weakened
             first, last = self.spec.vm.uid_range
             uids = UidPool(first, last)
-            spares = SparePool(self.spec, uids) if WARM_SPARE else None
-            self.spares = spares
+            self.spares = SparePool(self.spec, uids) if WARM_SPARE else None
             for emulator in self.spec.emulators:
-                slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids, spares,
+                slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids, self.spares,
                                     listen=self.backends_only)
                 slot.emit = self.emit
-                slots.append(slot)
-            self.slots = slots
-            for slot in slots:
+                self.slots.append(slot)
+            for slot in self.slots:
                 slot.start_keepers(self._qemu_closed_session)
-            for slot in slots:
+            for slot in self.slots:
                 if self._stop.is_set():
                     return EXIT_OK
                 await slot.start()
-            if self._stop.is_set():
-                return EXIT_OK
-            if self.backends_only:
-                return await self._serve_backends(run, slots)
-            vhost = {cid: s.fileno() for slot in slots for cid, s in slot.qemu_ends.items()}
-            fds = QemuFds(qmp_listener=listener.fileno(), vhost_user=vhost)
-            argv = qemu_argv(self.spec, self.accel.accel, fds)
-            qemu = await Qemu.start(
-                self.spec.vm.name, argv, fds.all(), run.qemu_sock, self.spec.vm.console == "stdio"
-            )
-            self.qemu = qemu
-            listener.close()
-            for slot in slots:
-                slot.close_qemu_ends()
-            LOG.info("QEMU started (pid %d)", qemu.pid)
-            if spares is not None:
-                spares.replenish()
-            return await self._supervise(qemu, slots)
-        except SandboxError as e:  # the sandbox: an emulator not confined stops the VM
+        except (SandboxError, DiskOpenError) as e:  # an emulator not confined stops the VM
             LOG.error("%s", e)
             return EXIT_FAILED
-        finally:
-            self.notifier.stopping()
-            watchdog.cancel()
-            listener.close()
-            if qemu is not None:
-                status = await qemu.stop()
-                LOG.info("QEMU exited (%s)", describe_status(status))
-            if self.spares is not None:
-                await self.spares.close()
-            for slot in slots:
-                status_or_none = await slot.stop()
-                if status_or_none is not None:
-                    LOG.info("emulator %s exited (%s)", slot.id, describe_status(status_or_none))
-                slot.close()
-            await server.close()
-            LOG.info("stopped")
+        if self._stop.is_set():
+            return EXIT_OK
+        if self.backends_only:
+            return await self._serve_backends(run)
+        vhost = {cid: s.fileno() for slot in self.slots for cid, s in slot.qemu_ends.items()}
+        fds = QemuFds(qmp_listener=listener.fileno(), vhost_user=vhost)
+        argv = qemu_argv(self.spec, self.accel.accel, fds)
+        qemu = await Qemu.start(
+            self.spec.vm.name, argv, fds.all(), run.qemu_sock, self.spec.vm.console == "stdio"
+        )
+        self.qemu = qemu
+        listener.close()
+        for slot in self.slots:
+            slot.close_qemu_ends()
+        LOG.info("QEMU started (pid %d)", qemu.pid)
+        return await self._supervise(qemu)
+
+    def _supervise_emulators(self) -> None:
+        """The slots' supervisors and the spare pool, as children of the VM."""
+        for slot in self.slots:
+            self._spawn(slot.supervise(), f"supervise {slot.id}")
+        if self.spares is not None:
+            self._spawn(self.spares.run(), "warm spares")
+            self.spares.replenish()
+
+    async def _teardown(self, listener: socket.socket, server: ManagementServer) -> None:
+        """QEMU first (the guest stops using the disks), then the spare, then
+        the emulators, then the management socket. Runs after every child of
+        the VM's group has ended, so no restart races it."""
+        self.notifier.stopping()
+        listener.close()
+        if self.qemu is not None:
+            status = await self.qemu.stop()
+            LOG.info("QEMU exited (%s)", describe_status(status))
+        if self.spares is not None:
+            await self.spares.close()
+        for slot in self.slots:
+            status_or_none = await slot.stop()
+            if status_or_none is not None:
+                LOG.info("emulator %s exited (%s)", slot.id, describe_status(status_or_none))
+            slot.close()
+        await server.close()
+        LOG.info("stopped")
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
         """An event for management clients (and a STATUS line for systemd)."""
@@ -169,63 +221,40 @@ class Supervisor:
         ):
             self.request_stop("QEMU closed every vhost-user connection")
 
-    async def _serve_backends(self, run: RunFolder, slots: list[EmulatorSlot]) -> int:
+    async def _serve_backends(self, run: RunFolder) -> int:
         """Backend-only mode: no QEMU of ours; serve until QEMU has come and gone,
         or a stop signal."""
-        for slot in slots:
+        for slot in self.slots:
             for cid in slot.listeners:
                 LOG.info("controller %s waits for QEMU on %s", cid, backend_socket(run.path, cid))
-        if self.spares is not None:
-            self.spares.replenish()
-        tasks = [asyncio.create_task(slot.accept_frontends()) for slot in slots]
-        tasks += [asyncio.create_task(slot.supervise()) for slot in slots]
+        self._supervise_emulators()
+        for slot in self.slots:
+            self._spawn(slot.accept_frontends(), f"accept QEMU for {slot.id}")
         self.notifier.ready(f"VM {self.spec.vm.name}: emulators serving")
-        try:
-            await self._stop.wait()
-        finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+        await self._stop.wait()
         return EXIT_FAILED if self.outcome.emulator_died else EXIT_OK
 
     async def _give_up(self, action: GiveUp) -> None:
-        """The restart policy gave up on an emulator: pause or power off the VM."""
-        LOG.error("%s", action.reason)
+        """The restart policy gave up on an emulator (it logged why): pause or
+        power off the VM."""
         self.outcome.gave_up = action.reason
         qemu = self.qemu
         if action.action is GiveUpAction.PAUSE and qemu is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await qemu.execute("stop")
                 return
+            except Exception as e:  # QEMU going away: power off is what is left
+                LOG.error("cannot pause the VM (%s): stopping it", e)
         self.outcome.emulator_died = action.reason
         self._stop.set()
 
-    async def _supervise(self, qemu: Qemu, slots: list[EmulatorSlot]) -> int:
-        stop = asyncio.create_task(self._stop.wait())
-        watchers = [asyncio.create_task(slot.supervise()) for slot in slots]
-        connect = asyncio.create_task(qemu.connect())
-        try:
-            await asyncio.wait({connect, stop, qemu.exited}, return_when=asyncio.FIRST_COMPLETED)
-            if connect.done() and connect.exception() is None:
-                LOG.debug("connected to QEMU's QMP")
-                self.notifier.ready(f"VM {self.spec.vm.name} running")
-                events = asyncio.create_task(self._follow_events(qemu))
-                try:
-                    await asyncio.wait({stop, qemu.exited}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    events.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await events
-            elif connect.done() and not qemu.exited.done():
-                LOG.error("cannot talk to QEMU: %s", connect.exception())
-                return EXIT_FAILED
-        finally:
-            for task in (stop, connect, *watchers):
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-        if self.outcome.emulator_died:
+    async def _supervise(self, qemu: Qemu) -> int:
+        """Until QEMU exits or a stop is asked for; the exit status."""
+        self._supervise_emulators()
+        self._spawn(self._follow_qemu(qemu), "QEMU's QMP")
+        stop = self._spawn(self._stop.wait(), "stop request")
+        await asyncio.wait({stop, qemu.exited}, return_when=asyncio.FIRST_COMPLETED)
+        if self.outcome.emulator_died or self._qmp_failed:
             return EXIT_FAILED
         if self._stop.is_set():
             return EXIT_OK
@@ -234,6 +263,21 @@ class Supervisor:
             return EXIT_OK
         LOG.error("QEMU died unexpectedly (%s)", describe_status(status))
         return EXIT_FAILED
+
+    async def _follow_qemu(self, qemu: Qemu) -> None:
+        """Connect to QEMU's QMP, then pass its events on until it goes.
+        QMP that does not come up while QEMU runs stops the VM."""
+        try:
+            await qemu.connect()
+        except Exception as e:
+            if not qemu.exited.done():
+                LOG.error("cannot talk to QEMU: %s", e)
+                self._qmp_failed = True
+                self._stop.set()
+            return
+        LOG.debug("connected to QEMU's QMP")
+        self.notifier.ready(f"VM {self.spec.vm.name} running")
+        await self._follow_events(qemu)
 
     async def _follow_events(self, qemu: Qemu) -> None:
         async for name, data in qemu.events():

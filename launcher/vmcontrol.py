@@ -60,24 +60,14 @@ class SupervisorControl:
     async def query_emulators(self) -> list[dict[str, Any]]:
         out = []
         for slot in self.sv.slots:
-            occ = slot.occupant
-            link = occ.link if occ else None
-            totals = link.detector.totals if link and link.detector else None
+            snap = slot.snapshot()
             out.append({
-                "id": slot.id,
-                "pid": occ.proc.pid if occ else None,
-                "uid": occ.uid if occ else None,
-                "state": slot.policy.state.value,
-                "uptime_s": round((time.monotonic_ns() - slot.stats.started_ns) / 1e9, 1)
-                if occ else None,
-                "restarts": slot.stats.restarts,
-                "last_exit": slot.stats.last_exit,
-                "last_stall_ms": slot.stats.last_stall_ms,
-                "controllers": [c.id for c in slot.controllers],
-                "disks": [d.id for disks in slot.disks.values() for d in disks],
-                "heartbeat_rtt_ms": link.round_trip_ms if link else None,
-                "inflight": totals.in_flight if totals else None,
-                "completed": totals.completed if totals else None,
+                "id": snap.id, "pid": snap.pid, "uid": snap.uid, "state": snap.state,
+                "uptime_s": snap.uptime_s, "restarts": snap.restarts,
+                "last_exit": snap.last_exit, "last_stall_ms": snap.last_stall_ms,
+                "controllers": list(snap.controllers), "disks": list(snap.disks),
+                "heartbeat_rtt_ms": snap.heartbeat_rtt_ms, "inflight": snap.inflight,
+                "completed": snap.completed,
             })
         return out
 
@@ -113,12 +103,12 @@ class SupervisorControl:
 
     async def emulator_restart(self, id: str) -> None:
         slot = self._slot(id)
-        if slot.occupant is None:
-            raise _fail(f"emulator '{id}' is not running ({slot.policy.state.value})")
-        before = slot.stats.restarts
+        snap = slot.snapshot()
+        if snap.pid is None:
+            raise _fail(f"emulator '{id}' is not running ({snap.state})")
         slot.request_restart()
         deadline = time.monotonic() + RESTART_TIMEOUT
-        while slot.stats.restarts == before:
+        while slot.snapshot().restarts == snap.restarts:
             if time.monotonic() > deadline:
                 raise _fail(f"emulator '{id}' did not come back in {RESTART_TIMEOUT:.0f} s")
             await asyncio.sleep(0.005)

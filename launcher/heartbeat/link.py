@@ -3,6 +3,15 @@
 The protocol is in `protocol`, the hang verdicts in `detector`; this is the
 thin I/O around them: read datagrams as they come, hand PONGs to the
 detector, send PINGs when the detector says, and report a verdict once.
+
+The link starts no task of its own: its heartbeat is the coroutine
+`heartbeat()`, run by whoever owns the process at the time (the spare pool
+while a spare waits, the slot during a hand-over and while it serves), in
+that owner's task group. Every way the link can fail ends in the `hung`
+future, never in an exception nobody awaits: a hang verdict, a protocol
+violation, the emulator closing its end, or an error in the heartbeat
+itself. A future the link can no longer complete (`ready`, `assigned`) gets
+`LinkClosed`, not a cancellation: CancelledError means only "we cancelled".
 """
 
 from __future__ import annotations
@@ -13,7 +22,9 @@ import dataclasses
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from launcher.heartbeat import protocol as proto
 from launcher.heartbeat.detector import HangDetector, SendPing, Verdict
@@ -32,6 +43,11 @@ class ProtocolBroken:
 
 
 Judgement = Verdict | ProtocolBroken
+
+
+class LinkClosed(Exception):
+    """The control link closed before the answer came (the emulator died or
+    closed its end, or the launcher closed the link)."""
 
 
 def control_pair() -> tuple[socket.socket, socket.socket]:
@@ -54,7 +70,8 @@ class ControlLink:
         self._command_seq = 0
         self.hung: asyncio.Future[Judgement] = asyncio.get_running_loop().create_future()
         self.closed = False
-        self._ticker: asyncio.Task[None] | None = None
+        # The last sign of life: a PONG or an answer; the hand-over's deadline.
+        self.last_heard_ns = time.monotonic_ns()
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
     def send(self, message: proto.Message) -> None:
@@ -65,9 +82,12 @@ class ControlLink:
             self.sock.send(data)
 
     def send_assign(self, config_json: str, fds: list[int]) -> asyncio.Future[proto.Assigned]:
-        """Send the assignment now; the future gets the answer."""
+        """Send the assignment now; the future gets the answer, or `LinkClosed`."""
         self.assigned = asyncio.get_running_loop().create_future()
-        self.send(proto.Assign(config_json, tuple(fds)))
+        if self.closed:
+            _fail(self.assigned, "the control link is closed")
+        else:
+            self.send(proto.Assign(config_json, tuple(fds)))
         return self.assigned
 
     async def command(self, command: proto.Command, timeout: float) -> proto.Result:
@@ -86,29 +106,62 @@ class ControlLink:
             del self._results[seq]
 
     def watch(self, heartbeat_ms: int, hang_timeout_ms: int) -> None:
-        """Start the heartbeat: ping, and judge the replies."""
+        """Judge this process by these limits from now on (a spare, once
+        assigned, by its emulator's); `heartbeat()` does the pinging."""
         self.detector = HangDetector(heartbeat_ms, hang_timeout_ms)
         self.detector.reset(time.monotonic_ns())
-        self._ticker = asyncio.create_task(self._tick())
+
+    @property
+    def interval_ns(self) -> int:
+        """The heartbeat interval (0 before `watch`)."""
+        return self.detector.heartbeat_ms * 1_000_000 if self.detector else 0
 
     @property
     def round_trip_ms(self) -> float | None:
         return self.detector.round_trip_ms if self.detector else None
 
-    async def _tick(self) -> None:
-        detector = self.detector
-        assert detector is not None
-        while not self.closed and not self.hung.done():
-            for action in detector.tick(time.monotonic_ns()):
-                if isinstance(action, SendPing):
-                    with contextlib.suppress(OSError):
-                        self.send(action.message())
-                else:
-                    self._verdict(action)
-                    return
-            deadline = detector.next_deadline_ns()
-            delay = 0.05 if deadline is None else max(0.0, (deadline - time.monotonic_ns()) / 1e9)
-            await asyncio.sleep(delay)
+    @contextlib.asynccontextmanager
+    async def beating(self) -> AsyncIterator[None]:
+        """Run `heartbeat()` while the block runs, as a child of the caller:
+        started here, cancelled and awaited on the way out, its failure (there
+        should be none: see `heartbeat`) raised in the caller. Our own
+        cancellation is never swallowed: the child is awaited with
+        `asyncio.wait`, which does not raise for it."""
+        ticker = asyncio.create_task(self.heartbeat(), name=f"heartbeat {self.name}")
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            await asyncio.wait({ticker})
+            if not ticker.cancelled() and ticker.exception() is not None:
+                raise ticker.exception()  # type: ignore[misc]
+
+    async def heartbeat(self) -> None:
+        """Ping and judge until a verdict, the link closes, or the owner cancels.
+
+        Never raises anything but CancelledError: an error here is a verdict
+        like a hang (the process is then killed and the policy decides),
+        because a heartbeat that stopped unseen would leave a hung emulator
+        running for ever."""
+        try:
+            while not self.closed and not self.hung.done():
+                detector = self.detector
+                if detector is None:
+                    raise RuntimeError("heartbeat() before watch()")
+                for action in detector.tick(time.monotonic_ns()):
+                    if isinstance(action, SendPing):
+                        with contextlib.suppress(OSError):
+                            self.send(action.message())
+                    else:
+                        self._verdict(action)
+                        return
+                deadline = detector.next_deadline_ns()
+                delay = 0.05 if deadline is None else max(
+                    0.0, (deadline - time.monotonic_ns()) / 1e9)
+                await asyncio.sleep(delay)
+        except Exception as e:
+            LOG.error("heartbeat of %s failed: %r", self.name, e)
+            self._verdict(ProtocolBroken(f"heartbeat failed: {e!r}"))
 
     def _verdict(self, verdict: Judgement) -> None:
         if not self.hung.done():
@@ -124,6 +177,8 @@ class ControlLink:
         for fd in fds:  # an emulator never sends fds
             os.close(fd)
         if not data:
+            # Said before closing, so an owner waiting on `hung` sees it.
+            self._verdict(ProtocolBroken("closed its control channel"))
             self.close()
             return
         try:
@@ -134,6 +189,7 @@ class ControlLink:
             self._verdict(ProtocolBroken(str(e)))
 
     def _on_message(self, message: proto.Message) -> None:
+        self.last_heard_ns = time.monotonic_ns()
         if isinstance(message, proto.Pong):
             if self.detector is not None:
                 verdict = self.detector.on_pong(message, time.monotonic_ns())
@@ -169,11 +225,16 @@ class ControlLink:
         if self.closed:
             return
         self.closed = True
-        if self._ticker is not None:
-            self._ticker.cancel()
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
         for fut in (self.ready, self.assigned):
             if fut is not None and not fut.done():
-                fut.cancel()
+                _fail(fut, f"control link to {self.name} closed")
+
+
+def _fail(fut: asyncio.Future[Any], why: str) -> None:
+    """Complete `fut` with LinkClosed, marked as seen: whoever waits gets it,
+    and nobody waiting is not an error worth a log line."""
+    fut.set_exception(LinkClosed(why))
+    fut.exception()

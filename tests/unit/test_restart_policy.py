@@ -436,7 +436,8 @@ def test_no_window_ever_holds_more_than_burst_restarts(
             assert mode is RestartMode.NEVER or len(recent) == burst
             break
         restart = isinstance(action, Start) or state_of(policy) is RunState.BACKOFF
-        if restart and reason is not ExitReason.REQUESTED_RESTART:
+        uncounted = (ExitReason.REQUESTED_RESTART, ExitReason.FRONTEND_FAULT)
+        if restart and reason not in uncounted:
             counted.append(now)
             assert mode is not RestartMode.NEVER
             assert sum(1 for t in counted if t > now - window_s * S) <= burst
@@ -446,3 +447,100 @@ def test_no_window_ever_holds_more_than_burst_restarts(
         if isinstance(action, Start):
             policy.on_started(now)
     assert gave_up <= 1
+
+
+# -- front-end faults and failed starts
+
+
+@pytest.mark.parametrize("mode", [RestartMode.ON_FAILURE, RestartMode.ALWAYS])
+def test_frontend_fault_restarts_at_once_and_is_not_counted(mode: RestartMode) -> None:
+    policy, lines = make(mode, burst=1)
+    running(policy)
+    for now in range(5):
+        [action] = policy.on_exit(now * S, 3, ExitReason.FRONTEND_FAULT, "ring index 9")
+        assert action == Start(
+            "restart emulator e0 (frontend_fault: ring index 9; exit status 3);"
+            " not counted against restart_burst"
+        )
+        policy.on_started(now * S)
+    assert policy.restarts_in_window(5 * S) == 0
+    # A crash after them is still the first one counted: immediate.
+    assert isinstance(crash(policy, 5 * S), Start)
+    assert policy.restarts_in_window(5 * S) == 1
+
+
+def test_frontend_fault_with_restart_never_gives_up() -> None:
+    policy, _ = make(RestartMode.NEVER)
+    running(policy)
+    [action] = policy.on_exit(0, 3, ExitReason.FRONTEND_FAULT, "bad region")
+    assert isinstance(action, GiveUp)
+    assert state_of(policy) is RunState.GAVE_UP
+
+
+def test_a_failed_start_counts_and_backs_off() -> None:
+    policy, lines = make(burst=5)
+    running(policy)
+    assert isinstance(crash(policy, 0), Start)
+    [action] = policy.on_start_failed(0, "warm spare (pid 7) froze during its hand-over")
+    assert action == Nothing(
+        "restart emulator e0 in 100 ms (start_failed: warm spare (pid 7) froze during"
+        " its hand-over); 2 of 5 restarts in 60 s"
+    )
+    assert state_of(policy) is RunState.BACKOFF
+    assert policy.describe().last_exit_reason is ExitReason.START_FAILED
+    assert policy.describe().last_exit_status is None
+    [start] = policy.tick(100 * MS)
+    assert isinstance(start, Start)
+
+
+def test_failed_starts_end_in_give_up() -> None:
+    policy, _ = make(burst=2, on_give_up=GiveUpAction.POWEROFF)
+    policy.start(0)
+    now = 0
+    actions = policy.on_start_failed(now, "not confined")
+    while not isinstance(actions[0], GiveUp):
+        if isinstance(actions[0], Nothing):
+            deadline = policy.next_deadline_ns()
+            assert deadline is not None
+            now = deadline
+            actions = policy.tick(now)
+        assert isinstance(actions[0], Start)
+        actions = policy.on_start_failed(now, "not confined")
+    assert actions[0].action is GiveUpAction.POWEROFF
+    assert "3 restarts in 60 s exceed restart_burst = 2" in actions[0].reason
+    assert state_of(policy) is RunState.GAVE_UP
+
+
+def test_a_failed_start_with_restart_never_gives_up() -> None:
+    policy, _ = make(RestartMode.NEVER)
+    policy.start(0)
+    [action] = policy.on_start_failed(0, "not confined")
+    assert isinstance(action, GiveUp)
+
+
+def test_a_failed_start_while_stopping_is_the_stop() -> None:
+    policy, _ = make()
+    policy.start(0)
+    policy.on_stop_requested(0)
+    [action] = policy.on_start_failed(0, "cancelled")
+    assert isinstance(action, Nothing)
+    assert state_of(policy) is RunState.STOPPED
+
+
+def test_a_failed_start_needs_a_start() -> None:
+    policy, _ = make()
+    running(policy)
+    with pytest.raises(PolicyError, match="on_start_failed is not allowed in state running"):
+        policy.on_start_failed(0, "x")
+
+
+def test_a_give_up_is_logged_once_by_its_own_logger() -> None:
+    lines: list[str] = []
+    errors: list[str] = []
+    policy = RestartPolicy("e0", RestartMode.ON_FAILURE, 0, 60, GiveUpAction.PAUSE,
+                           log=lines.append, log_give_up=errors.append)
+    running(policy)
+    [action] = policy.on_exit(0, SIGKILL, ExitReason.CRASHED)
+    assert isinstance(action, GiveUp)
+    assert errors == [action.reason]
+    assert action.reason not in lines
