@@ -27,8 +27,8 @@ from typing import Any
 
 from emulators.config import EmulatorConfig
 from launcher import emulators
-from launcher.heartbeat.link import ControlLink, LinkClosed, control_pair
-from launcher.occupant import Occupant
+from launcher.heartbeat.link import ControlLink, LinkClosed, ProtocolBroken, control_pair
+from launcher.occupant import EXIT_GRACE_S, Occupant
 from launcher.spec import Spec
 from launcher.status import LOG
 from launcher.uidpool import UidPool
@@ -143,6 +143,10 @@ class SparePool:
         if self._spare is not spare:
             return False  # a slot owns it now
         self._spare = None
+        if isinstance(spare.link.hung.result() if spare.link.hung.done() else None,
+                      ProtocolBroken):
+            # A closed control channel is usually a death seen early: say so.
+            await asyncio.wait({spare.proc.exited}, timeout=EXIT_GRACE_S)
         if spare.proc.exited.done():
             LOG.warning("warm spare (pid %d) died while waiting", spare.proc.pid)
         else:
