@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from emulators import faults
 from emulators.config import EmulatorConfig
 from launcher import emulators
 from launcher.heartbeat.link import ControlLink, Judgement, LinkClosed, ProtocolBroken
@@ -81,10 +82,16 @@ async def reap(proc: emulators.EmulatorProcess) -> int:
     return await asyncio.shield(proc.exited)
 
 
-async def serve(occupant: Occupant, restart: asyncio.Event) -> Ending:
+async def serve(occupant: Occupant, restart: asyncio.Event, heartbeat_ms: int,
+                hang_timeout_ms: int) -> Ending:
     """Run the occupant's heartbeat until the process ends, hangs (then it is
-    killed) or `restart` is set (then it is killed and `restart` cleared)."""
+    killed) or `restart` is set (then it is killed and `restart` cleared).
+
+    The hang detector is armed here, when the pinging starts: armed earlier
+    (at the start, before QEMU was started) it would count that wait as
+    silence."""
     proc, link = occupant.proc, occupant.link
+    link.watch(heartbeat_ms, hang_timeout_ms)
     async with link.beating():
         wanted = asyncio.ensure_future(restart.wait())
         waits: set[asyncio.Future[Any]] = {proc.exited, link.hung, wanted}
@@ -134,8 +141,10 @@ async def _assign(spare: Occupant, config: EmulatorConfig,
         answer = link.send_assign(config.to_json(), config.assigned_fds())
     except OSError as e:
         return f"the assignment could not be sent: {e.strerror or e}"
+    faults.strike("handover.assign_sent", proc.pid)
     sent_ns = now_ns()
     after_send()
+    faults.strike("handover.replay_sent", proc.pid)
     interval_ns = link.interval_ns
     waits: set[asyncio.Future[Any]] = {answer, proc.exited, link.hung}
     while True:
@@ -151,6 +160,8 @@ async def _assign(spare: Occupant, config: EmulatorConfig,
             if error is not None:
                 raise error
             reply = answer.result()
+            if reply.ok:
+                faults.strike("handover.answer_received", proc.pid)
             return None if reply.ok else f"refused: {reply.error or 'no reason given'}"
         if proc.exited in done:
             return "died"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emulators import faults
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
 from emulators.limits import resize_problem
 from emulators.process import EXIT_PROTOCOL
@@ -275,6 +276,7 @@ class EmulatorSlot:
         finally:
             for sock in theirs:
                 sock.close()
+        faults.strike("cold.process_started", proc.pid)
         occupant = Occupant(proc, ControlLink(self.id, link_ours), uid)
         for cid, sock in ours.items():
             self.keepers[cid].attach(sock, replay=not first_start)
@@ -310,7 +312,6 @@ class EmulatorSlot:
 
     def _occupy(self, occupant: Occupant) -> None:
         self.occupant = occupant
-        occupant.link.watch(self.emulator.heartbeat_ms, self.emulator.hang_timeout_ms)
         self.stats.starts += 1
         self.stats.started_ns = now_ns()
         self.policy.on_started(now_ns())
@@ -333,7 +334,8 @@ class EmulatorSlot:
         early."""
         while not self._stopping and self.occupant is not None:
             occupant = self.occupant
-            ending = await serve(occupant, self._restart_requested)
+            ending = await serve(occupant, self._restart_requested,
+                                 self.emulator.heartbeat_ms, self.emulator.hang_timeout_ms)
             actions = self._ended(occupant, ending)
             if not await self._carry_out(actions, now_ns(), occupant.proc.pid):
                 return
@@ -450,6 +452,10 @@ class EmulatorSlot:
             if self.spares is not None:
                 self.spares.replenish()
         self._occupy(occupant)
+        if via == "warm spare":
+            faults.strike("handover.occupant_installed", occupant.proc.pid)
+        else:
+            faults.strike("cold.occupant_installed", occupant.proc.pid)
         stall_ms = (now_ns() - died_ns) / 1e6
         self.stats.restarts += 1
         self.stats.last_stall_ms = stall_ms
@@ -546,7 +552,8 @@ class EmulatorSlot:
             if not result.ok:
                 raise self._refused(result)
             os.ftruncate(fd, size)
-            # fault point: disk.resize.after_grow
+            faults.strike("disk.resize.after_grow", self.occupant.proc.pid
+                          if self.occupant is not None else None)
             try:
                 result = await self._command(proto.LunResize(disk.controller, disk.lun, size))
             except DiskChangeError as e:

@@ -255,8 +255,8 @@ def test_an_exit_on_a_refused_front_end_message_is_not_a_crash(
     monkeypatch.setattr(SessionKeeper, "blame_pending", blame_pending, raising=False)
     real_serve = occupant_module.serve
 
-    async def serve(occ: Any, restart: asyncio.Event) -> Ending:
-        ending = await real_serve(occ, restart)
+    async def serve(occ: Any, restart: asyncio.Event, *limits: int) -> Ending:
+        ending = await real_serve(occ, restart, *limits)
         return Ending(ending.reason, ending.detail, 3, ending.verdict)  # as if exit 3
 
     monkeypatch.setattr(slots_module, "serve", serve)
