@@ -273,3 +273,53 @@ def test_an_exit_on_a_refused_front_end_message_is_not_a_crash(
         assert vm.task.result() == EXIT_OK
 
     asyncio.run(scenario())
+
+
+def test_a_failing_heartbeat_is_a_verdict_not_a_lost_task() -> None:
+    from launcher.heartbeat.link import ControlLink, ProtocolBroken, control_pair
+
+    async def scenario() -> None:
+        ours, theirs = control_pair()
+        link = ControlLink("e0", ours)
+        link.watch(10, 100)
+
+        def broken(now_ns: int) -> list[object]:
+            raise ValueError("clock went backwards")
+
+        link.detector.tick = broken  # type: ignore[union-attr, method-assign, assignment]
+        async with link.beating():
+            verdict = await asyncio.wait_for(asyncio.shield(link.hung), 5)
+        assert isinstance(verdict, ProtocolBroken) and "clock went backwards" in verdict.reason
+        link.close()
+        theirs.close()
+
+    asyncio.run(scenario())
+
+
+def test_cancelling_the_owner_of_a_heartbeat_is_not_swallowed() -> None:
+    from launcher.heartbeat.link import ControlLink, LinkClosed, control_pair
+
+    async def scenario() -> None:
+        ours, theirs = control_pair()
+        link = ControlLink("e0", ours)
+        link.watch(10, 10_000)
+
+        async def owner() -> None:
+            async with link.beating():
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(owner())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # A closed link fails what it can no longer answer; it cancels nothing.
+        answer = link.send_assign("{}", [])
+        link.close()
+        with pytest.raises(LinkClosed):
+            await answer
+        with pytest.raises(LinkClosed):
+            await link.ready
+        theirs.close()
+
+    asyncio.run(scenario())
