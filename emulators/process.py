@@ -24,6 +24,7 @@ import signal
 import sys
 from types import FrameType
 
+from emulators import faults
 from emulators.config import ConfigError, EmulatorConfig, checked_lun
 from emulators.control import ControlChannel
 from emulators.controller import ControllerLoop
@@ -43,6 +44,14 @@ EXIT_SANDBOX = 4
 _SOCKET = -1
 _WAKE = "wake"
 _CONTROL = "control"
+#: Fault points before and after the answer to each control command.
+_COMMAND_POINTS: dict[type[proto.Command], tuple[str, str]] = {
+    proto.LunAdd: ("control.lun_add.before_reply", "control.lun_add.after_reply"),
+    proto.LunRemove: ("control.lun_remove.before_reply", "control.lun_remove.after_reply"),
+    proto.LunResizeCheck: ("control.lun_resize_check.before_reply",
+                           "control.lun_resize_check.after_reply"),
+    proto.LunResize: ("control.lun_resize.before_reply", "control.lun_resize.after_reply"),
+}
 
 
 class Emulator:
@@ -161,7 +170,9 @@ class Emulator:
         assert self.control is not None
         for message in self.control.receive():
             if isinstance(message, proto.Ping):
+                faults.point("control.heartbeat.before_reply")
                 self.control.send(proto.Pong(message.seq, message.sent_ns, self._progress()))
+                faults.point("control.heartbeat.after_reply")
             elif isinstance(message, proto.Command):  # before Assign: it is one
                 self._on_command(message)
             elif isinstance(message, proto.Assign):
@@ -188,22 +199,29 @@ class Emulator:
             self.control.send(proto.Assigned(False, str(e) or type(e).__name__))
             self.stopping = True
             return
+        faults.point("control.assign.before_reply")
         self.control.send(proto.Assigned(True))
+        faults.point("control.assign.after_reply")
 
     def _on_command(self, command: proto.Command) -> None:
         """A LUN added, removed or resized while running: one RESULT each, with
         the command's seq. A LUN_ADD's fd is ours from the moment it arrived:
         unless a LUN holds it once the command is done, it is closed here."""
         assert self.control is not None
+        before, after = _COMMAND_POINTS[type(command)]
         try:
             self._apply_command(command)
         except (ValueError, OSError) as e:
             if isinstance(command, proto.LunAdd):
                 with contextlib.suppress(OSError):
                     os.close(command.fd)
+            faults.point(before)
             self.control.send(proto.Result(False, f"{type(e).__name__}: {e}", command.seq))
+            faults.point(after)
             return
+        faults.point(before)
         self.control.send(proto.Result(True, seq=command.seq))
+        faults.point(after)
 
     def _apply_command(self, command: proto.Command) -> None:
         """Carry ``command`` out, or raise ValueError/OSError having changed nothing."""
