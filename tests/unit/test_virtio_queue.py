@@ -306,3 +306,57 @@ def test_two_mappings_of_one_memfd() -> None:
         assert device_side.close() == 0
     finally:
         shared.close()
+
+
+def test_move_carries_on_over_a_new_memory_map() -> None:
+    """SET_MEM_TABLE while the ring runs: same ring, same position, new views."""
+    ram = bytearray(RAM)
+    region = MemoryRegion(0, RAM, 0x7F00_0000_0000, 0)
+    old = GuestMemory.from_buffers([region], [ram])
+    driver = TestDriver(GuestMemory.from_buffers([region], [ram]), 8, 0x1000)
+    queue = queue_for(driver, memory=old)
+    head = driver.add_chain([b"request"], [16])
+    chain = take(queue)
+    # The same RAM now seen through another map (e.g. a region added by hotplug).
+    new = GuestMemory.from_buffers(
+        [MemoryRegion(0, RAM, 0x7F00_0000_0000, 0), MemoryRegion(RAM, RAM, 0x7F10_0000_0000, 0)],
+        [ram, bytearray(RAM)],
+    )
+    lay = driver.layout
+    queue.move(new, lay.desc_gpa, lay.avail_gpa, lay.used_gpa)
+    assert old.close() == 0  # the queue holds no view of the old map any more
+    queue.push_used(chain.head, 4)
+    second = driver.add_chain([b"next"], [16])
+    assert take(queue).head == second
+    assert driver.get_used() == [(head, 4)]
+    assert queue.get_base() == 2 and queue.inflight == 1
+
+
+def test_move_refused_leaves_the_queue_as_it_was() -> None:
+    driver, queue = setup()
+    small = GuestMemory.from_buffers([MemoryRegion(0, 0x1000, 0x7F00_0000_0000, 0)],
+                                     [bytearray(0x1000)])
+    lay = driver.layout
+    with pytest.raises(QueueConfigError):
+        queue.move(small, lay.desc_gpa, lay.avail_gpa, lay.used_gpa)
+    driver.add_chain([b"x"], [16])
+    assert isinstance(queue.pop(), DescriptorChain)
+
+
+def test_resume_that_contradicts_the_used_ring_breaks_the_queue() -> None:
+    from emulators.virtio.errors import RecoveryError
+
+    driver, queue = setup()
+    state = MemoryQueueState(8)
+    queue = queue_for(driver, state=state)
+    driver.add_chain([b"a"], [16])
+    queue.push_used(take(queue).head, 0)
+    driver.set_used_idx(40)  # the guest scribbles while no emulator runs
+    again = queue_for(driver, state=state, fresh=False)
+    with pytest.raises(RecoveryError):
+        again.resume()
+    assert again.broken is not None and again.broken.fault is QueueFault.RESUME_MISMATCH
+    with pytest.raises(QueueError):
+        again.pop()
+    again.set_base(0)  # the driver reset the device: the ring is set up anew
+    assert again.broken is None
