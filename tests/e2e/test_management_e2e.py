@@ -85,8 +85,13 @@ async def _drive(vm: VmDef, m: Mplaunch, extra: Path) -> dict[str, Any]:
             with pytest.raises(ExecuteError) as info:
                 await client.execute("disk-add", args)
             assert info.value.error_class == cls, (args, info.value)
-        await client.execute("disk-add", {"id": "hot", "controller": "scsi0", "lun": 1,
-                                          "image": str(extra)})
+        # Two adds of one id at once: exactly one passes the checks.
+        both = await asyncio.gather(*(
+            client.execute("disk-add", {"id": "hot", "controller": "scsi0", "lun": lun,
+                                        "image": str(extra), "readonly": False})
+            for lun in (1, 2)
+        ), return_exceptions=True)
+        out["concurrent"] = both
         await console(r"^MARK added")
         await console(r"^MARK waiting-resize")
         with pytest.raises(ExecuteError):
@@ -143,7 +148,10 @@ def test_disk_add_resize_remove_and_restart_seen_by_the_guest(tmp_path: Path) ->
     assert "MARK removed" in text, text
     assert "bad=0" in text.split("MARK io-loop rounds", 1)[1].splitlines()[0], text
     assert extra.stat().st_size == 24 * MiB
-    assert out["disks"]["hot"]["size"] == 24 * MiB and out["disks"]["hot"]["lun"] == 1
+    assert out["disks"]["hot"]["size"] == 24 * MiB and out["disks"]["hot"]["lun"] in (1, 2)
+    assert len(out["disks"]) == 2, out["disks"]
+    refused = [x for x in out["concurrent"] if isinstance(x, ExecuteError)]
+    assert len(refused) == 1 and "already in use" in str(refused[0]), out["concurrent"]
     assert out["after"][0]["restarts"] == out["before"][0]["restarts"] + 3
     names = [e["event"] for e in out["events"]]
     for name in ("DISK_ADDED", "DISK_RESIZED", "DISK_REMOVED", "EMULATOR_EXIT",
