@@ -173,7 +173,7 @@ class Emulator:
                 faults.point("control.heartbeat.before_reply")
                 self.control.send(proto.Pong(message.seq, message.sent_ns, self._progress()))
                 faults.point("control.heartbeat.after_reply")
-            elif isinstance(message, proto.Command):  # before Assign: it is one
+            elif isinstance(message, proto.Command):
                 self._on_command(message)
             elif isinstance(message, proto.Assign):
                 self._on_assign(message)
