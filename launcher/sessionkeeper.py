@@ -19,6 +19,21 @@ through here.
 Fds: the keeper keeps its own copy of every fd QEMU sent (memory, kick,
 call, err) for as long as the record holds it, because a replay needs them;
 the record says when one is superseded (CloseFds) and it is closed then.
+
+Front-end faults. Before a message goes to the emulator, the keeper checks it
+(emulators.vhost_user.admission): the session's rules run on a trial copy of
+the record, and the fds are looked at (fstat, fcntl, /proc) for what the
+emulator will do with them. A message no correct front-end sends is refused
+the way the vhost-user spec allows: a failure status where QEMU asked for a
+REPLY_ACK, else the keeper hangs up on QEMU (the spec lets a back-end close
+the connection on an error); either way a FRONTEND_REFUSED event goes out
+(`on_refused`), the message's fds are closed, and it is neither recorded nor
+replayed. Once REPLY_ACK is negotiated the keeper asks the emulator for a
+status on every message (NEED_REPLY), and answers QEMU only where QEMU asked;
+so a message counts as done, and is recorded, only when the emulator has
+accepted it, and the one in flight when an emulator ends with a protocol
+error is known: `blame_pending` refuses it instead of re-sending it, and the
+supervisor does not count that end as a crash.
 """
 
 from __future__ import annotations
@@ -26,22 +41,36 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import os
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from emulators.vhost_user.admission import (
+    Answer,
+    FdFacts,
+    FdKind,
+    can_ack,
+    check_message,
+    refusal_answer,
+    wants_ack,
+)
 from emulators.vhost_user.codec import (
     CONNECTION_CLOSED,
     Decoder,
     Message,
     Role,
+    encode_ack,
     encode_reply,
     encode_request,
 )
-from emulators.vhost_user.constants import ProtocolFeature
+from emulators.vhost_user.constants import Request
 from emulators.vhost_user.effects import CloseFds
 from emulators.vhost_user.errors import VhostUserError
+from emulators.vhost_user.messages import U64, VringState
 from emulators.vhost_user.replay import replay_messages
 from emulators.vhost_user.session import HAS_OWN_REPLY, BackendSession
 from launcher.statestore.layout import MAX_QUEUE_SIZE
@@ -49,6 +78,8 @@ from launcher.status import LOG
 
 RECV_BYTES = 65536
 RECV_MAX_FDS = 16
+_F_SEAL_WRITE = 0x0008
+_F_SEAL_FUTURE_WRITE = 0x0010  # Linux 5.1; not named by Python's fcntl module
 
 
 @dataclass
@@ -56,6 +87,78 @@ class KeeperStats:
     relayed: int = 0
     replays: int = 0
     resent: int = 0
+    refused: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A front-end message the keeper refused, for the FRONTEND_REFUSED event."""
+
+    controller: str
+    request: str
+    reason: str
+    answer: Answer
+
+    def event_data(self) -> dict[str, Any]:
+        """The event's members but the emulator's id, which the slot adds."""
+        return {"controller": self.controller, "request": self.request,
+                "reason": self.reason, "action": self.answer.value}
+
+
+def fd_facts(fd: int) -> FdFacts:
+    """What a back-end would find `fd` to be when it maps or signals it."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return FdFacts(FdKind.OTHER)
+    if stat.S_ISREG(st.st_mode):
+        writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0  # not a memfd: no seals
+        if seals & (_F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE):
+            writable = False
+        return FdFacts(FdKind.FILE, st.st_size, writable)
+    if stat.S_ISSOCK(st.st_mode):
+        return FdFacts(FdKind.SOCKET)
+    if stat.S_ISFIFO(st.st_mode):
+        return FdFacts(FdKind.PIPE)
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        target = ""
+    return FdFacts(FdKind.EVENTFD if target == "anon_inode:[eventfd]" else FdKind.OTHER)
+
+
+class OneInFlight:
+    """At most one front-end message in flight to an emulator, across all the
+    controllers it serves. An emulator that ends with a protocol error ended on
+    the message it was handling; with one in flight, that is the one a keeper
+    still waits on, never a neighbour's that the emulator had not read yet.
+    Control messages are rare (set-up, reset), so the wait costs little."""
+
+    def __init__(self) -> None:
+        self.holder: SessionKeeper | None = None
+        self._waiting: list[Callable[[], None]] = []
+
+    def take(self, keeper: SessionKeeper, wake: Callable[[], None]) -> bool:
+        """Whether `keeper` may send now; if not, `wake` is called once the
+        message in flight is done (it must not send from inside the call)."""
+        if self.holder is None or self.holder is keeper:
+            self.holder = keeper
+            return True
+        if wake not in self._waiting:
+            self._waiting.append(wake)
+        return False
+
+    def give_back(self, keeper: SessionKeeper) -> None:
+        if self.holder is not keeper:
+            return
+        self.holder = None
+        waiting, self._waiting = self._waiting, []
+        for wake in waiting:  # the first to pump takes it; the others wait again
+            wake()
 
 
 class SessionKeeper:
@@ -67,7 +170,13 @@ class SessionKeeper:
         qemu_side: socket.socket | None,
         num_queues: int,
         on_qemu_closed: Callable[[str], None] | None = None,
+        on_refused: Callable[[Refusal], None] | None = None,
+        guest_memory: int | None = None,
+        in_flight: OneInFlight | None = None,
     ) -> None:
+        """`on_refused` hears of every front-end message refused; `guest_memory`
+        bounds what one memory table may map (the emulator's address space is
+        sized from it); `in_flight` is shared by the keepers of one emulator."""
         self.controller_id = controller_id
         self.qemu: socket.socket | None = None
         self._qemu_decoder = Decoder(Role.BACKEND, close_fd=os.close)
@@ -79,9 +188,15 @@ class SessionKeeper:
         )
         self._inbox: collections.deque[Message] = collections.deque()
         self._pending: Message | None = None
+        self._delivered = False  # the pending message reached the current emulator
+        self._draining = False
+        self._gate = in_flight if in_flight is not None else OneInFlight()
         self._backend: socket.socket | None = None
         self._backend_decoder: Decoder | None = None
         self._on_qemu_closed = on_qemu_closed
+        self._on_refused = on_refused
+        self._guest_memory = guest_memory
+        self._stopped_base: int | None = None
         self.closed = False
         self.stats = KeeperStats()
         self._loop = asyncio.get_running_loop()
@@ -98,9 +213,9 @@ class SessionKeeper:
         self._loop.add_reader(self.qemu.fileno(), self._on_qemu_readable)
 
     # The record's GET_VRING_BASE answer is never sent anywhere (the
-    # emulator's is); it only needs a value.
+    # emulator's is); it records the base the emulator answered with.
     def vring_base(self, index: int) -> int:
-        return 0
+        return self._stopped_base if self._stopped_base is not None else 0
 
     @property
     def attached(self) -> bool:
@@ -116,6 +231,11 @@ class SessionKeeper:
         """Start relaying to a (new) emulator; with `replay`, first bring it to
         the recorded state and re-send the interrupted message."""
         self.detach()
+        if self.closed:
+            # The front-end is gone: the emulator sees this controller's
+            # connection end, as it would have seen QEMU's.
+            backend.close()
+            return
         backend.setblocking(True)
         self._backend = backend
         self._backend_decoder = Decoder(Role.FRONTEND, close_fd=os.close)
@@ -130,7 +250,7 @@ class SessionKeeper:
             LOG.debug("%s: replayed %d messages", self.controller_id, len(steps))
             if self._pending is not None:
                 self.stats.resent += 1
-                self._send(self._pending)
+                self._send(self._pending, self._confirmed(self._pending))
         backend.setblocking(False)
         self._loop.add_reader(backend.fileno(), self._on_backend_readable)
         self._pump()
@@ -169,31 +289,55 @@ class SessionKeeper:
                     break
                 self._inbox.append(message)
         except VhostUserError as e:
+            request = e.request.name if e.request is not None else "unknown"
+            self._report(Refusal(self.controller_id, request, e.message, Answer.DISCONNECT))
             self._close(f"QEMU broke the protocol: {e}")
             return
         self._pump()
 
-    def _expects_reply(self, message: Message) -> bool:
-        if message.request in HAS_OWN_REPLY:
-            return True
-        acked = self.record.acked_protocol_features
-        return message.need_reply and bool(acked & (1 << ProtocolFeature.REPLY_ACK))
+    def _qemu_wants_reply(self, message: Message) -> bool:
+        return message.request in HAS_OWN_REPLY or wants_ack(
+            message, self.record.acked_protocol_features
+        )
+
+    def _confirmed(self, message: Message) -> bool:
+        """Whether the emulator is asked for a status on `message` (see the
+        module docstring); the record's protocol features say whether it gives one."""
+        return can_ack(message.request, self.record.acked_protocol_features)
 
     def _pump(self) -> None:
-        """Forward queued messages while no reply is awaited."""
-        while self._backend is not None and self._pending is None and self._inbox:
+        """Check and forward queued messages while no reply is awaited."""
+        while (
+            not self.closed and not self._draining and self._backend is not None
+            and self._pending is None and self._inbox
+        ):
+            if not self._gate.take(self, self._pump_soon):
+                return  # another controller's message is in flight to the emulator
             message = self._inbox.popleft()
-            if self._expects_reply(message):
+            reason = check_message(
+                self.record, message, {fd: fd_facts(fd) for fd in message.fds},
+                guest_memory=self._guest_memory,
+            )
+            if reason is not None:
+                self._gate.give_back(self)
+                self._refuse(message, reason)
+            elif self._qemu_wants_reply(message) or self._confirmed(message):
                 self._pending = message
-                self._send(message)
+                self._send(message, self._confirmed(message))
             else:
-                self._send(message)
+                self._send(message, False)
                 self._commit(message)
+                self._gate.give_back(self)
 
-    def _send(self, message: Message) -> None:
+    def _pump_soon(self) -> None:
+        if not self.closed and not self._loop.is_closed():
+            self._loop.call_soon(self._pump)
+
+    def _send(self, message: Message, confirm: bool) -> None:
         assert self._backend is not None
         data = encode_request(
-            message.request, message.payload, need_reply=message.need_reply, fds=message.fds
+            message.request, message.payload, need_reply=message.need_reply or confirm,
+            fds=message.fds,
         )
         self._backend.setblocking(True)
         try:
@@ -202,8 +346,10 @@ class SessionKeeper:
             else:
                 self._backend.sendall(data)
             self.stats.relayed += 1
+            self._delivered = True
         except OSError:
-            pass  # the emulator died; its exit is seen elsewhere, and a replay re-sends
+            # The emulator died; its exit is seen elsewhere, and a replay re-sends.
+            self._delivered = False
         finally:
             if self._backend is not None:
                 self._backend.setblocking(False)
@@ -212,7 +358,9 @@ class SessionKeeper:
         """The exchange is complete: the record takes the message (and its fds)."""
         try:
             effects = self.record.handle(message)
-        except VhostUserError as e:
+        except VhostUserError as e:  # admission ran the same rules: a bug, not QEMU's
+            LOG.error("%s: the record refused %s after the emulator took it: %s",
+                      self.controller_id, message.request.name, e)
             self._close(f"session refused {message.request.name}: {e}")
             return
         for effect in effects:
@@ -220,14 +368,15 @@ class SessionKeeper:
                 for fd in effect.fds:
                     os.close(fd)
 
-    def _on_backend_readable(self) -> None:
+    def _on_backend_readable(self) -> bool:
+        """Read and act on what the emulator sent; False when there was nothing."""
         backend, decoder = self._backend, self._backend_decoder
         if backend is None or decoder is None:
-            return
+            return False
         try:
             data, fds, _, _ = socket.recv_fds(backend, RECV_BYTES, RECV_MAX_FDS)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data, fds = b"", []
         try:
@@ -236,13 +385,14 @@ class SessionKeeper:
                 reply = decoder.next_message()
                 if reply is CONNECTION_CLOSED:
                     self.detach()  # the supervisor sees the exit and attaches a new one
-                    return
+                    return False
                 if not isinstance(reply, Message):
-                    return
+                    return True
                 self._forward_reply(reply)
         except VhostUserError as e:
             LOG.error("%s: the emulator broke the protocol: %s", self.controller_id, e)
             self.detach()
+        return False
 
     def _forward_reply(self, reply: Message) -> None:
         pending = self._pending
@@ -252,20 +402,78 @@ class SessionKeeper:
             for fd in reply.fds:
                 os.close(fd)
             return
-        data = encode_reply(reply.request, reply.payload)
+        self._pending = None
+        self._gate.give_back(self)
+        failed = (
+            pending.request not in HAS_OWN_REPLY
+            and isinstance(reply.payload, U64) and reply.payload.value != 0
+        )
+        if failed:
+            # The emulator refused what admission let through: still QEMU's fault.
+            self._refuse(pending, "the emulator refused it")
+        else:
+            answer = encode_reply(reply.request, reply.payload)
+            if self._qemu_wants_reply(pending) and not self._reply_to_qemu(answer):
+                return
+            if pending.request is Request.GET_VRING_BASE:
+                assert isinstance(reply.payload, VringState)
+                self._stopped_base = reply.payload.num
+            self._commit(pending)
+            self._stopped_base = None
+        self._pump()
+
+    def _reply_to_qemu(self, data: bytes) -> bool:
         assert self.qemu is not None  # a reply answers something QEMU sent
         self.qemu.setblocking(True)
         try:
             self.qemu.sendall(data)
         except OSError as e:
             self._close(f"cannot reply to QEMU: {e}")
-            return
+            return False
         finally:
             if not self.closed and self.qemu is not None:
                 self.qemu.setblocking(False)
+        return True
+
+    # -- refusals
+
+    def blame_pending(self) -> str | None:
+        """The emulator ended with a protocol error: if a front-end message was in
+        flight to it, that message is why. It is refused (QEMU gets a failure
+        status, or the connection is dropped) and never re-sent; returns a
+        one-line description, or None when nothing was in flight."""
+        self._draining = True
+        try:  # replies the emulator wrote before it ended settle their messages
+            while self._pending is not None and self._on_backend_readable():
+                pass
+        finally:
+            self._draining = False
+        message = self._pending
+        if message is None or self.closed or not self._delivered:
+            return None  # not delivered: it never reached the emulator, and is re-sent
         self._pending = None
-        self._commit(pending)
-        self._pump()
+        self._gate.give_back(self)
+        self._refuse(message, "an emulator ended with a protocol error on it")
+        return (f"controller {self.controller_id}: the front-end's {message.request.name} "
+                "ended the emulator with a protocol error; refused, not re-sent")
+
+    def _refuse(self, message: Message, reason: str) -> None:
+        """Refuse `message` as the vhost-user spec allows; it is never recorded."""
+        for fd in message.fds:
+            os.close(fd)
+        answer = refusal_answer(message, self.record.acked_protocol_features)
+        self._report(Refusal(self.controller_id, message.request.name, reason, answer))
+        if answer is Answer.FAILURE_ACK:
+            self._reply_to_qemu(encode_ack(message.request, ok=False))
+        else:
+            self._close(f"refused {message.request.name}: {reason}")
+
+    def _report(self, refusal: Refusal) -> None:
+        self.stats.refused += 1
+        LOG.warning("%s: refused the front-end's %s (%s): %s", refusal.controller,
+                    refusal.request, refusal.answer.value, refusal.reason)
+        if self._on_refused is not None:
+            self._on_refused(refusal)
 
     # -- teardown
 
@@ -289,6 +497,7 @@ class SessionKeeper:
             for fd in message.fds:
                 os.close(fd)
         self._inbox.clear()
+        self._gate.give_back(self)
         if self._pending is not None:
             for fd in self._pending.fds:
                 os.close(fd)

@@ -53,7 +53,7 @@ from launcher.restart_policy import (
     describe_status,
 )
 from launcher.runfolder import RunFolder
-from launcher.sessionkeeper import SessionKeeper
+from launcher.sessionkeeper import OneInFlight, SessionKeeper
 from launcher.spares import SparePool
 from launcher.spec import DiskSpec, EmulatorSpec, Spec
 from launcher.statestore import layout
@@ -198,6 +198,7 @@ class EmulatorSlot:
 
     def start_keepers(self, on_qemu_closed: Callable[[str], None]) -> None:
         """Keepers hold QEMU's sessions; QEMU's ends are then QEMU's alone."""
+        in_flight = OneInFlight()  # one message in flight to this emulator at a time
         for controller in self.controllers:
             self.keepers[controller.id] = SessionKeeper(
                 controller.id,
@@ -207,6 +208,7 @@ class EmulatorSlot:
                 on_refused=lambda r: self.emit("FRONTEND_REFUSED",
                                                {"id": self.id, **r.event_data()}),
                 guest_memory=self.spec.vm.memory,
+                in_flight=in_flight,
             )
 
     async def accept_frontends(self) -> None:

@@ -24,6 +24,7 @@ EMULATOR_GIVE_UP = "EMULATOR_GIVE_UP"
 DISK_ADDED = "DISK_ADDED"
 DISK_REMOVED = "DISK_REMOVED"
 DISK_RESIZED = "DISK_RESIZED"
+FRONTEND_REFUSED = "FRONTEND_REFUSED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,17 @@ SCHEMAS: dict[str, EventSchema] = {
             DISK_REMOVED,
             "A disk was detached; the guest was told through the virtio-scsi event queue.",
             {"id": str, "controller": str, "lun": int},
+            {},
+        ),
+        EventSchema(
+            FRONTEND_REFUSED,
+            "The front-end (QEMU) sent a control message that no correct front-end "
+            "sends; it was refused, never reached the emulator and is not replayed. "
+            "'request' is the vhost-user request's name (\"unknown\" when it could not "
+            "be decoded), 'action' how it was refused: \"failure-ack\" (QEMU asked "
+            "for a status and got a failure; the session goes on) or \"disconnect\" "
+            "(the controller's connection was closed).",
+            {"id": str, "controller": str, "request": str, "reason": str, "action": str},
             {},
         ),
         EventSchema(

@@ -246,6 +246,9 @@ GOOD_EVENTS: dict[str, dict[str, Any]] = {
                         "readonly": False},
     events.DISK_REMOVED: {"id": "d1", "controller": "c", "lun": 1},
     events.DISK_RESIZED: {"id": "d1", "old_size": 512, "new_size": 1024},
+    events.FRONTEND_REFUSED: {"id": "e", "controller": "c", "request": "SET_VRING_NUM",
+                              "reason": "ring size 3 is not a power of two <= 1024",
+                              "action": "disconnect"},
 }
 
 
