@@ -26,7 +26,7 @@ from typing import Any
 
 from emulators import faults
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
-from emulators.limits import resize_problem
+from emulators.limits import LUN_SLOTS, resize_problem
 from emulators.process import EXIT_PROTOCOL
 from launcher import emulators
 from launcher.heartbeat import protocol as proto
@@ -60,9 +60,7 @@ from launcher.statestore import layout
 from launcher.status import LOG
 from launcher.uidpool import UidPool
 
-REQUEST_QUEUES_MAX = 16
-QUEUE_SLOTS = 2 + REQUEST_QUEUES_MAX
-LUN_SLOTS = 256
+QUEUE_SLOTS = proto.MAX_RINGS  # every ring a controller may have
 COMMAND_TIMEOUT = 5.0
 
 
