@@ -31,7 +31,7 @@ from emulators.process import EXIT_PROTOCOL
 from launcher import emulators
 from launcher.heartbeat import protocol as proto
 from launcher.heartbeat.detector import NoReply, Stalled
-from launcher.heartbeat.link import ControlLink, control_pair
+from launcher.heartbeat.link import ControlLink, LinkClosed, control_pair
 from launcher.libvirt import backend_socket
 from launcher.occupant import (
     Ending,
@@ -486,7 +486,7 @@ class EmulatorSlot:
             raise DiskChangeError(f"emulator {self.id} is restarting; try again")
         try:
             return await occupant.link.command(command, COMMAND_TIMEOUT)
-        except (TimeoutError, OSError) as e:
+        except (TimeoutError, OSError, LinkClosed) as e:
             raise DiskChangeError(
                 f"emulator {self.id} did not answer: {e or 'timeout'}"
             ) from None

@@ -94,7 +94,10 @@ class ControlLink:
         """Send one change to the running emulator under a seq of its own, and
         return its answer: the RESULT with that seq and no other, so an answer
         that comes after its command timed out completes nothing. Raises
-        TimeoutError, or OSError when the command cannot be sent."""
+        TimeoutError, OSError when the command cannot be sent, or LinkClosed
+        when the link closes (or is closed) before the answer."""
+        if self.closed:
+            raise LinkClosed(f"control link to {self.name} closed")
         self._command_seq = self._command_seq % proto.U32_MAX + 1
         seq = self._command_seq
         answer: asyncio.Future[proto.Result] = asyncio.get_running_loop().create_future()
@@ -228,7 +231,7 @@ class ControlLink:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
-        for fut in (self.ready, self.assigned):
+        for fut in (self.ready, self.assigned, *self._results.values()):
             if fut is not None and not fut.done():
                 _fail(fut, f"control link to {self.name} closed")
 

@@ -29,7 +29,7 @@ from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
 from emulators.process import Emulator
 from launcher import slots
 from launcher.heartbeat import protocol as proto
-from launcher.heartbeat.link import ControlLink, control_pair
+from launcher.heartbeat.link import ControlLink, LinkClosed, control_pair
 from launcher.management.commands import CommandError
 from launcher.slots import EmulatorSlot
 from launcher.spec import DiskSpec
@@ -167,6 +167,25 @@ def test_link_matches_results_by_seq() -> None:
             theirs.send(proto.encode(proto.Result(True, seq=second_sent.seq + 7))[0])
             verdict = await asyncio.wait_for(link.hung, 5)
             assert "never sent" in verdict.reason
+        finally:
+            link.close()
+            theirs.close()
+
+    run(test)
+
+
+def test_a_command_in_flight_ends_when_the_link_closes() -> None:
+    async def test() -> None:
+        ours, theirs = control_pair()
+        link = ControlLink("e0", ours)
+        try:
+            pending = asyncio.create_task(link.command(proto.LunRemove("c0", 1), 30))
+            await asyncio.sleep(0.05)
+            link.close()  # the emulator died: its answer will never come
+            with pytest.raises(LinkClosed):
+                await asyncio.wait_for(pending, 2)
+            with pytest.raises(LinkClosed):
+                await link.command(proto.LunRemove("c0", 1), 30)
         finally:
             link.close()
             theirs.close()
