@@ -18,7 +18,9 @@ answer, not a crash: it stays stopped, and is said to be on the ring's err
 eventfd and in one log line, until the driver resets the device and the
 front-end sets the ring up anew. The other rings go on, and the heartbeat
 reports nothing in flight for it: nothing is being worked on, and a restart
-would only find the same ring.
+would only find the same ring. (virtio's VIRTIO_CONFIG_S_NEEDS_RESET is not
+reachable: QEMU 7.2's vhost-user-scsi has no config notifier for a back-end
+config-change message, and no vhost-user message sets the device status.)
 
 State store order (DESIGN.md, "The state store"; launcher/statestore):
 a ring's slot is cleared before its progress words are reset and set valid
