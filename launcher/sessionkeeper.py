@@ -50,11 +50,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from emulators.vhost_user.admission import (
+    Admission,
     Answer,
     FdFacts,
     FdKind,
     can_ack,
-    check_message,
     refusal_answer,
     wants_ack,
 )
@@ -186,6 +186,7 @@ class SessionKeeper:
             close_fd=os.close,
             max_queue_size=MAX_QUEUE_SIZE,
         )
+        self._admission = Admission(self.record, guest_memory)
         self._inbox: collections.deque[Message] = collections.deque()
         self._pending: Message | None = None
         self._delivered = False  # the pending message reached the current emulator
@@ -195,7 +196,6 @@ class SessionKeeper:
         self._backend_decoder: Decoder | None = None
         self._on_qemu_closed = on_qemu_closed
         self._on_refused = on_refused
-        self._guest_memory = guest_memory
         self._stopped_base: int | None = None
         self.closed = False
         self.stats = KeeperStats()
@@ -314,10 +314,7 @@ class SessionKeeper:
             if not self._gate.take(self, self._pump_soon):
                 return  # another controller's message is in flight to the emulator
             message = self._inbox.popleft()
-            reason = check_message(
-                self.record, message, {fd: fd_facts(fd) for fd in message.fds},
-                guest_memory=self._guest_memory,
-            )
+            reason = self._admission.check(message, {fd: fd_facts(fd) for fd in message.fds})
             if reason is not None:
                 self._gate.give_back(self)
                 self._refuse(message, reason)
@@ -363,6 +360,7 @@ class SessionKeeper:
                       self.controller_id, message.request.name, e)
             self._close(f"session refused {message.request.name}: {e}")
             return
+        self._admission.taken(message)
         for effect in effects:
             if isinstance(effect, CloseFds):
                 for fd in effect.fds:

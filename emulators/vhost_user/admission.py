@@ -16,8 +16,10 @@ The rules come from two places, and none is written here twice:
    in range, ring size, ring state, addresses inside the memory table...).
    They run on a trial copy of the keeper's record (`BackendSession.trial_copy`),
    which holds what the emulator's session holds, so the answer is the one the
-   emulator would give.  The trial copy sees the message without NEED_REPLY, so
-   a refusal raises with its reason instead of becoming a failure ack.
+   emulator would give (`Admission` keeps the trial from one message to the
+   next instead of copying the record each time).  The trial copy sees the
+   message without NEED_REPLY, so a refusal raises with its reason instead of
+   becoming a failure ack.
 2. What the emulator's I/O layer needs from an fd when it applies a message,
    which no payload says: guest RAM is mapped shared and writable, so each
    memory region's fd must be a file (a memfd, a tmpfs or hugetlbfs file; not a
@@ -115,14 +117,47 @@ def check_message(
     the most guest RAM the regions of one memory table may add up to.  Neither
     `record` nor the message (nor its fds) is changed.
     """
-    reason = _session_refusal(record, message)
-    if reason is not None:
+    return Admission(record, guest_memory).check(message, facts)
+
+
+class Admission:
+    """`check_message` for one record, message after message, without a deep
+    copy of the record for each: the trial that accepted a message equals the
+    record once the record has taken that message too (`taken`), so it serves
+    for the next check.  After anything else (a refusal, a message the record
+    did not take) the next check copies the record afresh."""
+
+    def __init__(self, record: BackendSession, guest_memory: int | None = None) -> None:
+        self._record = record
+        self._guest_memory = guest_memory
+        self._trial: BackendSession | None = None
+        self._checked: tuple[Message, BackendSession] | None = None
+
+    def check(self, message: Message, facts: Mapping[int, FdFacts]) -> str | None:
+        """Why `message` must be refused now, or None (see `check_message`)."""
+        trial = self._trial if self._trial is not None else self._record.trial_copy()
+        self._trial = self._checked = None
+        reason = _session_refusal(trial, message)
+        if reason is None:
+            reason = _fd_refusal(message, facts, self._guest_memory)
+        if reason is None:
+            self._checked = (message, trial)
         return reason
-    return _fd_refusal(message, facts, guest_memory)
+
+    def taken(self, message: Message) -> None:
+        """The record took `message`, the last one checked and accepted."""
+        checked, self._checked = self._checked, None
+        # GET_VRING_BASE: the record keeps the base the emulator answered, which
+        # the trial could not know.
+        if (
+            checked is not None and checked[0] is message
+            and message.request is not Request.GET_VRING_BASE
+        ):
+            self._trial = checked[1]
 
 
-def _session_refusal(record: BackendSession, message: Message) -> str | None:
-    trial = record.trial_copy()
+def _session_refusal(trial: BackendSession, message: Message) -> str | None:
+    """Run `message` on a trial session (it changes); the reason it was refused."""
     bare = replace(message, flags=message.flags & ~HeaderFlag.NEED_REPLY)
     try:
         trial.handle(bare)

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from emulators.process import EXIT_PROTOCOL
+from emulators.vhost_user.admission import Admission
 from emulators.vhost_user.codec import encode_reply, encode_request
 from emulators.vhost_user.constants import Request
 from emulators.vhost_user.messages import (
@@ -257,7 +258,7 @@ def test_bytes_that_do_not_frame_a_message_are_refused(rig: KeeperRig) -> None:
 @pytest.fixture()
 def no_admission(monkeypatch: pytest.MonkeyPatch) -> None:
     """As if admission had a gap: every message goes to the emulator."""
-    monkeypatch.setattr("launcher.sessionkeeper.check_message", lambda *a, **k: None)
+    monkeypatch.setattr(Admission, "check", lambda *a, **k: None)
 
 
 @pytest.mark.usefixtures("no_admission")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from emulators.vhost_user.admission import (
+    Admission,
     Answer,
     FdFacts,
     FdKind,
@@ -344,3 +345,65 @@ def test_refusal_answer_follows_the_spec() -> None:
     assert refusal_answer(asked, 0) is Answer.DISCONNECT  # REPLY_ACK not negotiated
     assert refusal_answer(silent, reply_ack) is Answer.DISCONNECT
     assert refusal_answer(own, reply_ack) is Answer.DISCONNECT  # its reply has no error form
+
+
+# --- Admission: one trial kept from message to message
+
+
+def test_admission_decides_like_a_fresh_check_and_copies_rarely(
+    record: BackendSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop and a restart of every ring, with bad messages mixed in: each
+    decision equals a check on a fresh copy of the record, and the record is
+    copied only after a refusal or a GET_VRING_BASE."""
+    admission = Admission(record)
+    copies = 0
+    real = BackendSession.trial_copy
+
+    def counting(self: BackendSession) -> BackendSession:
+        nonlocal copies
+        copies += 1
+        return real(self)
+
+    steps = [msg(Request.SET_VRING_ENABLE, VringState(i, 0)) for i in range(3)]
+    steps += [msg(Request.GET_VRING_BASE, VringState(i, 0)) for i in (0, 2)]
+    steps += [msg(Request.SET_VRING_NUM, VringState(1, 100))]  # refused
+    for index in range(3):
+        steps += [
+            msg(Request.SET_VRING_NUM, VringState(index, 128)),
+            msg(Request.SET_VRING_BASE, VringState(index, 3)),
+            msg(Request.SET_VRING_ADDR, addr(index)),
+            msg(Request.SET_VRING_KICK, VringFd(index), (EVENT_FD,)),
+            msg(Request.SET_VRING_NUM, VringState(index, 64)),  # refused: started
+        ]
+    steps += [msg(Request.SET_VRING_ENABLE, VringState(i, 1)) for i in range(3)]
+    refusals = 0
+    for step in steps:
+        expected = check_message(record, step, GOOD_FACTS)
+        monkeypatch.setattr(BackendSession, "trial_copy", counting)
+        got = admission.check(step, GOOD_FACTS)
+        monkeypatch.setattr(BackendSession, "trial_copy", real)
+        assert got == expected, step
+        if got is None:
+            record.handle(step)
+            admission.taken(step)
+        else:
+            refusals += 1
+    assert refusals == 4
+    assert [r.started for r in record.snapshot().rings] == [True, True, True]
+    assert copies == 1 + 2 + refusals  # the first, after each GET_VRING_BASE, each refusal
+
+
+def test_admission_copies_afresh_when_the_record_did_not_take_the_message(
+    record: BackendSession,
+) -> None:
+    admission = Admission(record)
+    message = msg(Request.SET_VRING_NUM, VringState(1, 128))
+    assert admission.check(message, GOOD_FACTS) is None
+    admission.taken(msg(Request.SET_VRING_NUM, VringState(1, 128)))  # not the one checked
+    # Had the trial been kept, it would think ring 1 had 128 entries: no harm
+    # here, but a kick would then start with a size the record never had.
+    assert record.snapshot().rings[1].num is None
+    assert admission.check(msg(Request.SET_VRING_ADDR, addr(1)), GOOD_FACTS) is None
+    assert admission.check(msg(Request.SET_VRING_KICK, VringFd(1), (EVENT_FD,)),
+                           GOOD_FACTS) is not None  # no size: the fresh copy knows
