@@ -222,6 +222,7 @@ class ControllerLoop:
             assert queue.broken is not None
             self._stopped(index, queue.broken, str(e))
             return True
+        faults.point("queue.resumed")
         if plan.rerun:
             LOG.info("%s: queue %d resumes at %d, re-running %d request(s)",
                      self.config.id, index, plan.last_avail_idx, len(plan.rerun))
@@ -233,7 +234,6 @@ class ControllerLoop:
                     done.append((chain.head, 0))
                 else:
                     done.append((head, handle(chain.readable, chain.writable)))
-            faults.point("queue.resume.rerun_done")
             queue.push_used_many(done)
         fd = self.call_fds.get(index)
         if fd is not None:

@@ -54,8 +54,9 @@ EMULATOR_POINTS: tuple[str, ...] = (
     "queue.publish_used",
     "queue.clear_inflight",
     "queue.batch_settle",
-    # A restarted ring re-ran its predecessor's requests, not yet published.
-    "queue.resume.rerun_done",
+    # A restarted ring settled its predecessor's last batch (before re-running
+    # what was in flight): a second crash in the middle of a recovery.
+    "queue.resumed",
     # A LUN's unit state (unit attentions, ...) saved around each change.
     "lun.save.before",
     "lun.save.after",

@@ -33,17 +33,24 @@ that find that disk by its size and run what it holds.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 BLOCK = 4096
 
 _SCRIPT = r"""
-SECS=@SECS@; COUNT=@COUNT@; BOOTS=@BOOTS@; CSIZE=@CSIZE@; RANDOM=@SEED@
+SECS_LIST="@SECS@"; COUNT=@COUNT@; BOOTS=@BOOTS@; CSIZE=@CSIZE@; RANDOM=@SEED@
 con=/dev/console
 say() { echo "MPL $*" >$con; }
+sdisk=$(for d in /sys/block/sd*; do [ "$(cat $d/size)" = @SSECTORS@ ] && echo ${d##*/}; done)
+# stopped NUMBER: the host wrote "MPLSTOP NUMBER" into the script disk's last block.
+stopped() {
+    [ -n "$sdisk" ] && dd if=/dev/$sdisk bs=4096 skip=@STOPBLOCK@ count=1 iflag=direct \
+        2>/dev/null | head -c 32 | tr -d '\000' | grep -q "^MPLSTOP $1\$"
+}
 disks=$(for d in /sys/block/sd*; do [ "$(cat $d/ro)" = 0 ] && echo ${d##*/}; done)
 cdisk=
 for n in $disks; do
@@ -56,6 +63,11 @@ boot=$(dd if=/dev/$cdisk bs=4096 count=1 iflag=direct 2>/dev/null | head -c 32 |
        tr -d '\000' | sed -n 's/^MPLBOOT \([0-9]*\).*/\1/p')
 boot=$((${boot:-0} + 1))
 if [ "$boot" -gt "$BOOTS" ]; then say "IDLE boot=$boot"; exit 0; fi
+# This boot's I/O seconds (the last value holds for later boots); 0: until
+# the host's stop token for this boot, at most @MAXSECS@ s.
+set -- $SECS_LIST
+i=1; SECS=$1
+for s in "$@"; do [ $i -le $boot ] && SECS=$s; i=$((i + 1)); done
 RANDOM=$((@SEED@ + boot))
 : >/tmp/ledger
 # put NAME OFF FILE: one O_DIRECT 4 KiB write; ledger on success.
@@ -93,7 +105,13 @@ while :; do
         say "IO name=$n round=$round ok=$OK bad=$BAD"
         [ $BAD = 0 ] || rc=1
     done
-    [ $(($(cut -d. -f1 /proc/uptime) - start)) -ge $SECS ] && break
+    took=$(($(cut -d. -f1 /proc/uptime) - start))
+    if [ "$SECS" = 0 ]; then
+        stopped $boot && break
+        [ $took -ge @MAXSECS@ ] && { say "WARN no stop token after $took s"; break; }
+    else
+        [ $took -ge $SECS ] && break
+    fi
 done
 for n in $disks; do
     size=$(($(cat /sys/block/$n/size) * 512))
@@ -106,6 +124,10 @@ exit $rc
 
 
 SCRIPT_DISK_SIZE = 1024 * 1024
+#: The script disk's last block carries the host's stop token (`stop_boot`).
+STOP_BLOCK = SCRIPT_DISK_SIZE // BLOCK - 1
+#: A boot told to run until the stop token gives up waiting after this long.
+MAX_SECONDS = 900
 
 
 def loader() -> str:
@@ -126,10 +148,27 @@ def script_image(path: Path, text: str) -> None:
         f.truncate(SCRIPT_DISK_SIZE)
 
 
-def script(seconds: int, count: int, boots: int, counter_disk_size: int, seed: int) -> str:
-    """The shell command for `mpl.workload=shell` (see the module docstring)."""
-    values = {"@SECS@": seconds, "@COUNT@": count, "@BOOTS@": boots,
-              "@CSIZE@": counter_disk_size, "@SEED@": seed % 30000}
+def stop_boot(path: Path, boot: int) -> None:
+    """Tell the guest to end boot `boot`'s I/O (one that runs with 0 seconds)
+    after its current round: a token in the script disk's last block, which
+    the guest reads with O_DIRECT every round."""
+    with open(path, "r+b") as f:
+        f.seek(STOP_BLOCK * BLOCK)
+        f.write(f"MPLSTOP {boot}\n".encode().ljust(BLOCK, b"\0"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def script(seconds: int | Sequence[int], count: int, boots: int, counter_disk_size: int,
+           seed: int) -> str:
+    """The shell command for `mpl.workload=shell` (see the module docstring).
+    `seconds` is the I/O time of each boot, or a list of them, boot by boot
+    (the last value holds for later boots); 0 means until `stop_boot`."""
+    secs = [seconds] if isinstance(seconds, int) else list(seconds)
+    values = {"@SECS@": " ".join(str(x) for x in secs), "@COUNT@": count, "@BOOTS@": boots,
+              "@CSIZE@": counter_disk_size, "@SEED@": seed % 30000,
+              "@SSECTORS@": SCRIPT_DISK_SIZE // 512, "@STOPBLOCK@": STOP_BLOCK,
+              "@MAXSECS@": MAX_SECONDS}
     text = _SCRIPT
     for key, value in values.items():
         text = text.replace(key, str(value))

@@ -135,12 +135,13 @@ def shell_cmd(command: str) -> str:
 class Mplaunch:
     """A running `mplaunch SPEC` child, with its stderr collected in a thread."""
 
-    def __init__(self, spec: Path, *args: str, console: Path | None = None) -> None:
+    def __init__(self, spec: Path, *args: str, console: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.console = console
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "launcher", *args, str(spec)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, cwd=REPO,
+            text=True, cwd=REPO, env=env,
         )
         self.stderr_lines: list[str] = []
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
