@@ -106,10 +106,10 @@ async def serve(occupant: Occupant, restart: asyncio.Event, heartbeat_ms: int,
         return Ending(ExitReason.REQUESTED_RESTART, "requested through management",
                       await reap(proc))
     verdict = link.hung.result()
-    if isinstance(verdict, ProtocolBroken) and not proc.exited.done():
+    if isinstance(verdict, ProtocolBroken):
         await asyncio.wait({proc.exited}, timeout=EXIT_GRACE_S)
-        if proc.exited.done():
-            return Ending(ExitReason.CRASHED, "", proc.exited.result())
+    if proc.exited.done():  # it died on its own: not our kill, whatever the link said
+        return Ending(ExitReason.CRASHED, "", proc.exited.result())
     return Ending(ExitReason.KILLED_HUNG, verdict.reason, await reap(proc), verdict)
 
 

@@ -323,3 +323,18 @@ def test_cancelling_the_owner_of_a_heartbeat_is_not_swallowed() -> None:
         theirs.close()
 
     asyncio.run(scenario())
+
+
+def test_a_killed_emulator_is_reported_as_crashed_not_hung(tmp_path: Path) -> None:
+    """Its control channel closes as it dies: that is not a hang."""
+
+    async def scenario() -> None:
+        async with vm_running(tmp_path) as vm:
+            for n in range(1, 5):
+                await vm.until(vm.spare_pid, 30, "a warm spare")
+                os.kill(await vm.serving_pid(), signal.SIGKILL)
+                await vm.until(lambda n=n: len(vm.named("EMULATOR_RESTART")) == n, 20, "a restart")
+            assert [e["reason"] for e in vm.named("EMULATOR_EXIT")] == ["crashed"] * 4
+            assert not vm.named("EMULATOR_HANG")
+
+    asyncio.run(scenario())
