@@ -31,9 +31,12 @@ the connection on an error); either way a FRONTEND_REFUSED event goes out
 replayed. Once REPLY_ACK is negotiated the keeper asks the emulator for a
 status on every message (NEED_REPLY), and answers QEMU only where QEMU asked;
 so a message counts as done, and is recorded, only when the emulator has
-accepted it, and the one in flight when an emulator ends with a protocol
-error is known: `blame_pending` refuses it instead of re-sending it, and the
-supervisor does not count that end as a crash.
+accepted it. The keepers of one emulator share a `OneInFlight`: one message
+at a time goes to that emulator, so the one in flight when it ends with a
+protocol error is the one it ended on: `blame_pending` refuses it instead of
+re-sending it, and the supervisor does not count that end as a crash.
+(Without REPLY_ACK, messages that need no reply are recorded as they are
+sent, as before: only admission stands between them and the emulator.)
 """
 
 from __future__ import annotations
