@@ -135,9 +135,20 @@ class EmulatorProcess:
         return self.process.pid
 
     def kill(self) -> None:
-        self.signalled = True
+        self._note_signal()
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
+
+    def _note_signal(self) -> None:
+        """Remember that we signalled it, unless it had died already (a zombie
+        not yet reaped): then its death was its own."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            return
+        if state != b"Z":
+            self.signalled = True
 
     def report_exit(self, exited: asyncio.Task[int]) -> None:
         if not exited.cancelled() and exited.exception() is None:
@@ -147,7 +158,7 @@ class EmulatorProcess:
         for sig, timeout in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, None)):
             if self.exited.done():
                 break
-            self.signalled = True
+            self._note_signal()
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(sig)
             with contextlib.suppress(asyncio.TimeoutError):
