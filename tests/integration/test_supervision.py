@@ -338,3 +338,27 @@ def test_a_killed_emulator_is_reported_as_crashed_not_hung(tmp_path: Path) -> No
             assert not vm.named("EMULATOR_HANG")
 
     asyncio.run(scenario())
+
+
+def test_a_child_that_fails_ends_the_vm_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug that escapes a slot's supervisor is not dropped: the VM ends,
+    exit status 1, the error logged, every process reaped."""
+
+    async def broken(self: Any) -> None:
+        await asyncio.sleep(0.2)
+        raise RuntimeError("bug in a supervisor")
+
+    monkeypatch.setattr(slots_module.EmulatorSlot, "supervise", broken)
+
+    async def scenario() -> None:
+        async with vm_running(tmp_path) as vm:
+            pid = await vm.serving_pid()
+            assert await asyncio.wait_for(asyncio.shield(vm.task), 30) == EXIT_FAILED
+            assert not alive(pid)
+            assert vm.spare_pid() is None
+
+    asyncio.run(scenario())
+    assert any("supervision failed: bug in a supervisor" in r.getMessage()
+               for r in caplog.records)
