@@ -118,21 +118,7 @@ class HangDetector:
     def __init__(
         self, heartbeat_ms: int, hang_timeout_ms: int, start_ns: int | None = None
     ) -> None:
-        if heartbeat_ms <= 0:
-            raise ValueError(f"heartbeat_ms must be positive, not {heartbeat_ms}")
-        if hang_timeout_ms <= heartbeat_ms:
-            # Otherwise a healthy emulator answering each beat would still be
-            # judged silent before the next beat.
-            raise ValueError(
-                f"hang_timeout_ms ({hang_timeout_ms}) must exceed heartbeat_ms ({heartbeat_ms})"
-            )
-        self.heartbeat_ms = heartbeat_ms
-        self.hang_timeout_ms = hang_timeout_ms
-        self._interval_ns = heartbeat_ms * NS_PER_MS
-        self._timeout_ns = hang_timeout_ms * NS_PER_MS
-        # Pings go out until NoReply fires, so this many can be unanswered at
-        # most (regular beats within the timeout, plus a probe or two).
-        self._max_outstanding = hang_timeout_ms // heartbeat_ms + 4
+        self._set_limits(heartbeat_ms, hang_timeout_ms)
         self._next_seq = 1
         self._armed = False
         self._last_reply_ns = 0
@@ -163,6 +149,36 @@ class HangDetector:
         self._verdict = None
         self._rtt_ns = None
         self._totals = ProgressTotals(0, 0)
+
+    def rearm(self, heartbeat_ms: int, hang_timeout_ms: int, now_ns: int) -> None:
+        """New limits for the same process (a warm spare that now serves an
+        emulator), watched afresh from ``now_ns``.
+
+        Unlike `reset`, pings already sent stay outstanding: the process
+        answers them late (it was busy taking its assignment), and those
+        answers are replies, not a protocol violation.
+        """
+        self._set_limits(heartbeat_ms, hang_timeout_ms)
+        outstanding = self._outstanding.copy()
+        self.reset(now_ns)
+        self._outstanding = outstanding
+
+    def _set_limits(self, heartbeat_ms: int, hang_timeout_ms: int) -> None:
+        if heartbeat_ms <= 0:
+            raise ValueError(f"heartbeat_ms must be positive, not {heartbeat_ms}")
+        if hang_timeout_ms <= heartbeat_ms:
+            # Otherwise a healthy emulator answering each beat would still be
+            # judged silent before the next beat.
+            raise ValueError(
+                f"hang_timeout_ms ({hang_timeout_ms}) must exceed heartbeat_ms ({heartbeat_ms})"
+            )
+        self.heartbeat_ms = heartbeat_ms
+        self.hang_timeout_ms = hang_timeout_ms
+        self._interval_ns = heartbeat_ms * NS_PER_MS
+        self._timeout_ns = hang_timeout_ms * NS_PER_MS
+        # Pings go out until NoReply fires, so this many can be unanswered at
+        # most (regular beats within the timeout, plus a probe or two).
+        self._max_outstanding = hang_timeout_ms // heartbeat_ms + 4
 
     def disarm(self) -> None:
         """Stop watching (the emulator exited); `tick` does nothing until `reset`."""

@@ -110,9 +110,14 @@ class ControlLink:
 
     def watch(self, heartbeat_ms: int, hang_timeout_ms: int) -> None:
         """Judge this process by these limits from now on (a spare, once
-        assigned, by its emulator's); `heartbeat()` does the pinging."""
-        self.detector = HangDetector(heartbeat_ms, hang_timeout_ms)
-        self.detector.reset(time.monotonic_ns())
+        assigned, by its emulator's); `heartbeat()` does the pinging. The
+        same detector is kept for the same process, so a late PONG to a ping
+        sent while it waited is still an answer."""
+        if self.detector is None:
+            self.detector = HangDetector(heartbeat_ms, hang_timeout_ms)
+            self.detector.reset(time.monotonic_ns())
+        else:
+            self.detector.rearm(heartbeat_ms, hang_timeout_ms, time.monotonic_ns())
 
     @property
     def interval_ns(self) -> int:

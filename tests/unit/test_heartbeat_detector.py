@@ -110,6 +110,28 @@ def test_sequence_numbers_survive_reset() -> None:
     assert only_ping(d.tick(50 * MS)).seq > p.seq
 
 
+def test_rearm_keeps_pings_in_flight_for_the_same_process() -> None:
+    """A spare pinged while it waited answers those pings late, after it took
+    its assignment: replies, not a protocol error, under the new limits."""
+    d = HangDetector(100, 1000, start_ns=0)
+    waiting = only_ping(d.tick(0))
+    d.rearm(50, 400, 30 * MS)
+    assert (d.heartbeat_ms, d.hang_timeout_ms) == (50, 400)
+    fresh = only_ping(d.tick(30 * MS))
+    assert fresh.seq > waiting.seq
+    assert d.on_pong(pong_for(waiting), 40 * MS) is None
+    assert d.on_pong(pong_for(fresh), 41 * MS) is None
+    # Judged by the new timeout (400 ms) from the last reply.
+    assert all(isinstance(a, SendPing) for a in d.tick(440 * MS))
+    assert d.tick(441 * MS) == [NoReply(400)]
+
+
+def test_rearm_refuses_bad_timings() -> None:
+    d = HangDetector(100, 400, start_ns=0)
+    with pytest.raises(ValueError):
+        d.rearm(100, 100, 0)
+
+
 @pytest.mark.parametrize("beat,timeout", [(0, 100), (100, 100), (100, 50)])
 def test_bad_timings_are_refused(beat: int, timeout: int) -> None:
     with pytest.raises(ValueError):
