@@ -386,11 +386,10 @@ class EmulatorSlot:
         """The front-end message an emulator was right to refuse (it exited
         with the protocol status), if a keeper had one in flight; the keeper
         drops it, so it is never sent again."""
-        for keeper in self.keepers.values():
-            blame_pending = getattr(keeper, "blame_pending", None)
-            text = blame_pending() if blame_pending is not None else None
+        for keeper in self.keepers.values():  # one message in flight per emulator
+            text = keeper.blame_pending()
             if text:
-                return str(text)
+                return text
         return None
 
     async def _carry_out(self, actions: list[PolicyAction], died_ns: int, old_pid: int) -> bool:
