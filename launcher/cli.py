@@ -7,8 +7,8 @@ import asyncio
 import sys
 
 from launcher import status
-from launcher.runfolder import RunFolderBusy
-from launcher.spec import SpecError, load_spec
+from launcher.runfolder import RunFolderBusy, RunFolderError
+from launcher.spec import SpecError, load_spec, render_value
 from launcher.status import LOG
 
 EXIT_USAGE = 2
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(Supervisor(spec, backends_only=args.backends_only).run())
     except RunFolderBusy as e:
         LOG.error("%s", e)
+        return 1
+    except RunFolderError as e:
+        LOG.error("%s: [vm] run_dir = %s: %s", args.spec, render_value(str(e.path)), e.problem)
         return 1
     except KeyboardInterrupt:
         return 130

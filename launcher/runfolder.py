@@ -3,42 +3,167 @@
 A folder per VM holds the management sockets and the state store files. The
 lock file inside it is held (flock) for the whole life of the mplaunch that
 owns the VM, so "is an instance alive" is answered by the kernel, not by a
-pid that may have been reused: a folder whose lock can be taken is stale and
-is cleaned; one whose lock is held is refused.
+pid that may have been reused.
+
+mplaunch only ever removes what it made. A run folder carries a marker file
+of its own (``.mplaunch-run``, naming the VM and whether mplaunch made the
+folder itself). The rules:
+
+- a missing folder is made (and removed again at exit);
+- an existing empty folder is adopted: its contents are removed at exit,
+  the folder stays;
+- an existing folder with the marker of the same VM and no live owner is
+  stale: the files mplaunch makes there (see ``OWN_PATTERNS``) are removed,
+  nothing else;
+- any other non-empty folder is refused (``RunFolderForeign``) and left
+  untouched, as is a folder another live mplaunch holds (``RunFolderBusy``).
+
+Cleanup never recurses and never follows a symlink: it unlinks entries whose
+names mplaunch uses, relative to a descriptor of the folder itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import fnmatch
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 LOCK_NAME = "mplaunch.lock"
+MARKER_NAME = ".mplaunch-run"
+#: Every name mplaunch gives an entry of a run folder; cleanup removes only these.
+OWN_PATTERNS = (LOCK_NAME, MARKER_NAME, "*.sock", "state-*.bin")
+_MARKER_HEAD = "mplaunch run folder"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class RunFolderBusy(Exception):
+class RunFolderError(Exception):
+    """The run folder cannot be used; ``path`` is the folder, ``problem`` says why."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(path, problem)
+        self.path = path
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+class RunFolderBusy(RunFolderError):
     """Another live mplaunch owns this VM's run folder; no restart can help."""
 
     def __init__(self, path: Path, owner: str) -> None:
-        super().__init__(path, owner)
-        self.path = path
+        super().__init__(path, f"the VM is already running (mplaunch pid {owner or '?'} holds it)")
         self.owner = owner
 
-    def __str__(self) -> str:
-        return f"{self.path}: the VM is already running (mplaunch pid {self.owner or '?'} holds it)"
+
+class RunFolderForeign(RunFolderError):
+    """The folder holds files mplaunch did not make: it is left untouched."""
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """What the marker file says: the VM, and whether mplaunch made the folder."""
+
+    vm: str
+    made_folder: bool
+
+    def render(self) -> bytes:
+        made = "yes" if self.made_folder else "no"
+        return f"{_MARKER_HEAD}\nvm = {self.vm}\nmade_folder = {made}\n".encode()
+
+    @classmethod
+    def parse(cls, data: bytes) -> Marker | None:
+        """The marker in ``data``, or None if it is not one mplaunch wrote."""
+        lines = data.decode("utf-8", "replace").splitlines()
+        if len(lines) != 3 or lines[0] != _MARKER_HEAD:
+            return None
+        fields = dict(line.partition(" = ")[::2] for line in lines[1:])
+        if not fields.get("vm") or fields.get("made_folder") not in ("yes", "no"):
+            return None
+        return cls(fields["vm"], fields["made_folder"] == "yes")
+
+
+def is_own(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OWN_PATTERNS)
+
+
+def foreign_problem(path: Path, vm: str) -> str | None:
+    """Why mplaunch must not use the existing folder ``path`` for VM ``vm``, or None.
+
+    None also when the folder does not exist (mplaunch will make it). Used by
+    the spec check (``mplaunch --check``) and again, race-free, at start."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            return "exists and is not a folder"
+        return f"cannot be read: {e.strerror}"
+    try:
+        return _foreign(fd, vm)
+    finally:
+        os.close(fd)
+
+
+def _foreign(dir_fd: int, vm: str) -> str | None:
+    names = sorted(os.listdir(dir_fd))
+    if not names:
+        return None
+    marker = _read_marker(dir_fd)
+    if marker is None:
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        return (f"the folder holds files mplaunch did not make (\"{names[0]}\"{more}) and no "
+                f"{MARKER_NAME} marker; it was left untouched: name a new or an empty folder")
+    if marker.vm != vm:
+        return (f"the folder is the run folder of VM \"{marker.vm}\", not \"{vm}\"; it was "
+                "left untouched")
+    return None
+
+
+def _read_marker(dir_fd: int) -> Marker | None:
+    try:
+        fd = os.open(MARKER_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return Marker.parse(os.read(fd, 4096))
+    finally:
+        os.close(fd)
+
+
+def _write_marker(dir_fd: int, marker: Marker) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(MARKER_NAME, flags, 0o600, dir_fd=dir_fd)
+    try:
+        os.write(fd, marker.render())
+    finally:
+        os.close(fd)
+
+
+def _remove_own(dir_fd: int, keep: tuple[str, ...]) -> None:
+    """Unlink the entries mplaunch makes, except ``keep``; never recurse."""
+    for name in os.listdir(dir_fd):
+        if is_own(name) and name not in keep:
+            with contextlib.suppress(OSError):  # a folder by that name is not ours
+                os.unlink(name, dir_fd=dir_fd)
 
 
 @dataclass
 class RunFolder:
-    """An acquired run folder; release() removes it."""
+    """An acquired run folder; release() removes what mplaunch made in it."""
 
     path: Path
+    vm: str = ""
+    made_folder: bool = True
     stale_cleaned: bool = False
     _lock_fd: int = field(default=-1, repr=False)
+    _dir_fd: int = field(default=-1, repr=False)
 
     @property
     def mplaunch_sock(self) -> Path:
@@ -52,35 +177,89 @@ class RunFolder:
         return self.path / f"state-{emulator_id}.bin"
 
     @classmethod
-    def acquire(cls, path: Path) -> RunFolder:
+    def acquire(cls, path: Path, vm: str) -> RunFolder:
+        """Make, adopt or reclaim the run folder of VM ``vm``; RunFolderError if not."""
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        stale = False
-        for _ in range(3):
+        for _ in range(5):
+            made = True
             try:
                 path.mkdir(mode=0o700)
             except FileExistsError:
-                if _held_by_other(path):
-                    raise RunFolderBusy(path, _owner(path)) from None
-                shutil.rmtree(path, ignore_errors=True)
-                stale = True
-                continue
-            fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                made = False
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise RunFolderBusy(path, _owner(path)) from None
-            os.write(fd, f"{os.getpid()}\n".encode())
-            return cls(path, stale, fd)
+                dir_fd = os.open(path, _DIR_FLAGS)
+            except FileNotFoundError:
+                continue  # removed by an owner that just ended
+            except OSError as e:
+                raise RunFolderForeign(path, "exists and is not a folder" if e.errno in (
+                    errno.ENOTDIR, errno.ELOOP) else f"cannot be opened: {e.strerror}") from None
+            try:
+                run = cls._claim(path, vm, dir_fd, made)
+            except FileNotFoundError:
+                run = None  # the folder went away with an owner that just ended
+            except BaseException:
+                os.close(dir_fd)
+                raise
+            if run is not None:
+                return run
+            os.close(dir_fd)
         raise RunFolderBusy(path, _owner(path))
 
+    @classmethod
+    def _claim(cls, path: Path, vm: str, dir_fd: int, made: bool) -> RunFolder | None:
+        """Lock the folder open as ``dir_fd``; None if it changed under us (try again)."""
+        found = None if made else _read_marker(dir_fd)
+        marker = Marker(vm, made) if made else found
+        if not made:
+            problem = _foreign(dir_fd, vm)
+            if problem is not None:
+                if os.listdir(dir_fd) == [LOCK_NAME]:
+                    return None  # an owner between its marker and its lock going away
+                raise RunFolderForeign(path, problem)
+        if marker is None:  # an empty folder someone else made: adopt it
+            marker = Marker(vm, made_folder=False)
+            _write_marker(dir_fd, marker)
+        elif made:
+            _write_marker(dir_fd, marker)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        lock = os.open(LOCK_NAME, flags, 0o600, dir_fd=dir_fd)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            raise RunFolderBusy(path, _owner(path)) from None
+        try:
+            linked = os.stat(LOCK_NAME, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            linked = None
+        st = os.fstat(lock)
+        if linked is None or (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):
+            os.close(lock)  # the owner ended and unlinked it meanwhile
+            return None
+        stale = found is not None  # a marker without a live owner: one that died
+        if not made:
+            _remove_own(dir_fd, keep=(LOCK_NAME, MARKER_NAME))
+            if _read_marker(dir_fd) != marker:  # gone with the owner that just ended
+                _write_marker(dir_fd, marker)
+        os.ftruncate(lock, 0)
+        os.write(lock, f"{os.getpid()}\n".encode())
+        return cls(path, vm, marker.made_folder, stale, lock, dir_fd)
+
     def release(self) -> None:
-        """Remove the folder, then drop the lock, so nobody sees a half-removed live one."""
+        """Remove what mplaunch made (the folder too if it made it), then drop
+        the lock; anything else that is in the folder stays, and so does the folder."""
         if self._lock_fd < 0:
             return
-        shutil.rmtree(self.path, ignore_errors=True)
+        _remove_own(self._dir_fd, keep=(LOCK_NAME, MARKER_NAME))
+        for name in (MARKER_NAME, LOCK_NAME):
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=self._dir_fd)
+        if self.made_folder:
+            with contextlib.suppress(OSError):  # not empty: someone else's files stay
+                os.rmdir(self.path)
         os.close(self._lock_fd)
-        self._lock_fd = -1
+        os.close(self._dir_fd)
+        self._lock_fd = self._dir_fd = -1
 
     def __enter__(self) -> RunFolder:
         return self
@@ -94,24 +273,12 @@ class RunFolder:
         self.release()
 
 
-def _held_by_other(path: Path) -> bool:
-    try:
-        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return True
-        raise
-    finally:
-        os.close(fd)
-    return False
-
-
 def _owner(path: Path) -> str:
     try:
-        return (path / LOCK_NAME).read_text().strip()
+        fd = os.open(path / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        return os.read(fd, 64).decode(errors="replace").strip()
+    finally:
+        os.close(fd)

@@ -42,6 +42,7 @@ from emulators.limits import (
     image_size_problem,
 )
 from launcher.heartbeat.protocol import MAX_CONTROLLERS, MAX_REQUEST_QUEUES
+from launcher.runfolder import foreign_problem
 from launcher.sizes import SIZE_SYNTAX, G, M, format_size, parse_size
 
 
@@ -538,6 +539,10 @@ def _parse_vm(t: _Table, base: Path, emulator_count: int) -> Fields:
         t.bad("run_dir", t.data["run_dir"], "exists and is not a folder")
     if run_dir is None and not t.has("run_dir") and f["name"] is not None:
         run_dir = DEFAULT_RUN_ROOT / f["name"]
+    if run_dir is not None and f["name"] is not None and os.path.isdir(run_dir):
+        problem = foreign_problem(run_dir, f["name"])
+        if problem is not None:
+            t.bad("run_dir", t.data.get("run_dir", str(run_dir)), problem)
     f["run_dir"] = run_dir
     f["uid_range"] = _uid_range(t, emulator_count)
     f["sandbox"] = t.choice("sandbox", SandboxMode, SandboxMode.ON)

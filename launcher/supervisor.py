@@ -88,7 +88,7 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
         try:
-            with RunFolder.acquire(self.spec.vm.run_dir) as run:
+            with RunFolder.acquire(self.spec.vm.run_dir, self.spec.vm.name) as run:
                 if run.stale_cleaned:
                     LOG.info("cleaned a stale run folder %s", run.path)
                 LOG.info("run folder %s", run.path)
