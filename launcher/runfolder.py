@@ -36,7 +36,8 @@ from types import TracebackType
 LOCK_NAME = "mplaunch.lock"
 MARKER_NAME = ".mplaunch-run"
 #: Every name mplaunch gives an entry of a run folder; cleanup removes only these.
-OWN_PATTERNS = (LOCK_NAME, MARKER_NAME, "*.sock", "state-*.bin")
+OWN_PATTERNS = (LOCK_NAME, MARKER_NAME, "*.sock", "state-*.bin",
+                ".*.sock.[0-9]*")  # the last: a socket bound under its temporary name
 _MARKER_HEAD = "mplaunch run folder"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

@@ -145,7 +145,7 @@ class Supervisor:
             if self.spec.emulators:
                 preflight(self.spec.vm.sandbox)  # the sandbox: fail closed, warn if weakened
             first, last = self.spec.vm.uid_range
-            uids = UidPool(first, last)
+            uids = UidPool(first, last, owner=self.spec.vm.name)  # host-wide leases
             self.spares = SparePool(self.spec, uids) if WARM_SPARE else None
             for emulator in self.spec.emulators:
                 slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids, self.spares,

@@ -1,25 +1,144 @@
-"""Distinct uids for emulator processes, from the spec's uid range."""
+"""Uids for the processes mplaunch confines, unique across every VM on the host.
+
+Theory of operation. A uid is one lock file, ``/run/mplaunch/uids/UID.lock``.
+Whoever holds an exclusive flock on it owns the uid; the launcher that runs
+a process under that uid holds the lock for as long as that process lives
+(its ``Lease``), and releases it only after the process is reaped. The
+kernel drops a flock when its last descriptor closes, so a launcher that
+crashes gives its uids back by itself: a stale lock file is just a file
+whose lock anyone can take. Lock files are never removed (unlinking a lock
+file while another process has it open would let two owners hold two
+inodes of one name).
+
+flock is per open file description, so two ``HostUids`` in one process, or
+two mplaunch processes, exclude each other the same way. The spec's
+``uid_range`` only says which uids a VM may take from; two VMs with the
+same range get disjoint uids.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_UID_DIR = Path("/run/mplaunch/uids")
+
+
+@dataclass
+class Lease:
+    """One uid held: the lock stays until ``release()`` (or the holder's death)."""
+
+    uid: int
+    owner: str
+    _fd: int = field(default=-1, repr=False)
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def release(self) -> None:
+        """Give the uid back; call it only once no process runs under it. Idempotent."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class HostUids:
+    """Leases on uids from ``first``..``last``, exclusive host-wide."""
+
+    def __init__(self, first: int, last: int, folder: Path = DEFAULT_UID_DIR) -> None:
+        self.first, self.last = first, last
+        self.folder = folder
+
+    def _open_folder(self) -> int:
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o755)
+        return os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def take(self, owner: str, preferred: int | None = None) -> Lease | None:
+        """A lease on a free uid (``preferred`` if it is free), or None if the
+        range is used up. ``owner`` (e.g. "vm1/e0") is written into the lock
+        file for a human looking at who holds what."""
+        dir_fd = self._open_folder()
+        try:
+            first: list[int] = []
+            if preferred is not None and self.first <= preferred <= self.last:
+                first = [preferred]
+            rest = (u for u in range(self.first, self.last + 1) if u != preferred)
+            for uid in itertools.chain(first, rest):
+                lease = self._try(dir_fd, uid, owner)
+                if lease is not None:
+                    return lease
+            return None
+        finally:
+            os.close(dir_fd)
+
+    @staticmethod
+    def _try(dir_fd: int, uid: int, owner: str) -> Lease | None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(f"{uid}.lock", flags, 0o600, dir_fd=dir_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{owner} pid {os.getpid()}\n".encode(), 0)
+        return Lease(uid, owner, fd)
+
+    def holder(self, uid: int) -> str | None:
+        """Who holds ``uid`` (the text its holder wrote), or None if it is free."""
+        try:
+            fd = os.open(self.folder / f"{uid}.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return os.pread(fd, 256, 0).decode(errors="replace").strip()
+            return None
+        finally:
+            os.close(fd)
+
 
 class UidPool:
-    """Distinct uids from the spec's range: one per live emulator or spare,
-    so no emulator can signal or trace another."""
+    """The uids of one VM's emulators and spares, leased from ``HostUids``:
+    one per live emulator or spare, so no emulator can signal or trace
+    another, in this VM or any other."""
 
-    def __init__(self, first: int, last: int) -> None:
+    def __init__(self, first: int, last: int, owner: str = "mplaunch",
+                 folder: Path = DEFAULT_UID_DIR) -> None:
         self.first, self.last = first, last
-        self.used: set[int] = set()
+        self.owner = owner
+        self.host = HostUids(first, last, folder)
+        self.leases: dict[int, Lease] = {}
+
+    @property
+    def used(self) -> set[int]:
+        return set(self.leases)
 
     def take(self, preferred: int | None = None) -> int | None:
-        if preferred is not None and preferred not in self.used:
-            self.used.add(preferred)
-            return preferred
-        for uid in range(self.first, self.last + 1):
-            if uid not in self.used:
-                self.used.add(uid)
-                return uid
-        return None
+        lease = self.host.take(self.owner, preferred)
+        if lease is None:
+            return None
+        self.leases[lease.uid] = lease
+        return lease.uid
 
     def give_back(self, uid: int) -> None:
-        self.used.discard(uid)
+        lease = self.leases.pop(uid, None)
+        if lease is not None:
+            lease.release()
+
+    def close(self) -> None:
+        """Release every lease still held (the VM's teardown)."""
+        for uid in list(self.leases):
+            self.give_back(uid)
