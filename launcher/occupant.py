@@ -24,6 +24,7 @@ from typing import Any
 from emulators import faults
 from emulators.config import EmulatorConfig
 from launcher import emulators
+from launcher.heartbeat.detector import NoReply, Stalled
 from launcher.heartbeat.link import ControlLink, Judgement, LinkClosed, ProtocolBroken
 from launcher.restart_policy import ExitReason, describe_status
 
@@ -60,6 +61,27 @@ class Ending:
     detail: str
     status: int
     verdict: Judgement | None = None  # the heartbeat's, when it was killed for it
+
+
+def exit_event(slot_id: str, pid: int, reason: ExitReason, status: int) -> dict[str, Any]:
+    """EMULATOR_EXIT's data: exactly one of 'signal' and 'status' is set."""
+    return {
+        "id": slot_id, "pid": pid, "reason": reason.value,
+        "signal": signal_name(-status) if status < 0 else None,
+        "status": status if status >= 0 else None,
+    }
+
+
+def hang_event(slot_id: str, pid: int, verdict: Judgement) -> dict[str, Any]:
+    """EMULATOR_HANG's data for the verdict an occupant was killed for."""
+    hang: dict[str, Any] = {
+        "id": slot_id, "pid": pid,
+        "why": "no-progress" if isinstance(verdict, Stalled) else "no-answer",
+        "inflight": verdict.in_flight if isinstance(verdict, Stalled) else 0,
+    }
+    if isinstance(verdict, Stalled | NoReply):
+        hang["silent_ms"] = int(verdict.since_ms)
+    return hang
 
 
 class HandOverFailed(Exception):

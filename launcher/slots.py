@@ -30,18 +30,18 @@ from emulators.limits import LUN_SLOTS, resize_problem
 from emulators.process import EXIT_PROTOCOL
 from launcher import emulators
 from launcher.heartbeat import protocol as proto
-from launcher.heartbeat.detector import NoReply, Stalled
 from launcher.heartbeat.link import ControlLink, LinkClosed, control_pair
 from launcher.libvirt import backend_socket
 from launcher.occupant import (
     Ending,
     HandOverFailed,
     Occupant,
+    exit_event,
     hand_over,
+    hang_event,
     now_ns,
     reap,
     serve,
-    signal_name,
 )
 from launcher.restart_policy import (
     ExitReason,
@@ -361,25 +361,13 @@ class EmulatorSlot:
                         self.stats.last_exit, blame)
         elif reason is ExitReason.CRASHED:
             LOG.warning("emulator %s died (%s)", self.id, self.stats.last_exit)
-        verdict = ending.verdict
-        if verdict is not None:
-            hang: dict[str, Any] = {
-                "id": self.id, "pid": occupant.proc.pid,
-                "why": "no-progress" if isinstance(verdict, Stalled) else "no-answer",
-                "inflight": verdict.in_flight if isinstance(verdict, Stalled) else 0,
-            }
-            if isinstance(verdict, Stalled | NoReply):
-                hang["silent_ms"] = int(verdict.since_ms)
-            self.emit("EMULATOR_HANG", hang)
-            LOG.warning("emulator %s hung: %s; killed pid %d", self.id, verdict.reason,
+        if ending.verdict is not None:
+            self.emit("EMULATOR_HANG", hang_event(self.id, occupant.proc.pid, ending.verdict))
+            LOG.warning("emulator %s hung: %s; killed pid %d", self.id, ending.verdict.reason,
                         occupant.proc.pid)
         elif reason is ExitReason.REQUESTED_RESTART:
             LOG.info("emulator %s: restart requested", self.id)
-        self.emit("EMULATOR_EXIT", {
-            "id": self.id, "pid": occupant.proc.pid, "reason": reason.value,
-            "signal": signal_name(-status) if status < 0 else None,
-            "status": status if status >= 0 else None,
-        })
+        self.emit("EMULATOR_EXIT", exit_event(self.id, occupant.proc.pid, reason, status))
         return self.policy.on_exit(died_ns, status, reason, detail)
 
     def _blame(self) -> str | None:
@@ -406,11 +394,8 @@ class EmulatorSlot:
                     why = str(e) or type(e).__name__
                     LOG.warning("emulator %s: restart failed: %s", self.id, why)
                     if isinstance(e, HandOverFailed):  # a process that was to be ours ended
-                        self.emit("EMULATOR_EXIT", {
-                            "id": self.id, "pid": e.pid, "reason": ExitReason.START_FAILED.value,
-                            "signal": signal_name(-e.status) if e.status < 0 else None,
-                            "status": e.status if e.status >= 0 else None,
-                        })
+                        self.emit("EMULATOR_EXIT", exit_event(
+                            self.id, e.pid, ExitReason.START_FAILED, e.status))
                     actions = self.policy.on_start_failed(now_ns(), why)
             elif isinstance(action, GiveUp):
                 self.emit("EMULATOR_GIVE_UP", {
