@@ -31,6 +31,9 @@ import signal
 from emulators import faults
 from launcher.status import LOG
 
+#: What asyncio reports for a child whose status it could not collect.
+UNKNOWN_STATUS = 255
+
 
 class FaultPlan:
     """The armings still to fire, and who holds the current one."""
@@ -103,6 +106,10 @@ class FaultPlan:
             return
         if status == -signal.SIGKILL and not killed_by_launcher:
             self._advance(f"pid {pid} died by SIGKILL")
+        elif status == UNKNOWN_STATUS and not killed_by_launcher:
+            # asyncio lost the status (the pid was reaped elsewhere): no
+            # emulator exits 255 of its own, so the fault most likely fired.
+            self._advance(f"pid {pid} died, status unknown (taken for the SIGKILL)")
         else:
             self.holder = None
             LOG.warning("fault plan: pid %d ended (status %d) before entry %s fired; "
