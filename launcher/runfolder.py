@@ -178,8 +178,11 @@ class RunFolder:
         return self.path / f"state-{emulator_id}.bin"
 
     @classmethod
-    def acquire(cls, path: Path, vm: str) -> RunFolder:
-        """Make, adopt or reclaim the run folder of VM ``vm``; RunFolderError if not."""
+    def acquire(cls, path: Path, vm: str, group: int | None = None) -> RunFolder:
+        """Make, adopt or reclaim the run folder of VM ``vm``; RunFolderError if not.
+
+        ``group``: the management socket's group, let through a folder mplaunch
+        made (mode 0710); a folder it adopted keeps the owner's choice."""
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         for _ in range(5):
             made = True
@@ -202,6 +205,9 @@ class RunFolder:
                 os.close(dir_fd)
                 raise
             if run is not None:
+                if group is not None and run.made_folder:
+                    os.fchown(dir_fd, -1, group)
+                    os.fchmod(dir_fd, 0o710)
                 return run
             os.close(dir_fd)
         raise RunFolderBusy(path, _owner(path))

@@ -478,8 +478,10 @@ class EmulatorSlot:
     def _refused(self, result: proto.Result) -> DiskChangeError:
         return DiskChangeError(f"emulator {self.id} refused: {result.error}")
 
-    async def add_disk(self, disk: DiskSpec) -> None:
-        """Open the image, hand its fd to the emulator; the guest then sees it.
+    async def add_disk(self, disk: DiskSpec, opened: int | None = None) -> None:
+        """Open the image (or use a copy of ``opened``, an fd management already
+        opened and checked; the caller keeps and closes its own), hand its fd
+        to the emulator; the guest then sees it.
 
         One disk change at a time per slot (``_commands``): the LUN check and
         the change it allowed are not separated by another change."""
@@ -487,7 +489,8 @@ class EmulatorSlot:
             if any(d.lun == disk.lun for d in self.disks[disk.controller]):
                 raise DiskChangeError(f"LUN {disk.lun} is already in use on {disk.controller}")
             try:
-                fd = emulators.open_disk(str(disk.image), disk.readonly)
+                fd = emulators.open_disk(str(disk.image), disk.readonly) if opened is None \
+                    else os.dup(opened)
             except emulators.DiskOpenError as e:
                 raise DiskChangeError(str(e)) from None
             try:

@@ -22,6 +22,7 @@ its own error.
 from __future__ import annotations
 
 import datetime
+import grp
 import math
 import os
 import re
@@ -42,6 +43,7 @@ from emulators.limits import (
     image_size_problem,
 )
 from launcher.heartbeat.protocol import MAX_CONTROLLERS, MAX_REQUEST_QUEUES
+from launcher.imagepolicy import default_dirs
 from launcher.runfolder import foreign_problem
 from launcher.sizes import SIZE_SYNTAX, G, M, format_size, parse_size
 
@@ -116,6 +118,13 @@ class VmConfig:
     run_dir: Path
     uid_range: tuple[int, int]
     sandbox: SandboxMode
+    #: Real paths of the folders management may take disk images from (see
+    #: launcher.imagepolicy); by default the spec's folder and its disks' folders.
+    image_dirs: tuple[Path, ...] = ()
+    #: Block devices management may add: ``[vm] devices`` and every [[disk]] device.
+    devices: tuple[Path, ...] = ()
+    #: The group (name or number) that may use the management socket; None: root only.
+    management_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,7 +445,7 @@ class _Table:
 # --- the tables ----------------------------------------------------------------
 
 VM_FIELDS = ("name", "memory", "cpus", "accel", "kernel", "initrd", "append", "console",
-             "run_dir", "uid_range", "sandbox")
+             "run_dir", "uid_range", "sandbox", "image_dirs", "devices", "management_group")
 EMULATOR_FIELDS = ("id", "kind", "restart", "heartbeat_ms", "hang_timeout_ms",
                    "restart_burst", "restart_window_s", "on_give_up")
 CONTROLLER_FIELDS = ("id", "emulator", "queues")
@@ -513,6 +522,65 @@ def _uid_range(t: _Table, emulator_count: int) -> tuple[int, int] | None:
     return first, last
 
 
+def _path_list(t: _Table, key: str, base: Path, kind: str) -> tuple[Path, ...] | None:
+    """An array of paths, each an existing ``kind`` ("folder" or "block device"),
+    as real paths; None if absent (the caller fills in the default) or bad."""
+    value = t.data.get(key, _ABSENT)
+    if value is _ABSENT:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        t.bad(key, value, f"must be an array of paths, each an existing {kind}")
+        return None
+    out = []
+    for item in value:
+        if "\0" in item:
+            t.bad(key, value, "must not contain a NUL character")
+            return None
+        path = Path(os.path.realpath(base / item))
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            mode = 0
+        if not (stat.S_ISDIR(mode) if kind == "folder" else stat.S_ISBLK(mode)):
+            t.bad(key, value, f"{render_value(item)} is not an existing {kind}")
+            return None
+        out.append(path)
+    return tuple(out)
+
+
+def _group(t: _Table) -> str | None:
+    value = t.data.get("management_group", _ABSENT)
+    if value is _ABSENT:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        t.bad("management_group", value, "must be a group name or number")
+        return None
+    try:
+        grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(value)
+    except (KeyError, OverflowError, ValueError):
+        t.bad("management_group", value, "no such group on this host")
+        return None
+    return str(value)
+
+
+def _image_rules(vm: Fields, base: Path,
+                 disks: list[tuple[_Entry, os.stat_result | None]]) -> None:
+    """Fill in the default image_dirs and the devices [[disk]]s name; a
+    [[disk]] file outside an explicit image_dirs is a problem."""
+    files = [(e, e.fields["image"]) for e, st in disks
+             if st is not None and stat.S_ISREG(st.st_mode)]
+    devices = [e.fields["image"] for e, st in disks if st is not None and stat.S_ISBLK(st.st_mode)]
+    if not vm["_image_dirs_given"]:
+        vm["image_dirs"] = default_dirs(base, (p for _, p in files))
+    elif vm["image_dirs"] is not None:
+        for entry, image in files:
+            if not any(image.is_relative_to(d) for d in vm["image_dirs"]):
+                entry.table.bad("image", entry.table.data["image"],
+                                "is outside every folder of [vm] image_dirs")
+    listed = vm["devices"] or ()
+    vm["devices"] = (*listed, *(d for d in devices if d not in listed))
+
+
 def _parse_vm(t: _Table, base: Path, emulator_count: int) -> Fields:
     f: Fields = {}
     f["name"] = t.ident("name", _NAME_RE, NAME_RULE, "a VM name")
@@ -546,6 +614,10 @@ def _parse_vm(t: _Table, base: Path, emulator_count: int) -> Fields:
     f["run_dir"] = run_dir
     f["uid_range"] = _uid_range(t, emulator_count)
     f["sandbox"] = t.choice("sandbox", SandboxMode, SandboxMode.ON)
+    f["image_dirs"] = _path_list(t, "image_dirs", base, "folder")
+    f["_image_dirs_given"] = t.has("image_dirs")
+    f["devices"] = _path_list(t, "devices", base, "block device")
+    f["management_group"] = _group(t)
     return f
 
 
@@ -748,6 +820,9 @@ def parse_spec(data: Mapping[str, Any], path: str | Path) -> Spec:
         fields, st = _parse_disk(table, base)
         disks.append((_Entry(i, table, fields), st))
     _cross_check(emulators, controllers, disks)
+    if vm_fields is not None:
+        _image_rules(vm_fields, base, disks)
+        del vm_fields["_image_dirs_given"]
 
     if out.lines or vm_fields is None:
         raise SpecError(out.lines)

@@ -24,7 +24,7 @@ from typing import Any
 from launcher.accel import AccelChoice, choose_accel
 from launcher.emulators import DiskOpenError
 from launcher.libvirt import backend_socket
-from launcher.management.server import EventBus, ManagementServer
+from launcher.management.server import EventBus, ManagementServer, resolve_group
 from launcher.qemu import Qemu, bind_qmp_listener
 from launcher.restart_policy import GiveUp, describe_status
 from launcher.runfolder import RunFolder
@@ -88,7 +88,9 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
         try:
-            with RunFolder.acquire(self.spec.vm.run_dir, self.spec.vm.name) as run:
+            group = self.spec.vm.management_group
+            gid = None if group is None else resolve_group(group)
+            with RunFolder.acquire(self.spec.vm.run_dir, self.spec.vm.name, gid) as run:
                 if run.stale_cleaned:
                     LOG.info("cleaned a stale run folder %s", run.path)
                 LOG.info("run folder %s", run.path)
@@ -106,7 +108,8 @@ class Supervisor:
         restart policy), so an exception that still reaches the group is a
         bug: it ends the VM with the error logged, never silently."""
         listener = bind_qmp_listener(run.qemu_sock)
-        server = ManagementServer(run.mplaunch_sock, SupervisorControl(self), self.bus)
+        server = ManagementServer(run.mplaunch_sock, SupervisorControl(self), self.bus,
+                                  group=self.spec.vm.management_group)
         await server.start()
         code = EXIT_FAILED
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emulators.limits import image_size_problem
+from launcher.imagepolicy import ImagePolicy, ImageRefused
 from launcher.management.commands import CommandError
 from launcher.slots import DiskChangeError, EmulatorSlot
 from launcher.spec import DiskSpec
@@ -40,6 +41,9 @@ class SupervisorControl:
         self.sv = supervisor
         self.started = time.monotonic()
         self._disk_changes = asyncio.Lock()
+        vm = supervisor.spec.vm
+        #: What disk-add and disk-resize may touch: the spec's image_dirs and devices.
+        self.images = ImagePolicy(vm.image_dirs, vm.devices)
 
     # -- queries
 
@@ -125,21 +129,24 @@ class SupervisorControl:
                 raise CommandError("DeviceNotFound", f"no controller '{controller}'")
             path = Path(image)
             try:
-                st = os.stat(path)
+                fd, st = self.images.open(image, readonly)
+            except ImageRefused as e:
+                raise _fail(str(e)) from None
             except OSError as e:
                 raise _fail(f"image '{image}': {e.strerror}") from None
-            if stat.S_ISREG(st.st_mode):
-                problem = image_size_problem(st.st_size, block_size)
-                if problem is not None:
-                    raise _fail(f"image '{image}' {problem}")
-            elif not stat.S_ISBLK(st.st_mode):
-                raise _fail(f"image '{image}' is not a regular file or a block device")
-            disk = DiskSpec(id=id, controller=controller, lun=lun, image=path.resolve(),
-                            format="raw", readonly=readonly, block_size=block_size)
             try:
-                await owner.add_disk(disk)
+                if stat.S_ISREG(st.st_mode):
+                    problem = image_size_problem(st.st_size, block_size)
+                    if problem is not None:
+                        raise _fail(f"image '{image}' {problem}")
+                real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+                disk = DiskSpec(id=id, controller=controller, lun=lun, image=real,
+                                format="raw", readonly=readonly, block_size=block_size)
+                await owner.add_disk(disk, opened=fd)
             except (DiskChangeError, OSError) as e:
                 raise _fail(str(e)) from None
+            finally:
+                os.close(fd)
         LOG.info("disk %s added: %s at LUN %d of %s", id, path, lun, controller)
         self.sv.emit("DISK_ADDED", {"id": id, "controller": controller, "lun": lun,
                                     "image": str(path), "size": st.st_size,
@@ -160,6 +167,12 @@ class SupervisorControl:
             slot, disk = self._disk(id)
             if disk.readonly:
                 raise _fail(f"disk '{id}' is read-only")
+            held = slot.disk_fds.get(id)
+            if held is not None:
+                try:
+                    self.images.check(held, str(disk.image))
+                except ImageRefused as e:
+                    raise _fail(str(e)) from None
             try:
                 old_size = await slot.resize_disk(disk, size)
             except (DiskChangeError, OSError) as e:

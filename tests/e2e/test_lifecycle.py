@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.runfolder import MARKER_NAME, Marker
 from tests.support.vm import Mplaunch, VmDef, lines_of, run_to_end, shell_cmd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("guest")]
@@ -80,6 +81,7 @@ def test_a_second_instance_is_refused_while_the_first_lives(tmp_path: Path) -> N
 def test_a_stale_run_folder_is_cleaned(tmp_path: Path) -> None:
     vm = VmDef(tmp_path, "life-stale")
     vm.run_dir.mkdir()
+    (vm.run_dir / MARKER_NAME).write_bytes(Marker("life-stale", made_folder=True).render())
     (vm.run_dir / "mplaunch.lock").write_text("999999\n")
     (vm.run_dir / "qemu.sock").write_text("")
     rc, m = run_to_end(vm)

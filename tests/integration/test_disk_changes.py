@@ -98,7 +98,9 @@ async def rig(tmp_path: Path, *, hidden_lun: bool = False, pump: bool = True
     slot.occupant = SimpleNamespace(  # type: ignore[assignment]
         link=link, proc=SimpleNamespace(pid=None))
     events: list[tuple[str, dict[str, Any]]] = []
-    supervisor = SimpleNamespace(slots=[slot], emit=lambda name, data: events.append((name, data)))
+    vm = SimpleNamespace(image_dirs=(tmp_path.resolve(),), devices=())
+    supervisor = SimpleNamespace(slots=[slot], emit=lambda name, data: events.append((name, data)),
+                                 spec=SimpleNamespace(vm=vm))
     control = SupervisorControl(supervisor)  # type: ignore[arg-type]
     r = Rig(control, slot, emulator, link, d0, events)
     if pump:

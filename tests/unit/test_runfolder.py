@@ -149,3 +149,10 @@ def test_check_and_start_refuse_a_folder_of_someone_elses_files(
     assert started.returncode == 1
     assert expected in started.stderr.splitlines()
     assert os.listdir(home) == ["keep.txt"] and (home / "keep.txt").read_text() == "precious"
+
+
+def test_a_made_folder_lets_the_management_group_through(tmp_path: Path) -> None:
+    path = tmp_path / "run"
+    with RunFolder.acquire(path, "vm1", group=1):
+        st = path.stat()
+        assert (st.st_gid, st.st_mode & 0o777) == (1, 0o710)

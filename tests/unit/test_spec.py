@@ -362,3 +362,26 @@ def test_one_changed_field_gives_a_spec_or_problems_naming_it(
 def test_unchanged_fuzz_base_is_valid() -> None:
     spec = parse_spec(VALID, SPECS / "good" / "fuzz.toml")
     assert [d.image.name for d in spec.disks] == ["one-block.img", "four-k.img"]
+
+
+# --- what management may touch -------------------------------------------------
+
+
+def test_image_dirs_default_to_the_spec_folder_and_its_disks_folders(tmp_path: Path) -> None:
+    (tmp_path / "d.img").write_bytes(bytes(1024))
+    spec = parse_spec({
+        "vm": {"name": "x"},
+        "emulator": [{"id": "e"}],
+        "controller": [{"id": "c", "emulator": "e"}],
+        "disk": [{"id": "d", "controller": "c", "lun": 0, "image": str(IMAGES / "four-k.img"),
+                  "readonly": True}],
+    }, tmp_path / "vm.toml")
+    assert spec.vm.image_dirs == (tmp_path.resolve(), IMAGES)
+    assert (spec.vm.devices, spec.vm.management_group) == ((), None)
+
+
+def test_image_dirs_devices_and_group_as_given(tmp_path: Path) -> None:
+    spec = parse_spec({"vm": {"name": "x", "image_dirs": [str(IMAGES), "."],
+                              "management_group": "daemon"}}, tmp_path / "vm.toml")
+    assert spec.vm.image_dirs == (IMAGES, tmp_path.resolve())
+    assert spec.vm.management_group == "daemon"
