@@ -42,6 +42,7 @@ def lockdown(mode: LockdownMode) -> None:
         prctl.set_no_new_privs(True)
         # A process a test armed with a fault point may SIGKILL itself.
         extra = (profiles.fault_kill(os.getpid()),) if faults.armed() else ()
-        seccomp.load(seccomp.build_stage2(log_only=mode is LockdownMode.LOG, extra=extra))
+        seccomp.load(seccomp.build_allow_list(profiles.STAGE2_ALLOW + extra,
+                                              log_only=mode is LockdownMode.LOG))
     except (OSError, seccomp.FilterError) as e:
         raise LockdownError(f"cannot apply the seccomp allow list: {e}") from None

@@ -7,7 +7,8 @@ same loop answers mplaunch's heartbeat, so a stuck loop is a silent one.
 
 Two ways to start:
 - `python -m emulators CONFIG_JSON MODE`: the config names every fd, already
-  inherited; the emulator builds its controllers, locks down, and serves.
+  inherited; the emulator locks down, builds its controllers (reading the
+  state store its predecessor left), and serves.
 - `python -m emulators --spare CONTROL_FD MODE`: a warm spare. It locks down
   with nothing to serve and waits; mplaunch later sends the config and its
   fds in one ASSIGN message, and the spare becomes the emulator it replaces
@@ -79,7 +80,12 @@ class Emulator:
         return self.config.id if self.config is not None else "spare"
 
     def assign(self, config: EmulatorConfig) -> None:
-        """Build the controllers of `config` (at start, or when a spare is assigned)."""
+        """Build the controllers of `config` (at start, or when a spare is assigned).
+
+        This reads the state store, which the previous emulator wrote and
+        which is therefore untrusted input: :func:`main` calls it only once
+        the process is locked down, in both ways to start.
+        """
         store = StateStore(config.state_fd) if config.state_fd >= 0 else None
         self.controllers = [
             ControllerLoop(c, config.first_start, store, i)
@@ -298,13 +304,17 @@ def main(argv: list[str]) -> int:
     if len(args) not in (1, 2):
         LOG.error("%s", USAGE)
         return EXIT_CONFIG
+    config: EmulatorConfig | None = None
     try:
         mode = LockdownMode(args[1] if len(args) == 2 else "on")
         if spare:
             emulator = Emulator(None, control_fd=int(args[0]))
         else:
-            emulator = Emulator(EmulatorConfig.from_json(args[0]))
-    except (ConfigError, StateStoreError, OSError, ValueError) as e:
+            # The config is mplaunch's own command line; the fds it names are
+            # not looked into until the lockdown below.
+            config = EmulatorConfig.from_json(args[0])
+            emulator = Emulator(None, control_fd=config.control_fd)
+    except (ConfigError, OSError, ValueError) as e:
         LOG.error("%s", e)
         return EXIT_CONFIG
     signal.signal(signal.SIGTERM, emulator.stop)
@@ -315,6 +325,15 @@ def main(argv: list[str]) -> int:
     except LockdownError as e:
         LOG.error("%s: %s", emulator.name, e)
         return EXIT_SANDBOX
+    if config is not None:
+        # Built only now, as a spare's assignment is: the state store holds
+        # what the previous (possibly compromised) emulator wrote, and is
+        # parsed under the allow list, never before it.
+        try:
+            emulator.assign(config)
+        except (ConfigError, StateStoreError, OSError, ValueError) as e:
+            LOG.error("%s: %s", config.id, e)
+            return EXIT_CONFIG
     emulator.ready()
     try:
         return emulator.run()

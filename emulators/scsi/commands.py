@@ -145,11 +145,12 @@ class ScsiTarget:
         if state.pending_ua and op not in _NO_UA:
             ua = state.pop_ua()
             state.set_sense(ua)
-            lu.changed()
+            lu.changed()  # the popped attention at least
             return CommandResult(Status.CHECK_CONDITION, ua)
         handler = self._handlers.get(op)
         if handler is None:
-            state.set_sense(INVALID_OPCODE)
+            if state.set_sense(INVALID_OPCODE):
+                lu.changed()
             return CommandResult(Status.CHECK_CONDITION, INVALID_OPCODE)
         try:
             result = handler(lu, cdb, data_out, data_in)
@@ -162,10 +163,13 @@ class ScsiTarget:
             log.exception("LUN %d: internal failure on CDB %s", lun, cdb[:n].hex())
             sense = INTERNAL_TARGET_FAILURE
         else:
-            if state.sense_key and op != Opcode.REQUEST_SENSE:
-                state.set_sense(None)
+            # The last sense lasts until the next command (SPC-4 4.5.1); saved
+            # like every other change, so a successor's REQUEST SENSE agrees.
+            if state.sense is not None and op != Opcode.REQUEST_SENSE and state.set_sense(None):
+                lu.changed()
             return result
-        state.set_sense(sense)
+        if state.set_sense(sense):
+            lu.changed()
         return CommandResult(Status.CHECK_CONDITION, sense)
 
     def _no_lun(

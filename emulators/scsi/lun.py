@@ -32,9 +32,16 @@ FLAT_SPACE_MAX_LUN = 0x3FFF
 """Flat space addressing (SAM-5 4.7.7) carries 14 bits of LUN; mplaunch
 offers fewer (emulators.limits.MAX_LUN)."""
 
-_LAYOUT = struct.Struct("<4sHB8H3BBBBQIQ")
+_LAYOUT = struct.Struct("<4sHB8HBBBBIHBBBBQIQ")
 _MAGIC = b"LUNS"
-_VERSION = 1
+_VERSION = 2
+# Sense flags: which optional parts of the last sense are there.
+_SENSE_PRESENT = 0x01
+_SENSE_INFORMATION = 0x02
+_SENSE_FIELD = 0x04
+_SENSE_BIT = 0x08
+_SENSE_IN_CDB = 0x10
+_SENSE_FLAGS = 0x1F
 
 
 def _ua_code(sense: Sense) -> int:
@@ -43,13 +50,20 @@ def _ua_code(sense: Sense) -> int:
 
 @dataclass(slots=True)
 class LunState:
-    """Mutable, fixed-size state of one LUN (mirrored into the state store)."""
+    """Mutable, fixed-size state of one LUN (mirrored into the state store).
+
+    Every field matters after a restart: a pending unit attention or the
+    sense a REQUEST SENSE is yet to fetch must reach the guest once, not
+    twice nor never, and the guest's write cache setting decides whether
+    writes are synced. The owner saves the state after every change
+    (:meth:`LogicalUnit.changed`); a test drives commands at random and
+    holds the saved copy equal to the live one after each.
+    """
 
     pending_ua: tuple[int, ...] = ()
     """Pending unit attentions, oldest first, each ``asc << 8 | ascq``."""
-    sense_key: int = 0
-    sense_asc: int = 0
-    sense_ascq: int = 0
+    sense: Sense | None = None
+    """The last sense (SPC-4 4.5.1), whole: information and field pointer too."""
     write_cache_enabled: bool = True
     # Reservation placeholders: fixed fields the reservation commands will use.
     reservation_type: int = 0
@@ -94,23 +108,37 @@ class LunState:
         code = _ua_code(sense)
         self.pending_ua = tuple(c for c in self.pending_ua if c != code)
 
-    def set_sense(self, sense: Sense | None) -> None:
-        if sense is None:
-            self.sense_key = self.sense_asc = self.sense_ascq = 0
-        else:
-            self.sense_key, self.sense_asc, self.sense_ascq = sense.key, sense.asc, sense.ascq
+    def set_sense(self, sense: Sense | None) -> bool:
+        """Keep ``sense`` as the last one; returns whether that changed the state
+        (the caller then saves it)."""
+        if sense is not None and sense.key == 0 and sense.asc == 0 and sense.ascq == 0:
+            sense = None  # NO SENSE is no sense to keep
+        if sense == self.sense:
+            return False
+        self.sense = sense
+        return True
 
     def last_sense(self) -> Sense | None:
-        if self.sense_key == 0 and self.sense_asc == 0 and self.sense_ascq == 0:
-            return None
-        return Sense(SenseKey(self.sense_key), self.sense_asc, self.sense_ascq)
+        return self.sense
 
     def pack(self) -> bytes:
         """The fixed binary layout (little endian, :data:`STATE_SIZE` bytes)."""
         ua = list(self.pending_ua) + [0] * (MAX_PENDING_UA - len(self.pending_ua))
+        s = self.sense
+        flags = 0
+        if s is not None:
+            flags = (
+                _SENSE_PRESENT
+                | (_SENSE_INFORMATION if s.information is not None else 0)
+                | (_SENSE_FIELD if s.field_pointer is not None else 0)
+                | (_SENSE_BIT if s.bit is not None else 0)
+                | (_SENSE_IN_CDB if s.in_cdb else 0)
+            )
         return _LAYOUT.pack(
             _MAGIC, _VERSION, len(self.pending_ua), *ua,
-            self.sense_key, self.sense_asc, self.sense_ascq,
+            int(s.key) if s else 0, s.asc if s else 0, s.ascq if s else 0, flags,
+            (s.information or 0) if s else 0, (s.field_pointer or 0) if s else 0,
+            (s.bit or 0) if s else 0,
             int(self.write_cache_enabled), self.reservation_type,
             int(self.reservation_holder), self.reservation_key,
             self.pr_generation, self.registered_key,
@@ -118,7 +146,13 @@ class LunState:
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> LunState:
-        """Inverse of :meth:`pack`; refuses a layout it does not know."""
+        """Inverse of :meth:`pack`.
+
+        The bytes come from the state store, which the previous emulator
+        (possibly compromised) wrote: anything :meth:`pack` cannot have
+        produced is refused with ValueError, so a state that loads is one
+        the command set can act on without surprise.
+        """
         if len(data) < _LAYOUT.size:
             raise ValueError(f"LUN state needs {_LAYOUT.size} bytes, got {len(data)}")
         fields = _LAYOUT.unpack_from(data)
@@ -128,15 +162,45 @@ class LunState:
         if count > MAX_PENDING_UA:
             raise ValueError(f"LUN state holds {count} unit attentions, at most 8 allowed")
         ua = fields[3:3 + MAX_PENDING_UA]
-        (key, asc, ascq, wce, rtype, holder, rkey, gen, regkey) = fields[3 + MAX_PENDING_UA:]
-        if key > 0xF:
-            raise ValueError(f"bad sense key {key} in LUN state")
+        if any(ua[count:]):
+            raise ValueError("LUN state has unit attentions past its count")
+        (key, asc, ascq, flags, info, field, bit, wce, rtype, holder, rkey, gen,
+         regkey) = fields[3 + MAX_PENDING_UA:]
         return cls(
-            pending_ua=tuple(ua[:count]), sense_key=key, sense_asc=asc, sense_ascq=ascq,
-            write_cache_enabled=bool(wce), reservation_type=rtype,
-            reservation_holder=bool(holder), reservation_key=rkey,
+            pending_ua=tuple(ua[:count]), sense=_unpack_sense(key, asc, ascq, flags, info,
+                                                              field, bit),
+            write_cache_enabled=_flag(wce, "write cache"), reservation_type=rtype,
+            reservation_holder=_flag(holder, "reservation holder"), reservation_key=rkey,
             pr_generation=gen, registered_key=regkey,
         )
+
+
+def _flag(value: int, what: str) -> bool:
+    if value not in (0, 1):
+        raise ValueError(f"bad {what} flag {value} in LUN state")
+    return bool(value)
+
+
+def _unpack_sense(
+    key: int, asc: int, ascq: int, flags: int, info: int, field: int, bit: int
+) -> Sense | None:
+    if flags & ~_SENSE_FLAGS:
+        raise ValueError(f"bad sense flags {flags:#x} in LUN state")
+    if not flags & _SENSE_PRESENT:
+        if key or asc or ascq or flags or info or field or bit:
+            raise ValueError("LUN state has sense bytes but no sense")
+        return None
+    try:
+        sense_key = SenseKey(key)
+    except ValueError:
+        raise ValueError(f"bad sense key {key} in LUN state") from None
+    return Sense(  # its own checks refuse a bit pointer out of range
+        sense_key, asc, ascq,
+        information=info if flags & _SENSE_INFORMATION else None,
+        field_pointer=field if flags & _SENSE_FIELD else None,
+        bit=bit if flags & _SENSE_BIT else None,
+        in_cdb=bool(flags & _SENSE_IN_CDB),
+    )
 
 
 STATE_SIZE = _LAYOUT.size

@@ -9,21 +9,41 @@ exits with :data:`EXIT_JAIL` and one line on stderr: it fails closed, and
 the launcher's check (:mod:`launcher.sandbox.check`) reports it.
 
 1. New mount, network, IPC, UTS and cgroup namespaces; mounts private.
-2. Folders on the interpreter's path that the emulator's uid could not
-   traverse are replaced, in this mount namespace only, by a bare tmpfs
-   that holds just the needed entry (a Python under /root, say).
-3. An empty read-only tmpfs becomes the working folder.
-4. Every fd closed but 0, 1, 2 and those passed on purpose.
-5. rlimits: fds, address space, no core dumps, no locked memory.
-6. Securebits locked so that uid 0 never means capabilities again; the
+2. For a Python emulator (``--new-root``): its program is loaded now, as
+   root, while the host's files are still in view: the emulator's whole
+   import closure (:data:`PRELOAD`, and a script's own imports) and the
+   compiled code of COMMAND. Then an empty read-only tmpfs becomes the
+   root (pivot_root, the old root detached with MNT_DETACH): from here on
+   no path resolves to a host file, whatever the syscall (a stat with
+   AT_EMPTY_PATH and a path, say) and whatever the uid could read.
+   Otherwise (QEMU, which opens its firmware and libraries by path):
+   folders on the interpreter's path that the uid could not traverse are
+   covered by a bare tmpfs holding just the needed entry; ``--dev`` gives
+   a private /dev with only the named nodes (``kvm`` made for this uid);
+   an empty read-only tmpfs becomes the working folder.
+3. Every fd closed but 0, 1, 2 and those passed on purpose.
+4. rlimits: fds, address space, no core dumps, no locked memory.
+5. Securebits locked so that uid 0 never means capabilities again; the
    bounding and ambient sets emptied.
-7. No supplementary groups; gid and uid of this emulator alone (this
+6. No supplementary groups; gid and uid of this process alone (this
    empties the permitted and effective sets); then no new processes
-   (RLIMIT_NPROC, counted per uid), parent-death signal, umask 077.
-8. no_new_privs; a check that every capability set is empty.
-9. Seccomp stage 1 (:data:`launcher.sandbox.profiles.STAGE1_DENY`).
-10. execve of COMMAND with an empty environment (but for a test's
-    ``MPLAUNCH_FAULT``, see :mod:`emulators.faults`).
+   (RLIMIT_NPROC, counted per uid; QEMU gets threads), parent-death
+   signal, umask 077.
+7. no_new_privs; a check that every capability set is empty.
+8. Seccomp stage 1 (:data:`launcher.sandbox.profiles.STAGE1_DENY`).
+9. The environment emptied (but for a test's ``MPLAUNCH_FAULT``, see
+   :mod:`emulators.faults`); then COMMAND: with ``--new-root`` its code,
+   already compiled, runs in this very interpreter (execve is refused
+   outright, there is nothing left to exec); otherwise one execve.
+
+Why the Python emulator is not exec'd: a new interpreter would have to
+read its modules from files after the pivot, so the root would have to
+hold the Python prefix and the project, host files all. Loading first and
+pivoting after, in one process, is minijail's order (everything needed is
+open or loaded before the view goes away) without a single host path left.
+The cost: the emulator's interpreter is the jail's (started ``-I``, by
+mplaunch, with an empty environment), and the jail's small module set
+stays in its memory.
 
 A PID namespace is not used: unsharing one moves only the children of the
 caller, so the jail would have to fork and stay between the launcher and
@@ -37,8 +57,13 @@ neither kill nor ptrace nor any open of /proc.
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import ctypes
 import ctypes.util
+import importlib
+import importlib.machinery
+import importlib.util
 import os
 import resource
 import signal
@@ -46,6 +71,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import CodeType
 
 from emulators.faults import ENV as FAULT_ENV
 
@@ -54,6 +80,19 @@ EXIT_JAIL = 121
 
 EMPTY_DIR = "/run/mplaunch/.empty"
 """The emulator's working folder; in its mount namespace an empty read-only tmpfs."""
+
+NEW_ROOT = "/run/mplaunch/.root"
+"""Where the empty root is mounted before pivot_root (in the jail's namespace only)."""
+
+PRELOAD = ("emulators.process",)
+"""Imported before the pivot: the Python emulator's import closure (the
+modules it imports later, at lockdown, are already in it)."""
+
+DEVICES = ("null", "zero", "urandom", "random", "kvm")
+"""The nodes a private /dev (``--dev``) may hold."""
+
+UNLIMITED = -1
+"""``address_space`` for a process that needs no bound (QEMU maps as it needs)."""
 
 NOFILE = 1024
 ADDRESS_SPACE_HEADROOM = 1 << 30
@@ -69,8 +108,11 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_BIND = 0x1000
+MS_REMOUNT = 0x20
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = 155  # x86_64; glibc has no wrapper
 PR_SET_PDEATHSIG = 1
 PR_SET_SECUREBITS = 28
 PR_CAPBSET_DROP = 24
@@ -99,6 +141,13 @@ class JailSpec:
     address_space: int
     nofile: int = NOFILE
     cwd: str = EMPTY_DIR
+    #: Run COMMAND (this interpreter, ``-I -m MODULE`` or ``-I SCRIPT``) in
+    #: process, under an empty root (the Python emulator).
+    new_root: bool = False
+    #: Threads and processes this uid may have (QEMU runs threads).
+    nproc: int = 0
+    #: A private /dev holding only these nodes (empty: the host's /dev view).
+    dev: tuple[str, ...] = ()
 
     def argv(self, command: list[str]) -> list[str]:
         """The launcher's command line: the jail, its settings, then COMMAND."""
@@ -107,7 +156,8 @@ class JailSpec:
             "--uid", str(self.uid), "--gid", str(self.gid),
             "--keep-fds", ",".join(str(fd) for fd in self.keep_fds),
             "--address-space", str(self.address_space), "--nofile", str(self.nofile),
-            "--cwd", self.cwd, "--", *command,
+            "--cwd", self.cwd, "--nproc", str(self.nproc), "--dev", ",".join(self.dev),
+            *(["--new-root"] if self.new_root else []), "--", *command,
         ]
 
 
@@ -194,6 +244,87 @@ def empty_cwd(path: str) -> None:
            "mode=0111,size=4k")
 
 
+def private_dev(names: tuple[str, ...], uid: int, gid: int) -> None:
+    """A /dev of this mount namespace holding only `names`: QEMU reaches no
+    other device node, and ``kvm`` (root's only, on most hosts) is a node of
+    this uid alone."""
+    rdevs = {}
+    for name in names:
+        if name not in DEVICES:
+            raise JailError(f"no device {name!r} may be given (allowed: {', '.join(DEVICES)})")
+        st = os.stat(f"/dev/{name}")
+        if not stat.S_ISCHR(st.st_mode):
+            raise JailError(f"/dev/{name} is not a character device")
+        rdevs[name] = st.st_rdev
+    _mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+    for name, rdev in rdevs.items():
+        path = f"/dev/{name}"
+        os.mknod(path, stat.S_IFCHR | 0o600, rdev)
+        if name == "kvm":
+            os.chown(path, uid, gid)
+        else:
+            os.chmod(path, 0o666)
+    _mount(None, "/dev", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """COMMAND loaded for a run in process: its code and its ``sys.argv``."""
+
+    code: CodeType
+    argv: list[str]
+    spec: importlib.machinery.ModuleSpec | None
+
+
+def _preload(source: str, path: str) -> None:
+    """Import every absolute import a script names, anywhere in it."""
+    for node in ast.walk(ast.parse(source, path)):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            # A name imported from a module, not a module; or absent anyway.
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+
+
+def load_program(command: list[str]) -> Program:
+    """Everything COMMAND will import, imported; its code compiled. Only this
+    interpreter in isolated mode is accepted: the command runs in it."""
+    if len(command) < 3 or command[1] != "-I" or (
+            os.path.realpath(command[0]) != os.path.realpath(sys.executable)):
+        raise JailError(f"--new-root runs only '{sys.executable} -I ...', not {command[:3]}")
+    for name in PRELOAD:
+        importlib.import_module(name)
+    if command[2] == "-m" and len(command) >= 4:
+        spec = importlib.util.find_spec(command[3])
+        if spec is not None and spec.submodule_search_locations is not None:
+            spec = importlib.util.find_spec(command[3] + ".__main__")
+        if spec is None or spec.loader is None or spec.origin is None:
+            raise JailError(f"no module {command[3]!r}")
+        code = spec.loader.get_code(spec.name)  # type: ignore[attr-defined]
+        return Program(code, [spec.origin, *command[4:]], spec)
+    path = command[2]
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    _preload(source, path)
+    return Program(compile(source, path, "exec"), [path, *command[3:]], None)
+
+
+def pivot_to_empty_root() -> None:
+    """An empty read-only tmpfs becomes "/", the old root is detached: no
+    path of this process resolves to a host file any more."""
+    os.makedirs(NEW_ROOT, mode=0o755, exist_ok=True)
+    _mount("tmpfs", NEW_ROOT, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+           "mode=0111,size=4k")
+    os.chdir(NEW_ROOT)
+    _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "detach the old root")
+    os.chdir("/")
+
+
 def close_fds(keep: tuple[int, ...]) -> None:
     wanted = sorted({0, 1, 2, *keep})
     start = 0
@@ -208,32 +339,33 @@ def close_fds(keep: tuple[int, ...]) -> None:
 
 def set_limits(spec: JailSpec) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (spec.nofile, spec.nofile))
-    resource.setrlimit(resource.RLIMIT_AS, (spec.address_space, spec.address_space))
+    space = resource.RLIM_INFINITY if spec.address_space == UNLIMITED else spec.address_space
+    resource.setrlimit(resource.RLIMIT_AS, (space, space))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
 
 
-def drop_capabilities() -> None:
+def drop_capabilities(last: int) -> None:
     """Lock securebits and empty the bounding and ambient sets, while still root."""
     _prctl(PR_SET_SECUREBITS, SECUREBITS, "lock securebits")
-    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     for cap in range(last + 1):
         _prctl(PR_CAPBSET_DROP, cap, f"drop capability {cap} from the bounding set")
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear the ambient set")
 
 
-def become(uid: int, gid: int) -> None:
+def become(uid: int, gid: int, nproc: int = 0) -> None:
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "set the parent-death signal")
     os.umask(0o077)
 
 
-def verify_self(uid: int) -> None:
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text()
-                  .splitlines() if ":" in line)
+def verify_self(uid: int, status: str) -> None:
+    """`status`: this process's /proc status, read now (through an fd opened
+    before the pivot, when /proc is gone from the view)."""
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     for name in CAP_FIELDS:
         if int(fields[name].strip(), 16) != 0:
             raise JailError(f"{name} is {fields[name].strip()}, not 0")
@@ -245,40 +377,86 @@ def verify_self(uid: int) -> None:
         raise JailError(f"supplementary groups remain: {fields['Groups'].strip()}")
 
 
+def _kept_environment() -> list[tuple[str, str]]:
+    """Empty, but for a test's fault-point arming (launcher/faultplan.py)."""
+    return [(FAULT_ENV, v) for v in [os.environ.get(FAULT_ENV)] if v]
+
+
 def exec_confined(command: list[str]) -> None:
     """Load stage 1 and exec; returns only if the exec failed."""
-    from launcher.sandbox import seccomp  # imported (and libseccomp found) by run()
+    from launcher.sandbox import profiles, seccomp  # imported by run()
 
     path = ctypes.create_string_buffer(os.fsencode(command[0]))
     argv = (ctypes.c_char_p * (len(command) + 1))(*[os.fsencode(a) for a in command], None)
-    # Empty, but for a test's fault-point arming (launcher/faultplan.py).
-    env = [os.fsencode(f"{FAULT_ENV}={v}") for v in [os.environ.get(FAULT_ENV)] if v]
+    env = [os.fsencode(f"{k}={v}") for k, v in _kept_environment()]
     envp = (ctypes.c_char_p * (len(env) + 1))(*env, None)
-    seccomp.load(seccomp.build_stage1(ctypes.addressof(path)))
+    seccomp.load(seccomp.build_deny_list(profiles.stage1_deny(ctypes.addressof(path))))
     sys.stdout.flush()
     sys.stderr.flush()
     _libc.execve(path, argv, envp)
     raise JailError(f"execve {command[0]}: {os.strerror(ctypes.get_errno())}")
 
 
-def run(spec: JailSpec, command: list[str]) -> None:
+def confine_in_place(program: Program) -> None:
+    """Load stage 1 (no execve at all) and leave only the kept environment;
+    the caller then runs `program`."""
+    from launcher.sandbox import profiles, seccomp
+
+    no_exec = profiles.Rule("execve", "nothing to exec: the program runs in this interpreter")
+    seccomp.load(seccomp.build_deny_list((*profiles.STAGE1_DENY, no_exec)))
+    kept = _kept_environment()
+    os.environ.clear()
+    os.environ.update(kept)
+    sys.argv = list(program.argv)
+
+
+def run(spec: JailSpec, command: list[str]) -> Program | None:
+    """Confine this process. With ``new_root`` return the program to run in
+    it; otherwise exec COMMAND (returns only by raising)."""
     if os.geteuid() != 0:
         raise JailError("needs root (uid change, namespaces, mounts)")
     # Imported now: finding libseccomp may run a helper program, which is
     # impossible once the uid may have no processes.
     import launcher.sandbox.seccomp  # noqa: F401
 
+    last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     enter_namespaces()
-    expose(interpreter_paths(), spec.uid, spec.gid)
-    empty_cwd(spec.cwd)
+    program = load_program(command) if spec.new_root else None
+    if program is None:
+        expose(interpreter_paths(), spec.uid, spec.gid)
+        if spec.dev:
+            private_dev(spec.dev, spec.uid, spec.gid)
+        empty_cwd(spec.cwd)
     close_fds(spec.keep_fds)
-    set_limits(spec)
-    drop_capabilities()
-    become(spec.uid, spec.gid)
-    os.chdir(spec.cwd)
-    _prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
-    verify_self(spec.uid)
-    exec_confined(command)
+    status_fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        set_limits(spec)
+        if program is not None:
+            pivot_to_empty_root()
+        drop_capabilities(last_cap)
+        become(spec.uid, spec.gid, spec.nproc)
+        os.chdir("/" if program is not None else spec.cwd)
+        _prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+        verify_self(spec.uid, os.pread(status_fd, 1 << 16, 0).decode())
+    finally:
+        os.close(status_fd)
+    if program is None:
+        exec_confined(command)
+        raise JailError("exec returned")
+    confine_in_place(program)
+    return program
+
+
+def run_program(program: Program) -> None:
+    """COMMAND's code as ``__main__`` (its SystemExit ends the process)."""
+    main = type(sys)("__main__")
+    main.__dict__.update({
+        "__file__": program.argv[0], "__spec__": program.spec,
+        "__package__": program.spec.parent if program.spec else None,
+        "__loader__": program.spec.loader if program.spec else None,
+    })
+    sys.modules["__main__"] = main
+    exec(program.code, main.__dict__)
 
 
 def parse(argv: list[str]) -> tuple[JailSpec, list[str]]:
@@ -289,23 +467,32 @@ def parse(argv: list[str]) -> tuple[JailSpec, list[str]]:
     p.add_argument("--address-space", type=int, required=True)
     p.add_argument("--nofile", type=int, default=NOFILE)
     p.add_argument("--cwd", default=EMPTY_DIR)
+    p.add_argument("--nproc", type=int, default=0)
+    p.add_argument("--dev", default="")
+    p.add_argument("--new-root", action="store_true")
     p.add_argument("command", nargs="+")
     a = p.parse_args(argv)
     fds = tuple(int(x) for x in a.keep_fds.split(",") if x)
     if a.uid <= 0 or a.gid <= 0:
         raise JailError("refusing to run an emulator as root")
-    return JailSpec(a.uid, a.gid, fds, a.address_space, a.nofile, a.cwd), a.command
+    dev = tuple(x for x in a.dev.split(",") if x)
+    return JailSpec(a.uid, a.gid, fds, a.address_space, a.nofile, a.cwd, a.new_root,
+                    a.nproc, dev), a.command
 
 
 def main(argv: list[str]) -> int:
     try:
         spec, command = parse(argv)
-        run(spec, command)
+        program = run(spec, command)
     except (JailError, OSError, ValueError) as e:
         print(f"mplaunch-jail: cannot apply the sandbox: {e}", file=sys.stderr)
     except Exception as e:  # fail closed whatever went wrong
         print(f"mplaunch-jail: cannot apply the sandbox: {type(e).__name__}: {e}",
               file=sys.stderr)
+    else:
+        if program is not None:
+            run_program(program)  # confined: from here on it is the emulator's
+            return 0
     return EXIT_JAIL
 
 

@@ -222,7 +222,16 @@ STAGE1_DENY: tuple[Rule, ...] = (
 )
 """Refused (EPERM unless said otherwise) from the emulator's exec on. execve
 itself is refused too, except for the one call the jail makes; see
-:func:`launcher.sandbox.seccomp.load_stage1`."""
+:func:`stage1_deny`."""
+
+
+def stage1_deny(exec_path_address: int) -> tuple[Rule, ...]:
+    """The deny list loaded at exec: :data:`STAGE1_DENY`, and execve refused
+    unless its path is the buffer at ``exec_path_address``. The jail's own
+    exec passes exactly that pointer, and the new program's address space
+    no longer has it (stage 2 then forbids execve outright)."""
+    return (*STAGE1_DENY, Rule("execve", "only the jail's exec",
+                               (ArgCheck(0, Cmp.NE, exec_path_address),)))
 
 
 def allowed_syscalls(profile: tuple[Rule, ...] = STAGE2_ALLOW) -> list[str]:

@@ -45,13 +45,18 @@ import os
 import struct
 from dataclasses import dataclass
 
-from emulators.scsi.lun import STATE_SIZE as LUN_STATE_SIZE
-from emulators.virtio.state import required_size
-
 MAGIC = b"MPLSTATE"
-VERSION = 2
+VERSION = 3
 MAX_QUEUE_SIZE = 1024
 MAX_LUN_SLOTS = 256
+QUEUE_PROGRESS_SIZE = 8 * (4 + 2 * MAX_QUEUE_SIZE)
+"""Bytes of a queue slot's progress words: the layout of emulators.virtio.state
+for a ring of MAX_QUEUE_SIZE (4 header words, then a counter and a batch
+entry per head). Stated here, not imported: this module is a leaf that both
+sides load, and a unit test holds the two equal."""
+LUN_STATE_SIZE = 128
+"""Bytes of one copy of a LUN's state: room for emulators.scsi.lun's packed
+LunState (a unit test holds it no larger) and for what reservations add."""
 _HEADER = struct.Struct("<8sIIIIIIII")
 HEADER_SIZE = 64
 _SLOT_META = struct.Struct("<II")
@@ -80,6 +85,9 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
+_COPY_SIZE = _align8(LUN_STATE_SIZE)
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """Slot geometry for a given emulator shape."""
@@ -90,11 +98,11 @@ class Layout:
 
     @property
     def queue_slot_size(self) -> int:
-        return _SLOT_META.size + required_size(MAX_QUEUE_SIZE) + _RING_ID.size
+        return _SLOT_META.size + QUEUE_PROGRESS_SIZE + _RING_ID.size
 
     @property
     def lun_slot_size(self) -> int:
-        return _align8(_SLOT_META.size + 2 * _align8(LUN_STATE_SIZE))
+        return _SLOT_META.size + 2 * _COPY_SIZE
 
     @property
     def size(self) -> int:
@@ -150,29 +158,55 @@ def create(path: str | os.PathLike[str], layout: Layout) -> int:
 
 
 class StateStore:
-    """A mapped state store: typed slot access for the emulator."""
+    """A mapped state store: typed slot access for the emulator.
+
+    Every store goes through :meth:`_put`, in the order the crash-safety
+    rules of the module docstring give; a test records that sequence and
+    replays every prefix of it, byte by byte, to play a kill at each one.
+    """
 
     def __init__(self, fd: int) -> None:
         size = os.fstat(fd).st_size
         if size < HEADER_SIZE:
             raise StateStoreError(f"state store of {size} bytes is too small")
-        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.view = memoryview(self._map)
-        self.layout = Layout.read_header(self.view)
-        if self.layout.size != size:
+        self._map: mmap.mmap | None = mmap.mmap(
+            fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
+        self._attach(memoryview(self._map))
+
+    @classmethod
+    def over(cls, buffer: bytearray) -> StateStore:
+        """A store over a plain buffer (tests, and a launcher-side check)."""
+        store = cls.__new__(cls)
+        store._map = None
+        store._attach(memoryview(buffer))
+        return store
+
+    def _attach(self, view: memoryview) -> None:
+        self.view = view
+        try:
+            self.layout = Layout.read_header(view)
+            if self.layout.size != len(view):
+                raise StateStoreError(
+                    f"state store is {len(view)} bytes, its header says {self.layout.size}"
+                )
+        except StateStoreError:
             self.close()
-            raise StateStoreError(
-                f"state store is {size} bytes, its header says {self.layout.size}"
-            )
+            raise
+
+    def _put(self, offset: int, data: bytes) -> None:
+        """The one door every store goes through."""
+        self.view[offset : offset + len(data)] = data
 
     def queue_slot(self, controller: int, queue: int) -> tuple[RingIdentity | None, memoryview]:
         """The ring a queue's slot holds progress for (None: no valid progress),
-        and the progress buffer."""
+        and the progress buffer (written in place by the queue, one aligned
+        u64 word per store: see emulators.virtio.state)."""
         off = self.layout.queue_offset(controller, queue)
         valid, num = _SLOT_META.unpack_from(self.view, off)
         body_end = off + self.layout.queue_slot_size - _RING_ID.size
         body = self.view[off + _SLOT_META.size : body_end]
-        if not valid:
+        if valid != 1:
             return None, body
         base, _, desc, avail, used = _RING_ID.unpack_from(self.view, body_end)
         return RingIdentity(num, base, desc, avail, used), body
@@ -180,49 +214,60 @@ class StateStore:
     def set_queue_slot(self, controller: int, queue: int, ring: RingIdentity | None) -> None:
         """Vouch for the progress words of `ring` (None: for none).
 
-        Setting: identity first, the valid flag last. Clearing: the flag
-        alone. Call it only once the progress words are what they should be.
+        Setting: the flag cleared if it was set, identity, then the flag
+        last. Clearing: the flag alone. Call it only once the progress words
+        are what they should be.
         """
         off = self.layout.queue_offset(controller, queue)
         if ring is None:
-            _U32.pack_into(self.view, off, 0)
+            self._put(off, _U32.pack(0))
             return
+        if _U32.unpack_from(self.view, off)[0] != 0:
+            self._put(off, _U32.pack(0))  # never an identity rewritten under a set flag
         id_at = off + self.layout.queue_slot_size - _RING_ID.size
-        _RING_ID.pack_into(self.view, id_at, ring.base, 0, ring.desc, ring.avail, ring.used)
-        _U32.pack_into(self.view, off + 4, ring.num)
-        _U32.pack_into(self.view, off, 1)
+        self._put(id_at, _RING_ID.pack(ring.base, 0, ring.desc, ring.avail, ring.used))
+        self._put(off + 4, _U32.pack(ring.num))
+        self._put(off, _U32.pack(1))
 
     def lun_slot(self, controller: int, slot: int) -> tuple[bool, int, memoryview]:
-        """(valid, lun, the state bytes in use) of a LUN's slot."""
+        """(valid, lun, the state bytes in use) of a LUN's slot.
+
+        Only the selector and the LUN number are looked at here: the bytes
+        are whatever the previous emulator left, for the caller to parse
+        as untrusted input (and, in an emulator, only once it is locked down).
+        """
         off = self.layout.lun_offset(controller, slot)
         active, lun = _SLOT_META.unpack_from(self.view, off)
         copy = 1 if active == 2 else 0
-        start = off + _SLOT_META.size + copy * _align8(LUN_STATE_SIZE)
+        start = off + _SLOT_META.size + copy * _COPY_SIZE
         return active in (1, 2), lun, self.view[start : start + LUN_STATE_SIZE]
 
     def write_lun_slot(self, controller: int, slot: int, lun: int, state: bytes) -> None:
         """Write `state` into the copy not in use, then switch to it.
 
         The switch is one changed byte (1 <-> 2), so a crash at any instant
-        leaves the old state or the new one, never a torn mix of both.
+        leaves the old state or the new one, never a torn mix of both. The
+        copy is written whole (zero padded), so no byte of an older state
+        survives behind a shorter one.
         """
         if len(state) > LUN_STATE_SIZE:
             raise ValueError(f"LUN state of {len(state)} bytes, the slot holds {LUN_STATE_SIZE}")
         off = self.layout.lun_offset(controller, slot)
         active, stored_lun = _SLOT_META.unpack_from(self.view, off)
-        if active in (1, 2) and stored_lun != lun:
-            _U32.pack_into(self.view, off, 0)  # another LUN's state: drop it first
+        if active not in (0, 1, 2) or (active and stored_lun != lun):
+            self._put(off, _U32.pack(0))  # another LUN's state (or garbage): drop it first
             active = 0
         target = 1 if active == 2 else 2
-        start = off + _SLOT_META.size + (target - 1) * _align8(LUN_STATE_SIZE)
-        self.view[start : start + len(state)] = state
-        if active not in (1, 2):
-            _U32.pack_into(self.view, off + 4, lun)
-        _U32.pack_into(self.view, off, target)
+        start = off + _SLOT_META.size + (target - 1) * _COPY_SIZE
+        self._put(start, state.ljust(LUN_STATE_SIZE, b"\0"))
+        if not active:
+            self._put(off + 4, _U32.pack(lun))
+        self._put(off, _U32.pack(target))
 
     def clear_lun_slot(self, controller: int, slot: int) -> None:
-        _U32.pack_into(self.view, self.layout.lun_offset(controller, slot), 0)
+        self._put(self.layout.lun_offset(controller, slot), _U32.pack(0))
 
     def close(self) -> None:
         self.view.release()
-        self._map.close()
+        if self._map is not None:
+            self._map.close()
