@@ -133,6 +133,11 @@ class UidPool:
         self.leases[lease.uid] = lease
         return lease.uid
 
+    def lease(self, role: str) -> Lease | None:
+        """A uid for another confined process of this VM (e.g. "qemu"), held
+        host-wide like the others; the caller releases the lease."""
+        return self.host.take(f"{self.owner}/{role}")
+
     def give_back(self, uid: int) -> None:
         lease = self.leases.pop(uid, None)
         if lease is not None:

@@ -5,7 +5,8 @@ The management socket (launcher.management) parses and checks QMP commands
 this module carries them out against the supervisor's slots and QEMU, and
 says in one clear sentence why when it cannot. It owns the semantic checks
 that need the live VM: ids that exist or are free, a LUN not yet used, an
-image that is really there, a disk that may only grow.
+image that is really there and that the spec allows (launcher.imagepolicy:
+its image_dirs and devices), a disk that may only grow.
 """
 
 from __future__ import annotations

@@ -57,3 +57,14 @@ def test_a_dead_holders_uids_are_free_again(tmp_path: Path) -> None:
     assert (tmp_path / "5000.lock").exists()
     lease = HostUids(5000, 5001, tmp_path).take("live-vm", preferred=5000)
     assert lease is not None and lease.uid == 5000
+
+
+def test_a_pool_leases_uids_for_other_roles_from_the_same_range(tmp_path: Path) -> None:
+    pool = UidPool(7000, 7001, owner="vm-a", folder=tmp_path)
+    assert pool.take() == 7000
+    lease = pool.lease("qemu")
+    assert lease is not None and lease.uid == 7001
+    assert HostUids(7000, 7001, tmp_path).holder(7001) == f"vm-a/qemu pid {os.getpid()}"
+    assert pool.take() is None and pool.lease("qemu") is None
+    lease.release()
+    pool.close()
