@@ -8,17 +8,24 @@ would use, runs a 64 KiB firmware whose reset vector writes one byte to an
 isa-debug-exit port. QEMU exiting with the status that byte encodes proves a
 vCPU ran guest code under KVM. It costs one QEMU start (a fraction of a
 second), once per VM start with accel = "auto".
+
+The probe's QEMU is confined as the VM's QEMU will be (same jail, a uid
+leased for the probe alone, /dev/kvm a node of that uid in its private
+/dev), so "KVM works" means it works for the unprivileged QEMU; the
+firmware is a sealed memfd it reads through /proc/self/fd/N.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 
-from launcher.spec import Accel
-from launcher.vmm import KVM_CPU, QEMU_BINARY
+from launcher.spec import Accel, SandboxMode, Spec
+from launcher.uidpool import HostUids
+from launcher.vmm import KVM_CPU, QEMU_BINARY, fd_path, qemu_jail
 
 _RESET_VECTOR = 0xFFF0
 _EXIT_PORT = 0xF4
@@ -44,34 +51,67 @@ def probe_firmware() -> bytes:
     return bytes(image)
 
 
-def probe_kvm(binary: str = QEMU_BINARY, device: str = "/dev/kvm") -> str | None:
-    """Return None when QEMU can run guest code under KVM here, else why not."""
+def _firmware_fd() -> int:
+    fd = os.memfd_create("mplaunch-kvm-probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, probe_firmware())
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    return fd
+
+
+def probe_kvm(binary: str = QEMU_BINARY, device: str = "/dev/kvm",
+              uid: int | None = None) -> str | None:
+    """Return None when QEMU can run guest code under KVM here, else why not.
+    With `uid`, QEMU runs confined under it (the launcher must be root)."""
     if not os.access(device, os.R_OK | os.W_OK):
         return f"{device} is missing or not accessible"
-    with tempfile.NamedTemporaryFile(prefix="mplaunch-kvm-probe-", suffix=".bin") as firmware:
-        firmware.write(probe_firmware())
-        firmware.flush()
+    firmware = _firmware_fd()
+    try:
         argv = [
             binary, "-accel", "kvm", "-cpu", KVM_CPU, "-machine", "q35", "-nodefaults",
-            "-no-user-config", "-display", "none", "-m", "16", "-bios", firmware.name,
+            "-no-user-config", "-display", "none", "-m", "16", "-bios", fd_path(firmware),
             "-device", f"isa-debug-exit,iobase={_EXIT_PORT:#x},iosize=1",
         ]
+        if uid is not None:
+            path = shutil.which(binary)
+            if path is None:
+                return f"{binary}: not found"
+            argv = qemu_jail(uid, uid, [firmware], kvm=True).argv([path, *argv[1:]])
         try:
             done = subprocess.run(
                 argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                timeout=PROBE_TIMEOUT, check=False,
+                timeout=PROBE_TIMEOUT, check=False, pass_fds=(firmware,),
+                env={} if uid is not None else None,
             )
         except subprocess.TimeoutExpired:
             return "a KVM test guest did not run within the probe's timeout"
         except OSError as e:
             return f"{binary}: {e.strerror}"
+    finally:
+        os.close(firmware)
     if done.returncode == _EXPECTED_STATUS:
         return None
     last = (done.stderr.strip().splitlines() or ["no message"])[-1]
     return f"a KVM test guest failed (QEMU status {done.returncode}: {last})"
 
 
-def choose_accel(wanted: Accel, binary: str = QEMU_BINARY) -> AccelChoice:
+def choose_for(spec: Spec, binary: str = QEMU_BINARY) -> AccelChoice:
+    """The spec's accel, probed (for ``auto``) by a QEMU confined under a uid
+    leased from the VM's range for the probe alone (unless ``sandbox = "off"``)."""
+    if spec.vm.accel is not Accel.AUTO or spec.vm.sandbox is SandboxMode.OFF:
+        return choose_accel(spec.vm.accel, binary)
+    first, last = spec.vm.uid_range
+    lease = HostUids(first, last).take(f"{spec.vm.name}/kvm-probe")
+    if lease is None:
+        return AccelChoice(Accel.TCG, f"no uid left in {first}-{last} for the KVM probe")
+    try:
+        return choose_accel(spec.vm.accel, binary, lease.uid)
+    finally:
+        lease.release()  # the probe's QEMU is reaped: subprocess.run waited
+
+
+def choose_accel(wanted: Accel, binary: str = QEMU_BINARY,
+                 uid: int | None = None) -> AccelChoice:
     """Resolve the spec's accel setting. An explicit kvm is honoured even if it
     would fail (QEMU's error then explains why); auto never picks a KVM that
     cannot run."""
@@ -79,7 +119,7 @@ def choose_accel(wanted: Accel, binary: str = QEMU_BINARY) -> AccelChoice:
         return AccelChoice(Accel.TCG, 'accel = "tcg" in the spec')
     if wanted is Accel.KVM:
         return AccelChoice(Accel.KVM, 'accel = "kvm" in the spec')
-    problem = probe_kvm(binary)
+    problem = probe_kvm(binary, uid=uid)
     if problem is None:
         return AccelChoice(Accel.KVM, "KVM runs guest code here")
     return AccelChoice(Accel.TCG, f"KVM unusable: {problem}")

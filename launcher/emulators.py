@@ -30,6 +30,8 @@ from launcher.spec import EmulatorSpec, SandboxMode, Spec
 from launcher.status import LOG
 
 STOP_TIMEOUT = 3.0
+MAX_LINE = 2000
+"""Bytes of one output line of an emulator that reach mplaunch's log."""
 
 
 class DiskOpenError(Exception):
@@ -127,6 +129,8 @@ class EmulatorProcess:
     id: str
     process: asyncio.subprocess.Process
     exited: asyncio.Task[int]
+    #: Copies its output (fds 1 and 2, a pipe) to mplaunch's stderr; ends at its EOF.
+    relay: asyncio.Task[None] | None = None
     #: The launcher signalled it (kill or stop): its death is no fault point's.
     signalled: bool = False
 
@@ -163,7 +167,11 @@ class EmulatorProcess:
                 self.process.send_signal(sig)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.exited), timeout)
-        return await self.exited
+        status = await self.exited
+        if self.relay is not None:  # its last lines: the pipe ends with the process
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.relay), STOP_TIMEOUT)
+        return status
 
 
 def emulator_argv(config: EmulatorConfig, sandbox: SandboxMode = SandboxMode.ON) -> list[str]:
@@ -171,8 +179,33 @@ def emulator_argv(config: EmulatorConfig, sandbox: SandboxMode = SandboxMode.ON)
 
 
 def jail_spec(res: EmulatorResources) -> JailSpec:
+    """The emulator runs in the jail's interpreter under an empty root."""
     return JailSpec(uid=res.uid, gid=res.uid, keep_fds=tuple(res.config.all_fds()),
-                    address_space=res.address_space)
+                    address_space=res.address_space, new_root=True)
+
+
+async def relay_output(name: str, stream: asyncio.StreamReader | None) -> None:
+    """Copy an emulator's fds 1 and 2 (one pipe) to mplaunch's stderr, each
+    line prefixed with the emulator's name and cut at :data:`MAX_LINE`. The
+    emulator never holds a file mplaunch writes: a pipe cannot be seeked,
+    overwritten or hole-punched (pwrite64 and fallocate fail on it)."""
+    if stream is None:
+        return
+    pending = b""
+    while True:
+        chunk = await stream.read(4096)
+        pending += chunk
+        lines = pending.split(b"\n")
+        pending = lines.pop() if chunk else b""
+        if len(pending) > MAX_LINE:
+            lines.append(pending)
+            pending = b""
+        for line in lines:
+            if line:
+                text = line[:MAX_LINE].decode("utf-8", "replace")
+                print(f"[{name}] {text}", file=sys.stderr, flush=True)
+        if not chunk:
+            return
 
 
 async def start(
@@ -193,6 +226,8 @@ async def start(
             *argv,
             pass_fds=res.config.all_fds(),
             stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             env=env,
             start_new_session=True,
         )
@@ -200,7 +235,8 @@ async def start(
         faultplan.PLAN.given(env, None)
         raise
     faultplan.PLAN.given(env, process.pid)
-    proc = EmulatorProcess(res.spec.id, process, asyncio.create_task(process.wait()))
+    relay = asyncio.create_task(relay_output(f"{res.spec.id} {process.pid}", process.stdout))
+    proc = EmulatorProcess(res.spec.id, process, asyncio.create_task(process.wait()), relay)
     proc.exited.add_done_callback(proc.report_exit)
     if res.sandbox is SandboxMode.OFF:
         LOG.warning("emulator %s started UNCONFINED (pid %d): sandbox = \"off\"",

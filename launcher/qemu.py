@@ -1,26 +1,42 @@
-"""QEMU as a child: start it, talk QMP to it, stop it, always reap it.
+"""QEMU as a child: start it unprivileged, talk QMP to it, stop it, always reap it.
 
 mplaunch binds QEMU's QMP socket itself and hands QEMU the listening fd, so
 it can connect at once without waiting for a path to appear, and speaks QMP
 through QEMU's own client library (qemu.qmp).
+
+QEMU runs through the emulators' jail (:mod:`launcher.sandbox.jail`) under a
+uid of its own, leased host-wide (:mod:`launcher.uidpool`) for as long as
+it lives: no capabilities, no_new_privs, its own mount, IPC, UTS, network
+and cgroup namespaces, a private /dev, only the fds mplaunch opened for it,
+and ``-sandbox on`` on top. The launcher checks all of that in
+/proc/PID/status before it talks to QEMU, as it does for an emulator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient
 
+from launcher.emulators import relay_output
+from launcher.sandbox import check
+from launcher.sandbox.jail import JailSpec
+from launcher.spec import Accel, SandboxMode, Spec
 from launcher.status import LOG
+from launcher.uidpool import HostUids, Lease
+from launcher.vmm import QemuFds, qemu_argv, qemu_jail
 
 QUIT_TIMEOUT = 5.0
 TERM_TIMEOUT = 5.0
@@ -37,6 +53,82 @@ def bind_qmp_listener(path: Path) -> socket.socket:
     return sock
 
 
+class QemuStartError(Exception):
+    """QEMU cannot be started as the spec asks (no uid left, a file that
+    cannot be read); no restart can help."""
+
+
+F_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def sealed_copy(path: Path) -> int:
+    """A sealed memfd holding the file's bytes: QEMU (another uid) can open it
+    by /proc/self/fd/N whatever the file's own mode, and cannot change it."""
+    fd = os.memfd_create(f"mplaunch-{path.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        with open(path, "rb") as src:
+            while chunk := src.read(1 << 20):
+                os.write(fd, chunk)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEALS)
+        return fd
+    except OSError as e:
+        os.close(fd)
+        raise QemuStartError(f"{path}: cannot read: {e.strerror}") from None
+
+
+@dataclass
+class QemuFiles:
+    """The spec's files, opened by mplaunch for QEMU (-1: not used)."""
+
+    kernel: int = -1
+    initrd: int = -1
+    console: int = -1
+
+    @classmethod
+    def open(cls, spec: Spec) -> QemuFiles:
+        vm, files = spec.vm, cls()
+        try:
+            if vm.kernel is not None:
+                files.kernel = sealed_copy(vm.kernel)
+            if vm.initrd is not None:
+                files.initrd = sealed_copy(vm.initrd)
+            if vm.console not in ("stdio", "none"):
+                # As QEMU's file chardev would, but never through a symlink (root opens it).
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                try:
+                    files.console = os.open(vm.console, flags, 0o640)
+                except OSError as e:
+                    raise QemuStartError(f"{vm.console}: cannot open the console file: "
+                                         f"{e.strerror}") from None
+            return files
+        except BaseException:
+            files.close()
+            raise
+
+    def fds(self, qmp_listener: int, vhost_user: Mapping[str, int]) -> QemuFds:
+        def opt(fd: int) -> int | None:
+            return None if fd < 0 else fd
+        return QemuFds(qmp_listener, vhost_user, opt(self.kernel), opt(self.initrd),
+                       opt(self.console))
+
+    def close(self) -> None:
+        for name in ("kernel", "initrd", "console"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+def take_uid(spec: Spec, purpose: str) -> Lease:
+    """QEMU's uid: a host-wide lease from the spec's uid_range, never one of
+    any emulator's, of this VM or another."""
+    first, last = spec.vm.uid_range
+    lease = HostUids(first, last).take(f"{spec.vm.name}/{purpose}")
+    if lease is None:
+        raise QemuStartError(f"uid_range {first}-{last} has no uid left for QEMU")
+    return lease
+
+
 class Qemu:
     """One QEMU process and our QMP connection to it."""
 
@@ -46,24 +138,80 @@ class Qemu:
         self.qmp_path = qmp_path
         self.qmp = QMPClient(name)
         self.exited: asyncio.Task[int] = asyncio.create_task(process.wait())
+        self.relay: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def launch(cls, spec: Spec, accel: Accel, qmp_listener: int,
+                     vhost_user: Mapping[str, int], qmp_path: Path) -> Qemu:
+        """QEMU for the spec, confined (unless ``sandbox = "off"``) and checked.
+        Raises :class:`QemuStartError` or :class:`launcher.sandbox.check.
+        SandboxError`, with nothing left running."""
+        files = QemuFiles.open(spec)
+        lease: Lease | None = None
+        try:
+            fds = files.fds(qmp_listener, vhost_user)
+            argv = qemu_argv(spec, accel, fds)
+            jail = None
+            if spec.vm.sandbox is not SandboxMode.OFF:
+                lease = take_uid(spec, "qemu")
+                jail = qemu_jail(lease.uid, lease.uid, fds.all(), accel is Accel.KVM)
+            qemu = await cls.start(spec.vm.name, argv, fds.all(), qmp_path,
+                                   spec.vm.console == "stdio", jail)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        finally:
+            files.close()
+        if lease is not None:
+            held = lease
+            qemu.exited.add_done_callback(lambda _: held.release())  # reaped: uid free
+        return qemu
 
     @classmethod
     async def start(
-        cls, name: str, argv: Sequence[str], pass_fds: Sequence[int], qmp_path: Path, stdio: bool
+        cls, name: str, argv: Sequence[str], pass_fds: Sequence[int], qmp_path: Path,
+        stdio: bool, jail: JailSpec | None = None,
     ) -> Qemu:
+        """Start QEMU (through the jail when `jail` is given, and then only
+        return once its confinement is checked)."""
         LOG.debug("starting %s", " ".join(argv))
+        if jail is not None:  # the jail execs a path, it does not search PATH
+            binary = shutil.which(argv[0])
+            if binary is None:
+                raise QemuStartError(f"{argv[0]}: not found")
+            argv = jail.argv([binary, *argv[1:]])
         process = await asyncio.create_subprocess_exec(
             *argv,
             pass_fds=tuple(pass_fds),
             stdin=None if stdio else subprocess.DEVNULL,
             stdout=None if stdio else subprocess.DEVNULL,
-            stderr=None,
+            # A pipe mplaunch reads, never mplaunch's own stderr (a log file it
+            # could seek in and overwrite).
+            stderr=subprocess.PIPE,
             # QEMU stays in mplaunch's process group when it owns the terminal (a
             # background group would be stopped by SIGTTIN); otherwise it gets its
             # own, so a terminal's Ctrl-C reaches only mplaunch, which stops it in order.
             process_group=None if stdio and sys.stdin.isatty() else 0,
+            env={} if jail is not None else None,
         )
-        return cls(name, process, qmp_path)
+        qemu = cls(name, process, qmp_path)
+        qemu.relay = asyncio.create_task(relay_output(f"qemu {process.pid}", process.stderr))
+        if jail is None:
+            LOG.warning("QEMU started as mplaunch's own user (pid %d): sandbox = \"off\"",
+                        process.pid)
+            return qemu
+        try:
+            await check.wait_confined("QEMU", process.pid,
+                                      check.Expected(jail.uid, jail.gid, check.QEMU_STAGES),
+                                      qemu.exited, what="QEMU")
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await asyncio.shield(qemu.exited)
+            raise
+        LOG.debug("QEMU confined (pid %d, uid %d)", process.pid, jail.uid)
+        return qemu
 
     @property
     def pid(self) -> int:
@@ -115,7 +263,11 @@ class Qemu:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.exited), timeout)
         await self.disconnect()
-        return await self.exited
+        status = await self.exited
+        if self.relay is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.relay), TERM_TIMEOUT)
+        return status
 
     async def disconnect(self) -> None:
         with contextlib.suppress(Exception):

@@ -21,11 +21,11 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.accel import AccelChoice, choose_accel
+from launcher.accel import AccelChoice, choose_for
 from launcher.emulators import DiskOpenError
 from launcher.libvirt import backend_socket
 from launcher.management.server import EventBus, ManagementServer, resolve_group
-from launcher.qemu import Qemu, bind_qmp_listener
+from launcher.qemu import Qemu, QemuStartError, bind_qmp_listener
 from launcher.restart_policy import GiveUp, describe_status
 from launcher.runfolder import RunFolder
 from launcher.sandbox.check import SandboxError, preflight
@@ -36,7 +36,6 @@ from launcher.spec import GiveUpAction, Spec
 from launcher.status import LOG
 from launcher.uidpool import UidPool
 from launcher.vmcontrol import SupervisorControl
-from launcher.vmm import QemuFds, qemu_argv
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -63,7 +62,7 @@ class Supervisor:
         self.backends_only = backends_only
         self.accel = accel or (
             AccelChoice(spec.vm.accel, "QEMU is started by someone else")
-            if backends_only else choose_accel(spec.vm.accel)
+            if backends_only else choose_for(spec)
         )
         self.outcome = VmOutcome()
         self._stop = asyncio.Event()
@@ -169,11 +168,12 @@ class Supervisor:
         if self.backends_only:
             return await self._serve_backends(run)
         vhost = {cid: s.fileno() for slot in self.slots for cid, s in slot.qemu_ends.items()}
-        fds = QemuFds(qmp_listener=listener.fileno(), vhost_user=vhost)
-        argv = qemu_argv(self.spec, self.accel.accel, fds)
-        qemu = await Qemu.start(
-            self.spec.vm.name, argv, fds.all(), run.qemu_sock, self.spec.vm.console == "stdio"
-        )
+        try:  # unprivileged and checked, like an emulator (launcher.qemu)
+            qemu = await Qemu.launch(self.spec, self.accel.accel, listener.fileno(), vhost,
+                                     run.qemu_sock)
+        except (SandboxError, QemuStartError) as e:
+            LOG.error("%s", e)
+            return EXIT_FAILED
         self.qemu = qemu
         listener.close()
         for slot in self.slots:

@@ -5,7 +5,11 @@ Choices that matter for what follows:
   NUMA node) because vhost-user emulators map the same pages;
 - every socket QEMU uses is made by mplaunch and handed over as an fd, so no
   path is raced and QEMU's own sandbox can forbid it from opening more;
-- -nodefaults and -no-user-config: the guest sees only what the spec names.
+- -nodefaults and -no-user-config: the guest sees only what the spec names;
+- QEMU runs unprivileged (:func:`qemu_jail`) and opens no file of the
+  spec's itself: the kernel and initrd arrive as sealed memfd copies it
+  reads through /proc/self/fd/N (what -kernel and -initrd take is a path),
+  the console as an fd in an fd set (/dev/fdset/N).
 """
 
 from __future__ import annotations
@@ -13,24 +17,48 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from launcher.sandbox.jail import UNLIMITED, JailSpec
 from launcher.spec import Accel, Spec
 
 QEMU_BINARY = "qemu-system-x86_64"
 KVM_CPU = "host"
 TCG_CPU = "max"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+CONSOLE_FDSET = 1
+QEMU_NPROC = 1024
+"""Threads QEMU's uid may run (vCPUs, RCU, I/O workers): RLIMIT_NPROC."""
+QEMU_DEVICES = ("null", "zero", "urandom", "random")
+"""QEMU's private /dev; ``kvm`` is added when the guest runs under KVM."""
 
 
 @dataclass(frozen=True, slots=True)
 class QemuFds:
-    """Descriptors QEMU inherits: its QMP listening socket and, per
-    controller id, its end of the vhost-user socket."""
+    """Descriptors QEMU inherits: its QMP listening socket, per controller
+    id its end of the vhost-user socket, and the files mplaunch opened for it
+    (kernel and initrd: readable copies; console: the file, write-only)."""
 
     qmp_listener: int
     vhost_user: Mapping[str, int]
+    kernel: int | None = None
+    initrd: int | None = None
+    console: int | None = None
 
     def all(self) -> list[int]:
-        return [self.qmp_listener, *self.vhost_user.values()]
+        extra = [fd for fd in (self.kernel, self.initrd, self.console) if fd is not None]
+        return [self.qmp_listener, *self.vhost_user.values(), *extra]
+
+
+def qemu_jail(uid: int, gid: int, keep_fds: list[int], kvm: bool) -> JailSpec:
+    """QEMU's confinement: the emulators' jail with threads, no address space
+    bound (guest RAM, TCG's code buffer) and a private /dev."""
+    return JailSpec(uid=uid, gid=gid, keep_fds=tuple(keep_fds), address_space=UNLIMITED,
+                    nproc=QEMU_NPROC, dev=QEMU_DEVICES + (("kvm",) if kvm else ()))
+
+
+def fd_path(fd: int) -> str:
+    """A path QEMU can open for an fd it holds, whatever its uid: for a memfd
+    (mode 0777) the magic link's permission check always passes."""
+    return f"/proc/self/fd/{fd}"
 
 
 def chardev_id(controller_id: str) -> str:
@@ -42,7 +70,7 @@ def qemu_argv(spec: Spec, accel: Accel, fds: QemuFds, binary: str = QEMU_BINARY)
     if accel is Accel.AUTO:
         raise ValueError("resolve accel = auto before building QEMU's command line")
     cpu = KVM_CPU if accel is Accel.KVM else TCG_CPU
-    argv = vm_argv(spec, ["-accel", str(accel), "-cpu", cpu], binary)
+    argv = vm_argv(spec, ["-accel", str(accel), "-cpu", cpu], binary, fds)
     argv += [
         "-chardev", f"socket,id=qmp,fd={fds.qmp_listener},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -53,8 +81,10 @@ def qemu_argv(spec: Spec, accel: Accel, fds: QemuFds, binary: str = QEMU_BINARY)
     return argv
 
 
-def vm_argv(spec: Spec, accel_args: list[str], binary: str = QEMU_BINARY) -> list[str]:
-    """Everything but how QEMU reaches mplaunch: machine, memory, kernel, console."""
+def vm_argv(spec: Spec, accel_args: list[str], binary: str = QEMU_BINARY,
+            fds: QemuFds | None = None) -> list[str]:
+    """Everything but how QEMU reaches mplaunch: machine, memory, kernel,
+    console; files by the fds in `fds` where it names them, else by path."""
     vm = spec.vm
     mem = f"{vm.memory // (1024 * 1024)}M"
     argv = [
@@ -71,13 +101,14 @@ def vm_argv(spec: Spec, accel_args: list[str], binary: str = QEMU_BINARY) -> lis
         "-numa", "node,memdev=ram0",
         "-sandbox", SANDBOX,
     ]
+    fds = fds or QemuFds(-1, {})
     if vm.kernel is not None:
-        argv += ["-kernel", str(vm.kernel)]
+        argv += ["-kernel", str(vm.kernel) if fds.kernel is None else fd_path(fds.kernel)]
         if vm.initrd is not None:
-            argv += ["-initrd", str(vm.initrd)]
+            argv += ["-initrd", str(vm.initrd) if fds.initrd is None else fd_path(fds.initrd)]
         if vm.append:
             argv += ["-append", vm.append]
-    argv += _console_args(vm.console)
+    argv += _console_args(vm.console, fds.console)
     return argv
 
 
@@ -94,12 +125,16 @@ def controller_args(
     ]
 
 
-def _console_args(console: str) -> list[str]:
+def _console_args(console: str, fd: int | None = None) -> list[str]:
     if console == "none":
         return []
     if console == "stdio":
         # signal=on keeps Ctrl-C a signal (to mplaunch and QEMU), not a byte for the guest.
         return ["-chardev", "stdio,id=console,signal=on", "-serial", "chardev:console"]
+    if fd is not None:  # QEMU's file chardev opens a path; an fd set is one it may open
+        return ["-add-fd", f"fd={fd},set={CONSOLE_FDSET}",
+                "-chardev", f"file,id=console,path=/dev/fdset/{CONSOLE_FDSET}",
+                "-serial", "chardev:console"]
     path = escape_option(console)
     return ["-chardev", f"file,id=console,path={path}", "-serial", "chardev:console"]
 

@@ -1,7 +1,8 @@
 """Check before trust: the launcher's own proof that an emulator is confined.
 
 The emulator confines itself in two stages, but the launcher does not take
-its word for it. It reads /proc/PID/status and the namespace links of the
+its word for it (nor QEMU's: the same check runs on QEMU, whose second
+filter is its own ``-sandbox on``). It reads /proc/PID/status and the namespace links of the
 emulator, as the kernel sees them, and lets QEMU start (and so lets the
 first vhost-user message reach the emulator) only when all of these hold:
 
@@ -34,6 +35,8 @@ from launcher.spec import SandboxMode
 from launcher.status import LOG
 
 STAGES = 2
+QEMU_STAGES = 2
+"""QEMU's filters: the jail's stage 1 and QEMU's own ``-sandbox on``."""
 CONFINE_TIMEOUT = 15.0
 POLL_INTERVAL = 0.005
 NAMESPACES = ("net", "ipc", "uts", "mnt")
@@ -52,15 +55,17 @@ class SandboxUnavailable(SandboxError):
 class ConfinementFailed(SandboxError):
     """An emulator's /proc status shows it is not confined as required."""
 
-    def __init__(self, emulator_id: str, pid: int, problems: list[str]) -> None:
+    def __init__(self, emulator_id: str, pid: int, problems: list[str],
+                 what: str | None = None) -> None:
         super().__init__(emulator_id, pid, problems)
         self.emulator_id = emulator_id
         self.pid = pid
         self.problems = problems
+        #: How the process is named in the message ("emulator ID" by default).
+        self.what = what or f"emulator {emulator_id}"
 
     def __str__(self) -> str:
-        return (f"emulator {self.emulator_id} (pid {self.pid}) is not confined: "
-                + "; ".join(self.problems))
+        return f"{self.what} (pid {self.pid}) is not confined: " + "; ".join(self.problems)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +136,9 @@ def namespace_problems(pid: int, proc: Path = Path("/proc")) -> list[str]:
 
 async def wait_confined(emulator_id: str, pid: int, expected: Expected,
                         exited: asyncio.Future[int] | asyncio.Task[int],
-                        timeout: float | None = None) -> None:
-    """Wait until the emulator has locked itself down, then check everything.
+                        timeout: float | None = None, what: str | None = None) -> None:
+    """Wait until the emulator (or QEMU: `what`) has locked itself down, then
+    check everything.
 
     Raises :class:`ConfinementFailed` if it exits first, takes longer than
     `timeout`, or is locked down but not as required.
@@ -144,7 +150,7 @@ async def wait_confined(emulator_id: str, pid: int, expected: Expected,
         if exited.done():
             raise ConfinementFailed(emulator_id, pid, [
                 f"it exited before locking itself down ({_describe(exited)}); see its "
-                "messages above"])
+                "messages above"], what)
         try:
             status = parse_status(Path(f"/proc/{pid}/status").read_text())
         except OSError:
@@ -156,11 +162,11 @@ async def wait_confined(emulator_id: str, pid: int, expected: Expected,
             break
         if time.monotonic() > deadline:
             raise ConfinementFailed(emulator_id, pid, [
-                f"no lockdown within {timeout:g} s"] + judge(status, expected))
+                f"no lockdown within {timeout:g} s"] + judge(status, expected), what)
         await asyncio.sleep(POLL_INTERVAL)
     problems = judge(status, expected) + namespace_problems(pid)
     if problems:
-        raise ConfinementFailed(emulator_id, pid, problems)
+        raise ConfinementFailed(emulator_id, pid, problems, what)
 
 
 def _describe(exited: asyncio.Future[int] | asyncio.Task[int]) -> str:

@@ -48,6 +48,16 @@ def test_emulators_serving_a_guest_are_confined_with_distinct_uids(tmp_path: Pat
         # QEMU started only after both were confined.
         assert m.stderr.index("QEMU started") > max(
             m.stderr.index(f"emulator {e} started") for e in started)
+        # QEMU itself: a uid of its own from the range, no capabilities, no_new_privs,
+        # its own namespaces, its own filter on top of the jail's, stderr a pipe.
+        qemu_pid = int(re.findall(r"QEMU started \(pid (\d+)\)", m.stderr)[0])
+        status = check.parse_status(Path(f"/proc/{qemu_pid}/status").read_text())
+        qemu_uid = int(status["Uid"].split()[0])
+        assert 64200 <= qemu_uid <= 64299 and qemu_uid not in {64200, 64201}, status
+        assert check.judge(status, check.Expected(qemu_uid, qemu_uid)) == [], status
+        assert status["CapEff"] == "0000000000000000" and status["NoNewPrivs"] == "1"
+        assert check.namespace_problems(qemu_pid) == []
+        assert os.readlink(f"/proc/{qemu_pid}/fd/2").startswith("pipe:[")
     finally:
         m.signal(signal.SIGTERM)
         rc = m.wait(60)

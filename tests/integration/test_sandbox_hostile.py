@@ -212,6 +212,81 @@ def test_another_emulators_memory_and_fds_cannot_be_read_through_proc(tmp_path: 
     assert asyncio.run(go()) == [100 + errno.EACCES] * 3
 
 
+def test_no_host_path_resolves_even_through_a_stat_the_filter_lets_through(
+        tmp_path: Path) -> None:
+    """newfstatat with AT_EMPTY_PATH passes stage 2 (glibc's fstat), but the
+    kernel still resolves a non-empty path: under the empty root it finds
+    nothing, whatever the file's owner or mode."""
+    async def go() -> list[int]:
+        spec = write_spec(tmp_path)
+        res = emulators.prepare(spec, spec.emulators[0])
+        victim = await emulators.start(res)
+        res.close_emulator_side()
+        vm = Vm(tmp_path, spec, victim, res)
+        targets = [sys.executable, "/etc/passwd", str(tmp_path / "a.img"), str(PAYLOAD),
+                   f"/proc/{victim.pid}/status", "/dev/null", "/run/mplaunch", "."]
+        try:
+            return [await vm.hostile("stat_path", t) for t in targets[:-1]] + [
+                await vm.hostile("stat_path", targets[-1])]
+        finally:
+            await victim.stop()
+            res.close()
+    statuses = asyncio.run(go())
+    assert statuses[:-1] == [100 + errno.ENOENT] * 7
+    assert statuses[-1] == 0  # "." is the empty root itself: a tmpfs, no host file
+
+
+def test_an_emulators_fds_0_to_2_are_never_a_file_the_launcher_writes(
+        tmp_path: Path) -> None:
+    """Even when the launcher's own stdout and stderr are a regular file (a log),
+    the emulator gets /dev/null and a pipe the launcher reads and prefixes."""
+    log = tmp_path / "mplaunch.log"
+
+    async def go() -> tuple[list[str], int]:
+        spec = write_spec(tmp_path)
+        res = emulators.prepare(spec, spec.emulators[0])
+        proc = await emulators.start(res)
+        res.close_emulator_side()
+        try:
+            return [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in (0, 1, 2)], proc.pid
+        finally:
+            await proc.stop()
+            res.close()
+
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "w") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        links, pid = asyncio.run(go())
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+    assert links[0] == "/dev/null"
+    assert links[1].startswith("pipe:[") and links[2] == links[1]
+    assert str(log) not in links
+
+
+def test_an_emulators_output_reaches_the_log_prefixed(tmp_path: Path,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    async def go() -> None:
+        spec = write_spec(tmp_path)
+        res = emulators.prepare(spec, spec.emulators[0])
+        res.uid = 0  # the jail refuses, and says so on its stderr
+        try:
+            with pytest.raises(check.ConfinementFailed):
+                await emulators.start(res)
+            await asyncio.sleep(0.2)  # the relay's last lines
+        finally:
+            res.close()
+    asyncio.run(go())
+    err = capfd.readouterr().err
+    assert any(line.startswith("[victim ") and "mplaunch-jail: cannot apply the sandbox" in line
+               for line in err.splitlines()), err
+
+
 def test_log_mode_lets_a_violation_through_and_on_mode_kills_it(tmp_path: Path) -> None:
     status, _ = hostile(tmp_path, "getppid", mode="log")
     assert status == 0
@@ -257,12 +332,14 @@ async def jail_only(tmp_path: Path, action: str, target: str) -> int:
     ("kill0", "{victim}", 100 + errno.EPERM),       # another uid: no signals
     ("kill", "{victim}", 100 + errno.EPERM),
     ("ptrace", "{victim}", 100 + errno.EPERM),      # stage 1 and the uid
-    ("openat", "/proc/{victim}/mem", 100 + errno.EACCES),
+    ("openat", "/proc/{victim}/mem", 100 + errno.ENOENT),  # no /proc in its root
     ("setuid", "", 100 + errno.EPERM),            # no capabilities
     ("fork", "", 100 + errno.EAGAIN),             # RLIMIT_NPROC 0
     ("socket_inet", "", 100 + errno.EAFNOSUPPORT),  # stage 1
     ("execve", "", 100 + errno.EPERM),            # stage 1
-    ("openat", "/etc/shadow", 100 + errno.EACCES),  # an ordinary uid
+    ("openat", "/etc/shadow", 100 + errno.ENOENT),  # its root is empty
+    ("openat", str(PAYLOAD), 100 + errno.ENOENT),   # even its own program
+    ("stat_path", sys.executable, 100 + errno.ENOENT),
 ])
 def test_before_lockdown_the_jail_alone_refuses(tmp_path: Path, action: str, target: str,
                                                 expected: int) -> None:

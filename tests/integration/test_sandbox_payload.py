@@ -26,6 +26,9 @@ SYS_OPEN = 2
 SYS_CLONE = 56
 SYS_CLONE3 = 435
 SYS_GETPPID = 110
+SYS_NEWFSTATAT = 262
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
 PTRACE_ATTACH = 16
 SIGCHLD = 17
 
@@ -59,6 +62,11 @@ def main(argv: list[str]) -> int:
         "getppid": lambda: syscall(libc.syscall(SYS_GETPPID)),
         "open": lambda: syscall(libc.syscall(SYS_OPEN, target.encode(), os.O_RDONLY)),
         "openat": lambda: os.open(target, os.O_RDONLY),
+        # What glibc's fstat looks like to the filter (AT_EMPTY_PATH, let through),
+        # but with a path: the kernel resolves it.
+        "stat_path": lambda: syscall(libc.syscall(SYS_NEWFSTATAT, AT_FDCWD, target.encode(),
+                                                  ctypes.create_string_buffer(256),
+                                                  AT_EMPTY_PATH)),
         "socket_inet": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM),
         "socket_unix": lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
         "connect": lambda: syscall(libc.connect(sock_fd, sockaddr_un(target),

@@ -99,3 +99,31 @@ def test_console_stdio_keeps_ctrl_c_a_signal(tmp_path: Path) -> None:
 def test_console_file_is_relative_to_the_spec_and_escaped(tmp_path: Path) -> None:
     pairs = argv_pairs(qemu_argv(make_spec(tmp_path, console="con,sole.log"), Accel.TCG, FDS))
     assert ("-chardev", f"file,id=console,path={tmp_path}/con,,sole.log") in pairs
+
+
+def test_files_mplaunch_opened_are_given_by_fd(tmp_path: Path) -> None:
+    """Unprivileged QEMU opens none of the spec's files by their own path."""
+    spec = make_spec(tmp_path, console=str(tmp_path / "console.log"))
+    fds = QemuFds(7, {"scsi0": 9, "scsi1": 11}, kernel=12, initrd=13, console=14)
+    argv = qemu_argv(spec, Accel.TCG, fds)
+    pairs = argv_pairs(argv)
+    assert ("-kernel", "/proc/self/fd/12") in pairs
+    assert ("-initrd", "/proc/self/fd/13") in pairs
+    assert ("-add-fd", "fd=14,set=1") in pairs
+    assert ("-chardev", "file,id=console,path=/dev/fdset/1") in pairs
+    assert not [a for a in argv if str(tmp_path) in a]
+    assert sorted(fds.all()) == [7, 9, 11, 12, 13, 14]
+
+
+def test_qemu_jail_has_threads_no_memory_bound_and_a_private_dev() -> None:
+    from launcher.sandbox.jail import UNLIMITED
+    from launcher.vmm import qemu_jail
+
+    tcg = qemu_jail(64010, 64010, [7, 9], kvm=False)
+    assert tcg.uid == tcg.gid == 64010 and tcg.keep_fds == (7, 9)
+    assert tcg.nproc > 0 and tcg.address_space == UNLIMITED and not tcg.new_root
+    assert "kvm" not in tcg.dev and "null" in tcg.dev
+    assert "kvm" in qemu_jail(64010, 64010, [], kvm=True).dev
+    argv = tcg.argv(["/usr/bin/qemu-system-x86_64", "-m", "16"])
+    assert argv[argv.index("--dev") + 1] == ",".join(tcg.dev)
+    assert argv[-3:] == ["/usr/bin/qemu-system-x86_64", "-m", "16"]
