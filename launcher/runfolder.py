@@ -206,8 +206,12 @@ class RunFolder:
                 raise
             if run is not None:
                 if group is not None and run.made_folder:
-                    os.fchown(dir_fd, -1, group)
-                    os.fchmod(dir_fd, 0o710)
+                    try:
+                        os.fchown(dir_fd, -1, group)
+                        os.fchmod(dir_fd, 0o710)
+                    except BaseException:
+                        run.release()
+                        raise
                 return run
             os.close(dir_fd)
         raise RunFolderBusy(path, _owner(path))
