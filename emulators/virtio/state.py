@@ -80,6 +80,11 @@ W_COUNTERS = 4
 _HEADER_WORDS = 4
 
 
+COUNTER_LIMIT = 1 << 63
+"""No submission number reaches this (2**63 requests): a stored one that does
+was not written by a queue, and leaves no room to count on in a u64 word."""
+
+
 def required_size(queue_size: int) -> int:
     """Bytes of buffer a :class:`BufferQueueState` needs for this queue size."""
     if queue_size <= 0:
@@ -257,6 +262,12 @@ def resume(state: QueueState, guest_used_idx: int) -> ResumePlan:
         )
     if batch_len > size:
         raise RecoveryError(f"batch length {batch_len} exceeds queue size {size}")
+    # Submission numbers grow by one per request from 0: one at or past
+    # COUNTER_LIMIT was never handed out, and the next pop would overflow its word.
+    if state.last_counter >= COUNTER_LIMIT or any(
+        state.counter(h) >= COUNTER_LIMIT for h in range(size)
+    ):
+        raise RecoveryError(f"a submission number is past {COUNTER_LIMIT:#x}")
     delta = (guest_used_idx - used) & 0xFFFF
     retired: list[int] = []
     if delta:

@@ -231,6 +231,14 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"invalid literal {name}")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 parses as inf, which no reply can echo (an id is sent back as is).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
@@ -331,7 +339,7 @@ class ServerConnection:
         except UnicodeDecodeError:
             return Rejected(desc="JSON parse error, invalid UTF-8 sequence")
         try:
-            msg = json.loads(text, parse_constant=_reject_constant,
+            msg = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
                              object_pairs_hook=_no_duplicates)
         except RecursionError:
             return Rejected(desc="JSON parse error, nesting too deep")
