@@ -17,7 +17,15 @@ Layout (little endian; every slot 8-byte aligned)::
                      front-end's desc, avail and used addresses (u64 each)
     per controller c, per LUN slot l:
         lun slot:    active u32 (0: none, 1: copy A, 2: copy B), lun u32,
-                     then two copies of LunState.pack() bytes
+                     then two copies of LUN_STATE_SIZE bytes, each one
+                     LunState.pack() (emulators.scsi.lun) zero padded
+
+This module is a leaf: both the launcher and the emulators load it, so it
+imports the standard library only (tests/unit/test_import_boundary.py),
+and states the sizes of what the slots hold instead of importing them.
+The bytes a slot holds are the previous emulator's, and it may have been
+compromised: an emulator parses them only once locked down (its
+controllers are built after its lockdown, emulators/process.py).
 
 A queue slot is valid while its ring is started: a ring that was running when
 the emulator died is resumed (its in-flight heads re-executed); one that was
@@ -35,7 +43,10 @@ would trust. A queue slot's valid flag is written last when it is set
 (after the progress words and the ring identity it vouches for) and first
 when it is cleared. A LUN state is never rewritten in place: the new state
 goes into the copy not in use, and a single-byte change of the active
-selector switches to it.
+selector switches to it. Every store goes through one method
+(``StateStore._put``); tests/unit/test_statestore_layout.py records the
+stores of random updates and plays a kill after every byte of each (in
+either byte order), and the reader must find the old state or the new.
 """
 
 from __future__ import annotations
