@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pwd
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -60,9 +61,10 @@ def _firmware_fd() -> int:
 
 
 def probe_kvm(binary: str = QEMU_BINARY, device: str = "/dev/kvm",
-              uid: int | None = None) -> str | None:
+              uid: int | None = None, gid: int | None = None) -> str | None:
     """Return None when QEMU can run guest code under KVM here, else why not.
-    With `uid`, QEMU runs confined under it (the launcher must be root)."""
+    With `uid`, QEMU runs confined under it (and `gid`, by default the same
+    number; the launcher must be root)."""
     if not os.access(device, os.R_OK | os.W_OK):
         return f"{device} is missing or not accessible"
     firmware = _firmware_fd()
@@ -76,7 +78,8 @@ def probe_kvm(binary: str = QEMU_BINARY, device: str = "/dev/kvm",
             path = shutil.which(binary)
             if path is None:
                 return f"{binary}: not found"
-            argv = qemu_jail(uid, uid, [firmware], kvm=True).argv([path, *argv[1:]])
+            argv = qemu_jail(uid, uid if gid is None else gid, [firmware],
+                             kvm=True).argv([path, *argv[1:]])
         try:
             done = subprocess.run(
                 argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -100,6 +103,13 @@ def choose_for(spec: Spec, binary: str = QEMU_BINARY) -> AccelChoice:
     leased from the VM's range for the probe alone (unless ``sandbox = "off"``)."""
     if spec.vm.accel is not Accel.AUTO or spec.vm.sandbox is SandboxMode.OFF:
         return choose_accel(spec.vm.accel, binary)
+    if spec.vm.qemu_user is not None:
+        try:
+            user = spec.vm.qemu_user
+            pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except KeyError:
+            return AccelChoice(Accel.TCG, f"qemu_user {spec.vm.qemu_user!r} does not exist")
+        return choose_accel(spec.vm.accel, binary, pw.pw_uid, pw.pw_gid)
     first, last = spec.vm.uid_range
     lease = HostUids(first, last).take(f"{spec.vm.name}/kvm-probe")
     if lease is None:
@@ -111,7 +121,7 @@ def choose_for(spec: Spec, binary: str = QEMU_BINARY) -> AccelChoice:
 
 
 def choose_accel(wanted: Accel, binary: str = QEMU_BINARY,
-                 uid: int | None = None) -> AccelChoice:
+                 uid: int | None = None, gid: int | None = None) -> AccelChoice:
     """Resolve the spec's accel setting. An explicit kvm is honoured even if it
     would fail (QEMU's error then explains why); auto never picks a KVM that
     cannot run."""
@@ -119,7 +129,7 @@ def choose_accel(wanted: Accel, binary: str = QEMU_BINARY,
         return AccelChoice(Accel.TCG, 'accel = "tcg" in the spec')
     if wanted is Accel.KVM:
         return AccelChoice(Accel.KVM, 'accel = "kvm" in the spec')
-    problem = probe_kvm(binary, uid=uid)
+    problem = probe_kvm(binary, uid=uid, gid=gid)
     if problem is None:
         return AccelChoice(Accel.KVM, "KVM runs guest code here")
     return AccelChoice(Accel.TCG, f"KVM unusable: {problem}")

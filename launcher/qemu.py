@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -119,14 +120,35 @@ class QemuFiles:
                 setattr(self, name, -1)
 
 
-def take_uid(spec: Spec, purpose: str) -> Lease:
-    """QEMU's uid: a host-wide lease from the spec's uid_range, never one of
-    any emulator's, of this VM or another."""
+@dataclass(frozen=True, slots=True)
+class QemuIdentity:
+    """The uid and gid QEMU runs under, and the lease that holds them (None
+    for the spec's fixed ``qemu_user``)."""
+
+    uid: int
+    gid: int
+    lease: Lease | None
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
+
+def qemu_identity(spec: Spec, purpose: str) -> QemuIdentity:
+    """QEMU's uid: the spec's ``qemu_user``, or a host-wide lease from its
+    uid_range, never one of any emulator's, of this VM or another."""
+    user = spec.vm.qemu_user
+    if user is not None:
+        try:
+            pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except KeyError:
+            raise QemuStartError(f"qemu_user {user!r}: no such user on this host") from None
+        return QemuIdentity(pw.pw_uid, pw.pw_gid, None)
     first, last = spec.vm.uid_range
     lease = HostUids(first, last).take(f"{spec.vm.name}/{purpose}")
     if lease is None:
         raise QemuStartError(f"uid_range {first}-{last} has no uid left for QEMU")
-    return lease
+    return QemuIdentity(lease.uid, lease.uid, lease)
 
 
 class Qemu:
@@ -147,24 +169,24 @@ class Qemu:
         Raises :class:`QemuStartError` or :class:`launcher.sandbox.check.
         SandboxError`, with nothing left running."""
         files = QemuFiles.open(spec)
-        lease: Lease | None = None
+        who: QemuIdentity | None = None
         try:
             fds = files.fds(qmp_listener, vhost_user)
             argv = qemu_argv(spec, accel, fds)
             jail = None
             if spec.vm.sandbox is not SandboxMode.OFF:
-                lease = take_uid(spec, "qemu")
-                jail = qemu_jail(lease.uid, lease.uid, fds.all(), accel is Accel.KVM)
+                who = qemu_identity(spec, "qemu")
+                jail = qemu_jail(who.uid, who.gid, fds.all(), accel is Accel.KVM)
             qemu = await cls.start(spec.vm.name, argv, fds.all(), qmp_path,
                                    spec.vm.console == "stdio", jail)
         except BaseException:
-            if lease is not None:
-                lease.release()
+            if who is not None:
+                who.release()
             raise
         finally:
             files.close()
-        if lease is not None:
-            held = lease
+        if who is not None:
+            held = who
             qemu.exited.add_done_callback(lambda _: held.release())  # reaped: uid free
         return qemu
 

@@ -25,6 +25,7 @@ import datetime
 import grp
 import math
 import os
+import pwd
 import re
 import stat
 import tomllib
@@ -125,6 +126,8 @@ class VmConfig:
     devices: tuple[Path, ...] = ()
     #: The group (name or number) that may use the management socket; None: root only.
     management_group: str | None = None
+    #: A fixed user for QEMU (name or number); None: a uid leased from uid_range.
+    qemu_user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,7 +448,8 @@ class _Table:
 # --- the tables ----------------------------------------------------------------
 
 VM_FIELDS = ("name", "memory", "cpus", "accel", "kernel", "initrd", "append", "console",
-             "run_dir", "uid_range", "sandbox", "image_dirs", "devices", "management_group")
+             "run_dir", "uid_range", "sandbox", "image_dirs", "devices", "management_group",
+             "qemu_user")
 EMULATOR_FIELDS = ("id", "kind", "restart", "heartbeat_ms", "hang_timeout_ms",
                    "restart_burst", "restart_window_s", "on_give_up")
 CONTROLLER_FIELDS = ("id", "emulator", "queues")
@@ -563,6 +567,30 @@ def _group(t: _Table) -> str | None:
     return str(value)
 
 
+def _qemu_user(t: _Table, uid_range: tuple[int, int] | None) -> str | None:
+    """A host user QEMU runs as instead of a leased uid: never root, and not
+    one of the uids the pool hands to emulators."""
+    value = t.data.get("qemu_user", _ABSENT)
+    if value is _ABSENT:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        t.bad("qemu_user", value, "must be a user name or number")
+        return None
+    try:
+        user = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(value)
+    except (KeyError, OverflowError, ValueError):
+        t.bad("qemu_user", value, "no such user on this host")
+        return None
+    if user.pw_uid == 0 or user.pw_gid == 0:
+        t.bad("qemu_user", value, "must not be root or in group root: QEMU runs unprivileged")
+        return None
+    if uid_range is not None and uid_range[0] <= user.pw_uid <= uid_range[1]:
+        t.bad("qemu_user", value, f"its uid {user.pw_uid} is inside uid_range "
+              f"{uid_range[0]}-{uid_range[1]}, which emulators take from")
+        return None
+    return str(value)
+
+
 def _image_rules(vm: Fields, base: Path,
                  disks: list[tuple[_Entry, os.stat_result | None]]) -> None:
     """Fill in the default image_dirs and the devices [[disk]]s name; a
@@ -618,6 +646,7 @@ def _parse_vm(t: _Table, base: Path, emulator_count: int) -> Fields:
     f["_image_dirs_given"] = t.has("image_dirs")
     f["devices"] = _path_list(t, "devices", base, "block device")
     f["management_group"] = _group(t)
+    f["qemu_user"] = _qemu_user(t, f["uid_range"])
     return f
 
 
