@@ -30,6 +30,7 @@ from launcher.spec import EmulatorSpec, SandboxMode, Spec
 from launcher.status import LOG
 
 STOP_TIMEOUT = 3.0
+PF_EXITING = 0x4  # /proc/PID/stat flags: the process is exiting
 MAX_LINE = 2000
 """Bytes of one output line of an emulator that reach mplaunch's log."""
 
@@ -144,14 +145,17 @@ class EmulatorProcess:
             self.process.kill()
 
     def _note_signal(self) -> None:
-        """Remember that we signalled it, unless it had died already (a zombie
-        not yet reaped): then its death was its own."""
+        """Remember that we signalled it, unless it was dying already (exiting,
+        or a zombie not yet reaped): then its death was its own. Its sockets
+        close while it exits, so the launcher may act on that before the
+        process is a zombie."""
         try:
             with open(f"/proc/{self.pid}/stat", "rb") as f:
-                state = f.read().rpartition(b")")[2].split()[0]
-        except (OSError, IndexError):
+                fields = f.read().rpartition(b")")[2].split()
+            state, flags = fields[0], int(fields[6])
+        except (OSError, IndexError, ValueError):
             return
-        if state != b"Z":
+        if state not in (b"Z", b"X") and not flags & PF_EXITING:
             self.signalled = True
 
     def report_exit(self, exited: asyncio.Task[int]) -> None:
