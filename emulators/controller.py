@@ -40,7 +40,7 @@ from emulators import faults
 from emulators.config import ControllerConfig, LunConfig
 from emulators.scsi.backend import FdBackend
 from emulators.scsi.lun import LogicalUnit, LunState
-from emulators.scsi.virtio_scsi import VirtioScsiTarget
+from emulators.scsi.virtio_scsi import EventQueueState, VirtioScsiTarget
 from emulators.vhost_user.codec import CONNECTION_CLOSED, Decoder, Message, Role
 from emulators.vhost_user.effects import (
     CloseFds,
@@ -135,6 +135,7 @@ class ControllerLoop:
         self.closed = False
         self.completed = 0
         self.completed_per_ring: dict[int, int] = {}
+        self._load_events()
 
     # -- state that outlives this process
 
@@ -159,6 +160,26 @@ class ControllerLoop:
             faults.point("lun.save.before")
             self.store.write_lun_slot(self.index, lun, lun, state.pack())
             faults.point("lun.save.after")
+
+    def _load_events(self) -> None:
+        """A successor delivers the events its predecessor had not: a disk
+        added just before a crash still makes the guest rescan."""
+        if self.store is None:
+            return
+        valid, body = self.store.events_slot(self.index)
+        try:
+            if valid:
+                self.target.events = EventQueueState.unpack(body)
+        except ValueError as e:
+            LOG.warning("%s: stored events unusable (%s)", self.config.id, e)
+        finally:
+            body.release()
+        if self.target.events.pending():
+            self.pending_kicks.add(EVENT_QUEUE)
+
+    def _save_events(self) -> None:
+        if self.store is not None:
+            self.store.write_events_slot(self.index, self.target.events.pack())
 
     def _queue_state(self, ring: RingConfig) -> tuple[QueueState, bool]:
         """The ring's progress state, and whether it resumes a predecessor's:
@@ -395,6 +416,9 @@ class ControllerLoop:
             sent = True
         if sent:
             self._notify(queue, index)
+            # Saved as delivered only now that the guest can see them: a
+            # crash before this repeats an event, never loses one.
+            self._save_events()
 
     def _notify(self, queue: SplitQueue, index: int) -> None:
         fd = self.call_fds.get(index)
@@ -415,6 +439,7 @@ class ControllerLoop:
         )
         self._save_lun(lun.lun, unit.state)
         self.target.add_lun(lun.lun, unit)
+        self._save_events()
         self.pending_kicks.add(EVENT_QUEUE)
 
     def remove_lun(self, lun: int) -> None:
@@ -423,6 +448,7 @@ class ControllerLoop:
         unit = self.target.remove_lun(lun)
         if self.store is not None:
             self.store.clear_lun_slot(self.index, lun)
+        self._save_events()
         backend = unit.backend
         if isinstance(backend, FdBackend):
             os.close(backend.fd)
@@ -433,6 +459,8 @@ class ControllerLoop:
         if lun not in self.target.scsi.luns:
             raise ValueError(f"no LUN {lun} on {self.config.id}")
         changed = self.target.refresh_capacity(lun)
+        if changed:
+            self._save_events()
         self.pending_kicks.add(EVENT_QUEUE)
         return changed
 

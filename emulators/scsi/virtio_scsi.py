@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 
 from .commands import ScsiTarget, encode_lun
 from .iov import gather, iov_len, iov_skip, scatter
-from .lun import LogicalUnit
+from .lun import FLAT_SPACE_MAX_LUN, LogicalUnit
 from .result import CommandResult
 from .sense import (
     INTERNAL_TARGET_FAILURE,
@@ -152,20 +152,76 @@ def encode_event(event: int, reason: int, lun: int, target: int = 0) -> bytes:
     return _EVENT.pack(event, field, reason)
 
 
+EVENT_CAPACITY = 16
+_EVENTS_HEADER = struct.Struct("<4sHBB")
+_EVENT_ENTRY = struct.Struct("<HHH")
+_EVENTS_MAGIC = b"EVTS"
+_EVENTS_VERSION = 1
+#: The events this target queues: (event, reason).
+_QUEUED = frozenset({
+    (int(EventType.TRANSPORT_RESET), int(ResetReason.RESCAN)),
+    (int(EventType.TRANSPORT_RESET), int(ResetReason.REMOVED)),
+    (int(EventType.PARAM_CHANGE), 0x2A | (0x09 << 8)),
+})
+EVENTS_STATE_SIZE = _EVENTS_HEADER.size + EVENT_CAPACITY * _EVENT_ENTRY.size
+"""Bytes of :meth:`EventQueueState.pack` at the default capacity."""
+
+
 class EventQueueState:
     """Events waiting for the guest to post an event-queue buffer.
 
     Bounded: when more than ``capacity`` events are waiting the newest is
     dropped and the next event delivered carries EVENTS_MISSED, which makes
     Linux rescan the whole host, so nothing is lost for good.
+
+    The waiting events outlive the emulator (:meth:`pack`, kept in the
+    state store): a disk added just before a crash must still make the
+    guest rescan. The owner saves after each change; a delivered event is
+    saved as gone only after its buffer was published, so a crash in
+    between repeats it (a second rescan) rather than loses it.
     """
 
-    def __init__(self, capacity: int = 16) -> None:
-        if capacity < 1:
-            raise ValueError("event capacity must be at least 1")
+    def __init__(self, capacity: int = EVENT_CAPACITY) -> None:
+        if not 1 <= capacity <= 255:
+            raise ValueError("event capacity must be 1 to 255")
         self.capacity = capacity
         self.missed = False
         self._pending: collections.deque[tuple[int, int, int]] = collections.deque()
+
+    def pack(self) -> bytes:
+        """A fixed binary layout: header, then ``capacity`` entries (zero when free)."""
+        entries = b"".join(_EVENT_ENTRY.pack(event, reason, lun)
+                           for event, reason, lun in self._pending)
+        head = _EVENTS_HEADER.pack(_EVENTS_MAGIC, _EVENTS_VERSION, len(self._pending),
+                                   int(self.missed))
+        size = _EVENTS_HEADER.size + self.capacity * _EVENT_ENTRY.size
+        return (head + entries).ljust(size, b"\0")
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview, capacity: int = EVENT_CAPACITY) -> EventQueueState:
+        """Inverse of :meth:`pack`; the bytes are untrusted (the previous
+        emulator's), so anything pack cannot have produced is a ValueError."""
+        size = _EVENTS_HEADER.size + capacity * _EVENT_ENTRY.size
+        if len(data) < size:
+            raise ValueError(f"event state needs {size} bytes, got {len(data)}")
+        magic, version, count, missed = _EVENTS_HEADER.unpack_from(data)
+        if magic != _EVENTS_MAGIC or version != _EVENTS_VERSION:
+            raise ValueError(f"unknown event state layout {magic!r} v{version}")
+        if count > capacity or missed not in (0, 1):
+            raise ValueError(f"bad event state header ({count} events, missed {missed})")
+        state = cls(capacity)
+        state.missed = bool(missed)
+        for i in range(capacity):
+            at = _EVENTS_HEADER.size + i * _EVENT_ENTRY.size
+            event, reason, lun = _EVENT_ENTRY.unpack_from(data, at)
+            if i >= count:
+                if event or reason or lun:
+                    raise ValueError("event state has entries past its count")
+                continue
+            if (event, reason) not in _QUEUED or lun > FLAT_SPACE_MAX_LUN:
+                raise ValueError(f"bad event {event}/{reason} for LUN {lun} in event state")
+            state._pending.append((event, reason, lun))
+        return state
 
     def push(self, event: EventType, reason: int, lun: int) -> None:
         if len(self._pending) >= self.capacity:

@@ -19,6 +19,10 @@ Layout (little endian; every slot 8-byte aligned)::
         lun slot:    active u32 (0: none, 1: copy A, 2: copy B), lun u32,
                      then two copies of LUN_STATE_SIZE bytes, each one
                      LunState.pack() (emulators.scsi.lun) zero padded
+    per controller c:
+        events slot: active u32, 0 u32, then two copies of
+                     EVENTS_STATE_SIZE bytes: the virtio-scsi events not yet
+                     delivered (EventQueueState.pack(), zero padded)
 
 This module is a leaf: both the launcher and the emulators load it, so it
 imports the standard library only (tests/unit/test_import_boundary.py),
@@ -68,6 +72,9 @@ sides load, and a unit test holds the two equal."""
 LUN_STATE_SIZE = 128
 """Bytes of one copy of a LUN's state: room for emulators.scsi.lun's packed
 LunState (a unit test holds it no larger) and for what reservations add."""
+EVENTS_STATE_SIZE = 128
+"""Bytes of one copy of a controller's waiting virtio-scsi events (the
+packed EventQueueState of emulators.scsi.virtio_scsi; a test holds it no larger)."""
 _HEADER = struct.Struct("<8sIIIIIIII")
 HEADER_SIZE = 64
 _SLOT_META = struct.Struct("<II")
@@ -96,7 +103,6 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
-_COPY_SIZE = _align8(LUN_STATE_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,13 +119,17 @@ class Layout:
 
     @property
     def lun_slot_size(self) -> int:
-        return _SLOT_META.size + 2 * _COPY_SIZE
+        return _SLOT_META.size + 2 * _align8(LUN_STATE_SIZE)
+
+    @property
+    def events_slot_size(self) -> int:
+        return _SLOT_META.size + 2 * _align8(EVENTS_STATE_SIZE)
 
     @property
     def size(self) -> int:
         queues = self.controllers * self.queues * self.queue_slot_size
         luns = self.controllers * self.lun_slots * self.lun_slot_size
-        return HEADER_SIZE + queues + luns
+        return HEADER_SIZE + queues + luns + self.controllers * self.events_slot_size
 
     def queue_offset(self, controller: int, queue: int) -> int:
         self._check(controller, queue, self.queues)
@@ -129,6 +139,11 @@ class Layout:
         self._check(controller, slot, self.lun_slots)
         base = HEADER_SIZE + self.controllers * self.queues * self.queue_slot_size
         return base + (controller * self.lun_slots + slot) * self.lun_slot_size
+
+    def events_offset(self, controller: int) -> int:
+        self._check(controller, 0, 1)
+        base = self.lun_offset(0, 0) + self.controllers * self.lun_slots * self.lun_slot_size
+        return base + controller * self.events_slot_size
 
     def _check(self, controller: int, index: int, limit: int) -> None:
         if not 0 <= controller < self.controllers or not 0 <= index < limit:
@@ -247,11 +262,7 @@ class StateStore:
         are whatever the previous emulator left, for the caller to parse
         as untrusted input (and, in an emulator, only once it is locked down).
         """
-        off = self.layout.lun_offset(controller, slot)
-        active, lun = _SLOT_META.unpack_from(self.view, off)
-        copy = 1 if active == 2 else 0
-        start = off + _SLOT_META.size + copy * _COPY_SIZE
-        return active in (1, 2), lun, self.view[start : start + LUN_STATE_SIZE]
+        return self._read_double(self.layout.lun_offset(controller, slot), LUN_STATE_SIZE)
 
     def write_lun_slot(self, controller: int, slot: int, lun: int, state: bytes) -> None:
         """Write `state` into the copy not in use, then switch to it.
@@ -261,18 +272,35 @@ class StateStore:
         copy is written whole (zero padded), so no byte of an older state
         survives behind a shorter one.
         """
-        if len(state) > LUN_STATE_SIZE:
-            raise ValueError(f"LUN state of {len(state)} bytes, the slot holds {LUN_STATE_SIZE}")
-        off = self.layout.lun_offset(controller, slot)
-        active, stored_lun = _SLOT_META.unpack_from(self.view, off)
-        if active not in (0, 1, 2) or (active and stored_lun != lun):
+        self._write_double(self.layout.lun_offset(controller, slot), LUN_STATE_SIZE, lun, state)
+
+    def events_slot(self, controller: int) -> tuple[bool, memoryview]:
+        """(valid, the event bytes in use) of a controller: untrusted, as a LUN's."""
+        valid, _, body = self._read_double(self.layout.events_offset(controller),
+                                           EVENTS_STATE_SIZE)
+        return valid, body
+
+    def write_events_slot(self, controller: int, state: bytes) -> None:
+        """As :meth:`write_lun_slot`, for the controller's waiting events."""
+        self._write_double(self.layout.events_offset(controller), EVENTS_STATE_SIZE, 0, state)
+
+    def _read_double(self, off: int, size: int) -> tuple[bool, int, memoryview]:
+        active, tag = _SLOT_META.unpack_from(self.view, off)
+        start = off + _SLOT_META.size + (1 if active == 2 else 0) * _align8(size)
+        return active in (1, 2), tag, self.view[start : start + size]
+
+    def _write_double(self, off: int, size: int, tag: int, state: bytes) -> None:
+        if len(state) > size:
+            raise ValueError(f"a state of {len(state)} bytes, the slot holds {size}")
+        active, stored_tag = _SLOT_META.unpack_from(self.view, off)
+        if active not in (0, 1, 2) or (active and stored_tag != tag):
             self._put(off, _U32.pack(0))  # another LUN's state (or garbage): drop it first
             active = 0
         target = 1 if active == 2 else 2
-        start = off + _SLOT_META.size + (target - 1) * _COPY_SIZE
-        self._put(start, state.ljust(LUN_STATE_SIZE, b"\0"))
+        start = off + _SLOT_META.size + (target - 1) * _align8(size)
+        self._put(start, state.ljust(size, b"\0"))
         if not active:
-            self._put(off + 4, _U32.pack(lun))
+            self._put(off + 4, _U32.pack(tag))
         self._put(off, _U32.pack(target))
 
     def clear_lun_slot(self, controller: int, slot: int) -> None:

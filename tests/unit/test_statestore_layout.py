@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from emulators.scsi import sense as S
 from emulators.scsi.lun import MAX_PENDING_UA, STATE_SIZE, LunState
+from emulators.scsi.virtio_scsi import EVENTS_STATE_SIZE, EventQueueState
 from emulators.virtio.state import required_size
 from launcher.statestore import layout
 from launcher.statestore.layout import RingIdentity, StateStore
@@ -209,10 +210,44 @@ def test_a_queue_slot_killed_at_any_byte_names_a_whole_ring_or_none(
             assert _reading(image, read) in (old, None, ring)
 
 
+def _events(spec: list[tuple[int, int]]) -> EventQueueState:
+    events = EventQueueState()
+    for kind, lun in spec:
+        (events.lun_added, events.lun_removed, events.capacity_changed)[kind](lun)
+    return events
+
+
+@settings(max_examples=40, deadline=None)
+@given(updates=st.lists(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 255)),
+                                 max_size=20), min_size=1, max_size=5))
+def test_the_events_slot_killed_at_any_byte_holds_the_old_or_the_new_events(
+    updates: list[list[tuple[int, int]]],
+) -> None:
+    store = _over(layout.Layout(2, 3, 1))
+
+    def read(s: StateStore) -> object:
+        valid, body = s.events_slot(1)
+        try:
+            return EventQueueState.unpack(body).pack() if valid else None
+        finally:
+            body.release()
+
+    for spec in updates:
+        blob = _events(spec).pack()
+        before = bytes(store.view)
+        old = read(store)
+        with Recorder(store) as rec:
+            store.write_events_slot(1, blob)
+        assert read(store) == blob
+        for image in kill_images(before, rec.writes):
+            assert _reading(image, read) in (old, blob)
+
+
 def test_the_leaf_layout_agrees_with_the_emulator() -> None:
     """layout.py states the sizes it holds instead of importing them."""
     assert required_size(layout.MAX_QUEUE_SIZE) == layout.QUEUE_PROGRESS_SIZE
     assert STATE_SIZE <= layout.LUN_STATE_SIZE
+    assert EVENTS_STATE_SIZE <= layout.EVENTS_STATE_SIZE
 
 
 def test_lun_state_is_never_rewritten_in_place(store: StateStore) -> None:

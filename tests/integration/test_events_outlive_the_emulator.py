@@ -1,0 +1,103 @@
+"""virtio-scsi events not yet delivered survive a restart of the emulator.
+
+A disk added (or removed, or resized) while the guest had no event buffer
+posted waits in the controller's event queue. If the emulator dies then,
+its successor must still deliver it, or the guest never rescans and never
+sees the disk. The events live in the state store's events slot; an event
+is saved as delivered only after its buffer was published.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from emulators.config import ControllerConfig, LunConfig
+from emulators.controller import EVENT_QUEUE, ControllerLoop
+from emulators.scsi.virtio_scsi import (
+    EVENTS_STATE_SIZE,
+    EventQueueState,
+    EventType,
+    ResetReason,
+)
+from launcher.statestore import layout
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[layout.StateStore]:
+    fd = layout.create(tmp_path / "state", layout.Layout(1, 3, 8))
+    s = layout.StateStore(fd)
+    os.close(fd)
+    yield s
+    s.close()
+
+
+def _disk(tmp_path: Path, name: str) -> int:
+    fd = os.open(tmp_path / name, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, 1 << 20)
+    return fd
+
+
+def _controller(tmp_path: Path, store: layout.StateStore, luns: tuple[int, ...],
+                first_start: bool) -> tuple[ControllerLoop, socket.socket]:
+    ours, theirs = socket.socketpair()
+    config = ControllerConfig("c0", theirs.detach(), 1, tuple(
+        LunConfig(n, f"d{n}", _disk(tmp_path, f"d{n}"), False, 512) for n in luns))
+    return ControllerLoop(config, first_start, store, 0), ours
+
+
+def _close(c: ControllerLoop, peer: socket.socket) -> None:
+    for unit in c.target.scsi.luns.values():
+        os.close(unit.backend.fd)  # type: ignore[attr-defined]
+    c.close()
+    peer.close()
+
+
+def test_a_hot_added_disk_is_announced_by_the_successor(
+    tmp_path: Path, store: layout.StateStore
+) -> None:
+    first, peer = _controller(tmp_path, store, (0,), first_start=True)
+    first.add_lun(LunConfig(3, "d3", _disk(tmp_path, "d3"), False, 512))
+    assert first.target.events.pending()
+    _close(first, peer)  # killed before the guest posted an event buffer
+
+    second, peer = _controller(tmp_path, store, (0, 3), first_start=False)
+    assert EVENT_QUEUE in second.pending_kicks
+    buffer = bytearray(16)
+    assert second.target.events.fill([memoryview(buffer)]) == 16
+    event, _, reason = struct.unpack("<I8sI", buffer)
+    assert (event, reason) == (EventType.TRANSPORT_RESET, ResetReason.RESCAN)
+    assert buffer[4:8] == bytes((1, 0, 0, 3))  # target 0, LUN 3 (peripheral addressing)
+    second._save_events()  # as _serve_events does once the buffer is published
+    _close(second, peer)
+
+    third, peer = _controller(tmp_path, store, (0, 3), first_start=False)
+    assert not third.target.events.pending()  # delivered once, not again
+    _close(third, peer)
+
+
+def test_stored_events_are_untrusted_input() -> None:
+    events = EventQueueState()
+    events.lun_added(3)
+    events.capacity_changed(0)
+    events.missed = True
+    blob = events.pack()
+    assert len(blob) == EVENTS_STATE_SIZE <= layout.EVENTS_STATE_SIZE
+    again = EventQueueState.unpack(blob)
+    assert again.pack() == blob
+    for bad in (
+        b"XXXX" + blob[4:],  # magic
+        blob[:6] + bytes((17,)) + blob[7:],  # more events than room
+        blob[:7] + bytes((2,)) + blob[8:],  # missed flag not 0 or 1
+        blob[:8] + struct.pack("<HHH", 2, 0, 0) + blob[14:],  # ASYNC_NOTIFY: never queued
+        blob[:8] + struct.pack("<HHH", 1, 1, 0x4000) + blob[14:],  # LUN out of range
+        blob[:20] + struct.pack("<HHH", 1, 1, 1) + blob[26:],  # an entry past the count
+        blob[:10],
+    ):
+        with pytest.raises(ValueError):
+            EventQueueState.unpack(bad)
