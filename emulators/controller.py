@@ -253,9 +253,13 @@ class ControllerLoop:
                 chain = queue.chain_for(head)
                 if isinstance(chain, BadChain):
                     done.append((chain.head, 0))
+                elif index == EVENT_QUEUE:  # an event buffer, not a request
+                    done.append((head, self.target.events.refill(chain.writable)))
                 else:
                     done.append((head, handle(chain.readable, chain.writable)))
             queue.push_used_many(done)
+            if index == EVENT_QUEUE:
+                self._save_events()
         fd = self.call_fds.get(index)
         if fd is not None:
             os.eventfd_write(fd, 1)  # an interrupt may have died with the old emulator

@@ -259,6 +259,15 @@ class EventQueueState:
             self.missed = False
         return scatter(encode_event(event, reason, lun), writable)
 
+    def refill(self, writable: Sequence[memoryview]) -> int:
+        """:meth:`fill` for a buffer a dead emulator had taken: the next event,
+        or NO_EVENT when none waits. Never left as it is: Linux reads an
+        event buffer whatever its used length says, and this one still holds
+        the event it carried the last time round."""
+        if self.pending() or iov_len(writable) < EVENT_SIZE:
+            return self.fill(writable)
+        return scatter(encode_event(int(EventType.NO_EVENT), 0, 0), writable)
+
 
 class VirtioScsiTarget:
     """The device side of one virtio-scsi controller: requests and control."""

@@ -24,8 +24,16 @@ from emulators.scsi.virtio_scsi import (
     EventQueueState,
     EventType,
     ResetReason,
+    encode_event,
 )
+from emulators.vhost_user.effects import RingConfig
+from emulators.vhost_user.messages import VringAddr
+from emulators.virtio.memory import GuestMemory, MemoryRegion
 from launcher.statestore import layout
+from tests.support.driver import TestDriver
+
+RAM = 1 << 20
+UVA = 0x7F00_0000_0000
 
 
 @pytest.fixture
@@ -78,6 +86,61 @@ def test_a_hot_added_disk_is_announced_by_the_successor(
 
     third, peer = _controller(tmp_path, store, (0, 3), first_start=False)
     assert not third.target.events.pending()  # delivered once, not again
+    _close(third, peer)
+
+
+def _event_ring(driver: TestDriver) -> RingConfig:
+    r = driver.layout
+    return RingConfig(EVENT_QUEUE, r.size, 0,
+                      VringAddr(EVENT_QUEUE, 0, UVA + r.desc_gpa, UVA + r.used_gpa,
+                                UVA + r.avail_gpa, 0),
+                      r.desc_gpa, r.avail_gpa, r.used_gpa)
+
+
+@pytest.mark.parametrize("waiting", [True, False])
+def test_an_event_buffer_taken_by_the_dead_emulator_is_filled_again(
+    tmp_path: Path, store: layout.StateStore, waiting: bool
+) -> None:
+    """Killed between taking an event buffer and publishing it: the successor
+    re-runs that buffer as an event buffer, with the event that waited (or
+    NO_EVENT), never as a request nor as it was. Linux reads an event
+    buffer whatever its used length says, and this one still holds the
+    event it carried before: left as it was, a REMOVED of a LUN number
+    since reused would drop a live disk."""
+    ram = bytearray(RAM)
+    region = MemoryRegion(0, RAM, UVA, 0)
+    driver = TestDriver(GuestMemory.from_buffers([region], [ram]), 8, 0x1000)
+    ring = _event_ring(driver)
+
+    first, peer = _controller(tmp_path, store, (0, 3), first_start=True)
+    first.memory = GuestMemory.from_buffers([region], [ram])
+    first._start_ring(ring, 0, True)
+    head = driver.add_chain([], [16])
+    stale = encode_event(EventType.TRANSPORT_RESET, ResetReason.REMOVED, 3)
+    driver.memory.write(driver._chains[head].writable[0][0], stale)  # its last event
+    if waiting:
+        first.remove_lun(3)  # the event queued, and saved
+        first.add_lun(LunConfig(3, "d3", _disk(tmp_path, "d3b"), False, 512))
+        first.target.events._pending.popleft()  # REMOVED was delivered before
+        first._save_events()
+    taken = first.rings[EVENT_QUEUE].queue.pop()  # killed here, before push_used
+    assert taken is not None
+    _close(first, peer)
+
+    second, peer = _controller(tmp_path, store, (0, 3), first_start=False)
+    second.memory = GuestMemory.from_buffers([region], [ram])
+    second._start_ring(ring, 0, True)
+    [(done, used)] = driver.get_used()
+    assert done == head and used == 16
+    event, field, reason = struct.unpack("<I8sI", driver.read_writable(head)[0])
+    if waiting:
+        assert (event, reason, field[3]) == (EventType.TRANSPORT_RESET, ResetReason.RESCAN, 3)
+    else:
+        assert event == EventType.NO_EVENT
+    assert not second.target.events.pending()
+    _close(second, peer)
+    third, peer = _controller(tmp_path, store, (0, 3), first_start=False)
+    assert not third.target.events.pending()  # saved as delivered
     _close(third, peer)
 
 
