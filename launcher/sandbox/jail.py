@@ -56,11 +56,8 @@ neither kill nor ptrace nor any open of /proc.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 import ctypes
-import ctypes.util
 import importlib
 import importlib.machinery
 import importlib.util
@@ -70,10 +67,18 @@ import signal
 import stat
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from types import CodeType
+from typing import TYPE_CHECKING
 
 from emulators.faults import ENV as FAULT_ENV
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# The emulator runs in this interpreter (``--new-root``): every module imported
+# here stays loaded in it, so the jail keeps to small ones (no argparse,
+# pathlib or ctypes.util, which would bring subprocess, tempfile and shutil);
+# the QEMU-only steps import pathlib when they run.
 
 EXIT_JAIL = 121
 """The jail's exit status when a step failed: the emulator never ran."""
@@ -124,7 +129,7 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 SECUREBITS = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 5) | (1 << 6) | (1 << 7)
 CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 class JailError(Exception):
@@ -186,6 +191,8 @@ def enter_namespaces() -> None:
 
 def _blocking_parent(path: Path, uid: int, gid: int) -> tuple[Path, str] | None:
     """The first folder on `path` that `uid` may not traverse, and the entry under it."""
+    from pathlib import Path
+
     current = Path("/")
     for part in path.parts[1:]:
         st = os.stat(current)
@@ -203,6 +210,8 @@ def _blocking_parent(path: Path, uid: int, gid: int) -> tuple[Path, str] | None:
 
 def interpreter_paths() -> list[Path]:
     """What the emulator's interpreter must reach: its prefixes and the packages."""
+    from pathlib import Path
+
     here = Path(__file__).resolve()
     paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(),
              Path(sys.executable).resolve().parent, here.parents[2]}
@@ -278,6 +287,8 @@ class Program:
 
 def _preload(source: str, path: str) -> None:
     """Import every absolute import a script names, anywhere in it."""
+    import ast
+
     for node in ast.walk(ast.parse(source, path)):
         names: list[str] = []
         if isinstance(node, ast.Import):
@@ -419,7 +430,8 @@ def run(spec: JailSpec, command: list[str]) -> Program | None:
     # impossible once the uid may have no processes.
     import launcher.sandbox.seccomp  # noqa: F401
 
-    last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
     enter_namespaces()
     program = load_program(command) if spec.new_root else None
     if program is None:
@@ -459,25 +471,38 @@ def run_program(program: Program) -> None:
     exec(program.code, main.__dict__)
 
 
+_INT_OPTIONS = ("--uid", "--gid", "--address-space", "--nofile", "--nproc")
+_STR_OPTIONS = ("--keep-fds", "--cwd", "--dev")
+
+
 def parse(argv: list[str]) -> tuple[JailSpec, list[str]]:
-    p = argparse.ArgumentParser(prog="launcher.sandbox.jail")
-    p.add_argument("--uid", type=int, required=True)
-    p.add_argument("--gid", type=int, required=True)
-    p.add_argument("--keep-fds", default="")
-    p.add_argument("--address-space", type=int, required=True)
-    p.add_argument("--nofile", type=int, default=NOFILE)
-    p.add_argument("--cwd", default=EMPTY_DIR)
-    p.add_argument("--nproc", type=int, default=0)
-    p.add_argument("--dev", default="")
-    p.add_argument("--new-root", action="store_true")
-    p.add_argument("command", nargs="+")
-    a = p.parse_args(argv)
-    fds = tuple(int(x) for x in a.keep_fds.split(",") if x)
-    if a.uid <= 0 or a.gid <= 0:
+    """``--name value`` options (and the flag ``--new-root``), ``--``, COMMAND."""
+    values: dict[str, str] = {}
+    new_root = False
+    i = 0
+    while i < len(argv) and argv[i] != "--":
+        name = argv[i]
+        if name == "--new-root":
+            new_root = True
+            i += 1
+            continue
+        if name not in _INT_OPTIONS + _STR_OPTIONS or i + 1 >= len(argv):
+            raise JailError(f"bad option {name!r}")
+        values[name] = argv[i + 1]
+        i += 2
+    command = argv[i + 1:]
+    missing = [n for n in ("--uid", "--gid", "--address-space") if n not in values]
+    if missing or not command:
+        raise JailError(f"missing {', '.join(missing) or 'COMMAND'}")
+    ints = {n: int(values[n]) for n in _INT_OPTIONS if n in values}
+    if ints["--uid"] <= 0 or ints["--gid"] <= 0:
         raise JailError("refusing to run an emulator as root")
-    dev = tuple(x for x in a.dev.split(",") if x)
-    return JailSpec(a.uid, a.gid, fds, a.address_space, a.nofile, a.cwd, a.new_root,
-                    a.nproc, dev), a.command
+    fds = tuple(int(x) for x in values.get("--keep-fds", "").split(",") if x)
+    dev = tuple(x for x in values.get("--dev", "").split(",") if x)
+    spec = JailSpec(ints["--uid"], ints["--gid"], fds, ints["--address-space"],
+                    ints.get("--nofile", NOFILE), values.get("--cwd", EMPTY_DIR), new_root,
+                    ints.get("--nproc", 0), dev)
+    return spec, command
 
 
 def main(argv: list[str]) -> int:
