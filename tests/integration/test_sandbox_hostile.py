@@ -236,6 +236,13 @@ def test_no_host_path_resolves_even_through_a_stat_the_filter_lets_through(
     assert statuses[-1] == 0  # "." is the empty root itself: a tmpfs, no host file
 
 
+def test_a_confined_emulator_holds_no_heavy_module_of_the_jail(tmp_path: Path) -> None:
+    """The emulator runs in the jail's interpreter: the jail imports nothing
+    that would bring child processes or temporary files into it."""
+    status, _ = hostile(tmp_path, "heavy_modules")
+    assert status == 0
+
+
 def test_an_emulators_fds_0_to_2_are_never_a_file_the_launcher_writes(
         tmp_path: Path) -> None:
     """Even when the launcher's own stdout and stderr are a regular file (a log),
@@ -248,6 +255,7 @@ def test_an_emulators_fds_0_to_2_are_never_a_file_the_launcher_writes(
         proc = await emulators.start(res)
         res.close_emulator_side()
         try:
+            assert os.listdir(f"/proc/{proc.pid}/root") == []  # its root: empty
             return [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in (0, 1, 2)], proc.pid
         finally:
             await proc.stop()
