@@ -1,8 +1,9 @@
 """Stage 2 of the sandbox, applied by the emulator to itself.
 
-It runs after every import and every set-up step (the controllers are
-built, the selector exists, ctypes symbols are resolved) and before the
-first byte from QEMU or the guest is read. From then on only the calls of
+It runs after every import and the set-up that reads nothing untrusted
+(the selector exists, ctypes symbols are resolved), and before the first
+byte from QEMU, the guest or the state store is read: the controllers,
+which load the state a previous emulator left, are built after it. From then on only the calls of
 :data:`launcher.sandbox.profiles.STAGE2_ALLOW` are possible. The launcher
 does not trust the emulator to have done this: it reads the emulator's
 /proc status and starts QEMU only once two filters are in place.

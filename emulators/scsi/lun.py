@@ -211,8 +211,9 @@ class LogicalUnit:
 
     ``unmap`` (default: on for writable disks) enables UNMAP, WRITE SAME
     with UNMAP and the thin-provisioning VPD bits. ``on_change`` is called
-    after the state changed (a unit attention queued or consumed, WCE set),
-    so the owner can mirror it into the state store.
+    after the state changed (a unit attention queued or consumed, the last
+    sense set or cleared, WCE set), so the owner can mirror it into the
+    state store before the command that changed it completes.
     """
 
     def __init__(
