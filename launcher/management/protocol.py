@@ -345,7 +345,7 @@ class ServerConnection:
             return Rejected(desc="JSON parse error, nesting too deep")
         except ValueError as exc:
             return Rejected(desc=f"JSON parse error, {_short(exc)}")
-        if _depth(msg) > self._max_depth:
+        if _too_deep(msg, self._max_depth):
             return Rejected(desc="JSON parse error, nesting too deep")
         if not isinstance(msg, dict):
             return Rejected(desc="QMP input must be a JSON object")
@@ -392,12 +392,23 @@ class ServerConnection:
         return Negotiated(ident, has_id, tuple(enable))
 
 
-def _depth(value: object, level: int = 1) -> int:
-    if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level)
-    return level - 1
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether objects and arrays nest more than ``limit`` levels. A loop, not
+    recursion: json parses deeper than Python's recursion limit allows a
+    recursive walk (600 levels fit in 1.2 KB)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
 
 
 def _short(exc: ValueError) -> str:

@@ -45,3 +45,28 @@ def test_resume_refuses_a_counter_with_no_room(where: str) -> None:
     state.set_counter(1, COUNTER_LIMIT - 1)
     state.last_counter = COUNTER_LIMIT - 1
     assert resume(state, 0).rerun == (1,)
+
+
+@pytest.mark.parametrize("levels", [600, 5000])
+def test_qmp_refuses_nesting_deeper_than_a_recursive_walk(levels: int) -> None:
+    """600 nested arrays parse (json's limit is Python's recursion limit) but
+    the depth check walked them recursively: RecursionError escaped and the
+    connection's task died with no answer."""
+    conn = ServerConnection({})
+    conn.greeting()
+    arg = "[" * levels + "]" * levels
+    conn.receive_data(f'{{"execute": "x", "arguments": {{"a": {arg}}}}}'.encode())
+    event = conn.next_event()
+    assert isinstance(event, Rejected) and "nesting too deep" in event.desc
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_qmp_depth_limit_is_where_it_was(extra: int) -> None:
+    conn = ServerConnection({}, max_depth=4)
+    conn.greeting()
+    # The command object is level 1, its arguments level 2.
+    arg = "[" * (2 + extra) + "]" * (2 + extra)
+    conn.receive_data(f'{{"execute": "qmp_capabilities", "arguments": {{"a": {arg}}}}}'.encode())
+    event = conn.next_event()
+    assert isinstance(event, Rejected)
+    assert ("nesting too deep" in event.desc) == bool(extra), event.desc
