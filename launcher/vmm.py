@@ -29,6 +29,11 @@ QEMU_NPROC = 1024
 """Threads QEMU's uid may run (vCPUs, RCU, I/O workers): RLIMIT_NPROC."""
 QEMU_DEVICES = ("null", "zero", "urandom", "random")
 """QEMU's private /dev; ``kvm`` is added when the guest runs under KVM."""
+QEMU_VIEW = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
+             "/etc/ld.so.cache")
+"""All QEMU sees of the host's files, read-only: its binary, libraries,
+modules and firmware (all under /usr on a merged-/usr system; the top-level
+links to it), and the loader's cache. Plus its own /proc and private /dev."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +55,11 @@ class QemuFds:
 
 def qemu_jail(uid: int, gid: int, keep_fds: list[int], kvm: bool) -> JailSpec:
     """QEMU's confinement: the emulators' jail with threads, no address space
-    bound (guest RAM, TCG's code buffer) and a private /dev."""
+    bound (guest RAM, TCG's code buffer), a root holding only :data:`QEMU_VIEW`
+    and a private /dev."""
     return JailSpec(uid=uid, gid=gid, keep_fds=tuple(keep_fds), address_space=UNLIMITED,
-                    nproc=QEMU_NPROC, dev=QEMU_DEVICES + (("kvm",) if kvm else ()))
+                    nproc=QEMU_NPROC, dev=QEMU_DEVICES + (("kvm",) if kvm else ()),
+                    view=QEMU_VIEW)
 
 
 def fd_path(fd: int) -> str:

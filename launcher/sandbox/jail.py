@@ -153,6 +153,9 @@ class JailSpec:
     nproc: int = 0
     #: A private /dev holding only these nodes (empty: the host's /dev view).
     dev: tuple[str, ...] = ()
+    #: Exec COMMAND under a root holding only these host paths, read-only
+    #: (with /proc and the private /dev); empty: the host's view.
+    view: tuple[str, ...] = ()
 
     def argv(self, command: list[str]) -> list[str]:
         """The launcher's command line: the jail, its settings, then COMMAND."""
@@ -162,6 +165,7 @@ class JailSpec:
             "--keep-fds", ",".join(str(fd) for fd in self.keep_fds),
             "--address-space", str(self.address_space), "--nofile", str(self.nofile),
             "--cwd", self.cwd, "--nproc", str(self.nproc), "--dev", ",".join(self.dev),
+            "--view", ",".join(self.view),
             *(["--new-root"] if self.new_root else []), "--", *command,
         ]
 
@@ -253,10 +257,10 @@ def empty_cwd(path: str) -> None:
            "mode=0111,size=4k")
 
 
-def private_dev(names: tuple[str, ...], uid: int, gid: int) -> None:
-    """A /dev of this mount namespace holding only `names`: QEMU reaches no
-    other device node, and ``kvm`` (root's only, on most hosts) is a node of
-    this uid alone."""
+def private_dev(names: tuple[str, ...], uid: int, gid: int, at: str = "/dev") -> None:
+    """A /dev (at `at`) of this mount namespace holding only `names`: QEMU
+    reaches no other device node, and ``kvm`` (root's only, on most hosts)
+    is a node of this uid alone."""
     rdevs = {}
     for name in names:
         if name not in DEVICES:
@@ -265,15 +269,16 @@ def private_dev(names: tuple[str, ...], uid: int, gid: int) -> None:
         if not stat.S_ISCHR(st.st_mode):
             raise JailError(f"/dev/{name} is not a character device")
         rdevs[name] = st.st_rdev
-    _mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+    _mount("tmpfs", at, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
     for name, rdev in rdevs.items():
-        path = f"/dev/{name}"
+        path = f"{at}/{name}"
         os.mknod(path, stat.S_IFCHR | 0o600, rdev)
         if name == "kvm":
             os.chown(path, uid, gid)
         else:
             os.chmod(path, 0o666)
-    _mount(None, "/dev", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+    # No MS_NODEV, here or on the tmpfs: its nodes must open.
+    _mount(None, at, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,16 +329,49 @@ def load_program(command: list[str]) -> Program:
     return Program(compile(source, path, "exec"), [path, *command[3:]], None)
 
 
+def _pivot_into(path: str) -> None:
+    """`path` (a mount point) becomes "/", the old root is detached."""
+    os.chdir(path)
+    _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "detach the old root")
+    os.chdir("/")
+
+
 def pivot_to_empty_root() -> None:
     """An empty read-only tmpfs becomes "/", the old root is detached: no
     path of this process resolves to a host file any more."""
     os.makedirs(NEW_ROOT, mode=0o755, exist_ok=True)
     _mount("tmpfs", NEW_ROOT, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
            "mode=0111,size=4k")
-    os.chdir(NEW_ROOT)
-    _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
-    _check(_libc.umount2(b".", MNT_DETACH), "detach the old root")
-    os.chdir("/")
+    _pivot_into(NEW_ROOT)
+
+
+def pivot_to_view(view: tuple[str, ...], dev: tuple[str, ...], uid: int, gid: int) -> None:
+    """A root holding only `view` (read-only binds; a symlink is copied as a
+    symlink, a missing path skipped), a /proc of its own and a private /dev:
+    for a program that opens its libraries and data files by path (QEMU)."""
+    os.makedirs(NEW_ROOT, mode=0o755, exist_ok=True)
+    _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+    for path in view:
+        if not os.path.isabs(path) or not os.path.lexists(path):
+            continue
+        target = NEW_ROOT + path
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        if os.path.islink(path):
+            os.symlink(os.readlink(path), target)
+            continue
+        if os.path.isdir(path):
+            os.mkdir(target, 0o755)
+        else:
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o444))
+        _mount(path, target, None, MS_BIND | MS_REC)
+        _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.mkdir(NEW_ROOT + "/proc", 0o555)
+    _mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.mkdir(NEW_ROOT + "/dev", 0o755)
+    private_dev(dev, uid, gid, at=NEW_ROOT + "/dev")
+    _mount(None, NEW_ROOT, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    _pivot_into(NEW_ROOT)
 
 
 def close_fds(keep: tuple[int, ...]) -> None:
@@ -428,13 +466,17 @@ def run(spec: JailSpec, command: list[str]) -> Program | None:
         raise JailError("needs root (uid change, namespaces, mounts)")
     # Imported now: finding libseccomp may run a helper program, which is
     # impossible once the uid may have no processes.
+    # Both are needed after the view may have changed (the root pivoted).
+    import launcher.sandbox.profiles  # noqa: F401
     import launcher.sandbox.seccomp  # noqa: F401
 
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last_cap = int(f.read())
     enter_namespaces()
     program = load_program(command) if spec.new_root else None
-    if program is None:
+    if program is None and spec.view:
+        pivot_to_view(spec.view, spec.dev, spec.uid, spec.gid)
+    elif program is None:
         expose(interpreter_paths(), spec.uid, spec.gid)
         if spec.dev:
             private_dev(spec.dev, spec.uid, spec.gid)
@@ -447,7 +489,7 @@ def run(spec: JailSpec, command: list[str]) -> Program | None:
             pivot_to_empty_root()
         drop_capabilities(last_cap)
         become(spec.uid, spec.gid, spec.nproc)
-        os.chdir("/" if program is not None else spec.cwd)
+        os.chdir("/" if program is not None or spec.view else spec.cwd)
         _prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
         verify_self(spec.uid, os.pread(status_fd, 1 << 16, 0).decode())
     finally:
@@ -472,7 +514,7 @@ def run_program(program: Program) -> None:
 
 
 _INT_OPTIONS = ("--uid", "--gid", "--address-space", "--nofile", "--nproc")
-_STR_OPTIONS = ("--keep-fds", "--cwd", "--dev")
+_STR_OPTIONS = ("--keep-fds", "--cwd", "--dev", "--view")
 
 
 def parse(argv: list[str]) -> tuple[JailSpec, list[str]]:
@@ -499,9 +541,10 @@ def parse(argv: list[str]) -> tuple[JailSpec, list[str]]:
         raise JailError("refusing to run an emulator as root")
     fds = tuple(int(x) for x in values.get("--keep-fds", "").split(",") if x)
     dev = tuple(x for x in values.get("--dev", "").split(",") if x)
+    view = tuple(x for x in values.get("--view", "").split(",") if x)
     spec = JailSpec(ints["--uid"], ints["--gid"], fds, ints["--address-space"],
                     ints.get("--nofile", NOFILE), values.get("--cwd", EMPTY_DIR), new_root,
-                    ints.get("--nproc", 0), dev)
+                    ints.get("--nproc", 0), dev, view)
     return spec, command
 
 

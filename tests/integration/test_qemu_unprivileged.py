@@ -87,6 +87,14 @@ def test_qemu_runs_unprivileged_and_boots_from_files_it_cannot_open(
                  for fd in os.listdir(f"/proc/{qemu.pid}/fd")}
         assert not [link for link in links if link.startswith(str(tmp_path / "vmlinuz"))]
         assert os.readlink(f"/proc/{qemu.pid}/fd/2").startswith("pipe:[")
+        # Its view of the host: /usr and the links to it, read-only, and the
+        # loader's cache; its own /proc; a /dev of four nodes.
+        root = Path(f"/proc/{qemu.pid}/root")
+        assert sorted(os.listdir(root)) == ["bin", "dev", "etc", "lib", "lib64", "proc",
+                                            "sbin", "usr"] or not Path("/lib64").exists()
+        assert os.listdir(root / "etc") == ["ld.so.cache"]
+        assert sorted(os.listdir(root / "dev")) == ["null", "random", "urandom", "zero"]
+        assert not (root / "tmp").exists() and not (root / "work").exists()
         await qemu.connect()
         assert (await qemu.execute("query-status"))["status"] == "running"
         # The guest's kernel, read by QEMU from a root-only file through a

@@ -15,7 +15,8 @@ from launcher.sandbox.jail import UNLIMITED, JailError, JailSpec, load_program, 
 @pytest.mark.parametrize("spec", [
     JailSpec(64000, 64000, (5, 7), 1 << 31),
     JailSpec(64001, 64002, (), 1 << 30, new_root=True),
-    JailSpec(64003, 64003, (9,), UNLIMITED, nproc=1024, dev=("null", "kvm")),
+    JailSpec(64003, 64003, (9,), UNLIMITED, nproc=1024, dev=("null", "kvm"),
+             view=("/usr", "/lib")),
 ])
 def test_the_command_line_carries_every_setting(spec: JailSpec) -> None:
     argv = spec.argv(["/usr/bin/true", "--x"])
