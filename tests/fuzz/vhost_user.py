@@ -21,7 +21,7 @@ from emulators.vhost_user.constants import (
     HeaderFlag,
     Request,
 )
-from emulators.vhost_user.effects import CloseFds, Effect
+from emulators.vhost_user.effects import CloseFds, Effect, RingConfig, SetMemTable, StartRing
 from emulators.vhost_user.errors import VhostUserError
 from emulators.vhost_user.messages import (
     U64,
@@ -168,16 +168,44 @@ def _collect(books: FdBooks, effects: list[Effect]) -> None:
             books.closed_by_effect.extend(effect.fds)
 
 
+class RingChecker:
+    """The session's promise: a ring it starts (or moves to a new table) lies,
+    part by part, inside one region of the memory table in force."""
+
+    def __init__(self) -> None:
+        self.regions: tuple[MemoryRegion, ...] = ()
+
+    def check(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, SetMemTable):
+                self.regions = tuple(m.region for m in effect.regions)
+                for ring in effect.rings:
+                    self._inside(ring)
+            elif isinstance(effect, StartRing):
+                self._inside(effect.ring)
+
+    def _inside(self, ring: RingConfig) -> None:
+        num = ring.num
+        for what, gpa, length in (("desc", ring.desc_gpa, 16 * num),
+                                  ("avail", ring.avail_gpa, 4 + 2 * num),
+                                  ("used", ring.used_gpa, 4 + 8 * num)):
+            assert any(r.guest_phys_addr <= gpa and gpa + length <= r.guest_phys_addr
+                       + r.memory_size for r in self.regions), (what, ring, self.regions)
+
+
 def _make_session() -> OneInput:
     def one_input(data: bytes) -> None:
         inp = Input(data)
         queues = 3 + inp.u8() % 4
         h = SessionHarness(num_queues=queues)
+        rings = RingChecker()
         try:
             for tag, chunk in inp.records():
                 h.decoder.receive_data(chunk, h.books.new(tag & 3))
                 while isinstance(message := h.decoder.next_message(), Message):
-                    _collect(h.books, h.session.handle(message))
+                    effects = h.session.handle(message)
+                    _collect(h.books, effects)
+                    rings.check(effects)
         except VhostUserError:
             pass
         _collect(h.books, h.session.close())
