@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -71,6 +72,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def fuzz(args: argparse.Namespace, extra: list[str]) -> int:
     import atheris  # type: ignore[import-untyped]  # imported here: --replay needs none
+
+    logging.disable(logging.WARNING)  # hostile input makes warnings by the thousand
 
     workdir: Path = args.workdir or ROOT / "build" / "fuzz" / args.name
     found = workdir / "corpus"

@@ -161,10 +161,7 @@ class ErrorLog(logging.Handler):
         super().__init__(logging.ERROR)
         self.records: list[logging.LogRecord] = []
         for name in loggers:
-            logger = logging.getLogger(name)
-            logger.addHandler(self)
-            logger.setLevel(logging.ERROR)  # warnings are expected: skip building them
-            logger.propagate = False
+            logging.getLogger(name).addHandler(self)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)

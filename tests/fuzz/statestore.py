@@ -2,9 +2,11 @@
 predecessor left in the file, read back by its successor.
 
 The reader is the whole path an emulator takes: `StateStore` checks the
-header, `queue_slot` and `lun_slot` give the slots, `LunState.unpack` parses
-a LUN's state (which the SCSI command set then acts on: REQUEST SENSE, TEST
-UNIT READY, MODE SENSE), and a queue slot's progress words resume a split
+header, `queue_slot`, `lun_slot` and `events_slot` give the slots,
+`LunState.unpack` parses a LUN's state (which the SCSI command set then acts
+on: REQUEST SENSE, TEST UNIT READY, MODE SENSE), `EventQueueState.unpack` a
+controller's waiting events (delivered until none is left), and a queue
+slot's progress words resume a split
 queue over guest memory (`SplitQueue.resume`, re-walking every head it says
 was in flight, then popping on).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import struct
 
 from emulators.scsi.lun import LunState
+from emulators.scsi.virtio_scsi import EventQueueState
 from emulators.virtio.chain import DescriptorChain
 from emulators.virtio.errors import RecoveryError
 from emulators.virtio.splitqueue import SplitQueue
@@ -78,6 +81,11 @@ def _seeds() -> list[bytes]:
                                                 layout.used_gpa))
         for slot, lun_state in enumerate(lun_states):
             store.write_lun_slot(0, slot, slot, lun_state.pack())
+        events = EventQueueState()
+        for lun in range(len(lun_states)):
+            events.lun_added(lun)
+            events.capacity_changed(lun)
+        store.write_events_slot(0, events.pack())
         store.close()
         patches = b""
         for at in range(HEADER_SIZE, len(raw), 512):
@@ -100,6 +108,15 @@ def _make() -> OneInput:
         for cdb in _PROBES:
             scsi.execute(0, cdb, [], [memoryview(bytearray(255))])
         errors.check()
+
+    def use_events(events: EventQueueState) -> None:
+        assert EventQueueState.unpack(events.pack()).pack() == events.pack()
+        buffer = memoryview(bytearray(16))
+        for _ in range(events.capacity + 2):
+            if not events.pending():
+                return
+            assert events.fill([buffer]) == len(buffer)
+        raise AssertionError("events still pending after capacity + 1 deliveries")
 
     def resume(body: memoryview, size: int, guest_used: int) -> None:
         memory, arena, driver = _guest(size)
@@ -159,6 +176,15 @@ def _make() -> OneInput:
                     else:
                         use_lun_state(state)
                 state_bytes.release()
+            valid, events_bytes = store.events_slot(controller)
+            if valid:
+                try:
+                    events = EventQueueState.unpack(events_bytes)
+                except ValueError:
+                    pass
+                else:
+                    use_events(events)
+            events_bytes.release()
         store.close()
 
     return one_input
