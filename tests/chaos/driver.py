@@ -320,7 +320,8 @@ class Driver:
                 assert mm is not None
                 event.new_pid = int(mm.group(2))
                 event.via = mm.group(3) or ""
-                if event.new_pid == event.spare_pid and not alive(event.new_pid):
+                if event.new_pid == event.spare_pid and kind in (Kind.KILL_HANDOVER,
+                                                                  Kind.SPARE_DEATH):
                     # The spare took over just before our kill reached it: that
                     # is one more death, and the next restart is the answer.
                     restarts = self.fleet.count(_RESTARTED, target)
