@@ -33,6 +33,8 @@ STOP_TIMEOUT = 3.0
 PF_EXITING = 0x4  # /proc/PID/stat flags: the process is exiting
 MAX_LINE = 2000
 """Bytes of one output line of an emulator that reach mplaunch's log."""
+RELAY_DRAIN = 1.0
+"""How long an emulator's exit waits for the end of its output."""
 
 
 class DiskOpenError(Exception):
@@ -182,34 +184,64 @@ def emulator_argv(config: EmulatorConfig, sandbox: SandboxMode = SandboxMode.ON)
     return [sys.executable, "-I", "-m", "emulators", config.to_json(), sandbox.value]
 
 
+async def _reaped(process: asyncio.subprocess.Process, relay: asyncio.Task[None]) -> int:
+    """The wait status, once the process is reaped and its output pipe read to
+    the end (at once: only the emulator, which cannot fork, holds its write
+    end), so that the pipe is closed by the time anyone sees the exit."""
+    status = await process.wait()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(relay), RELAY_DRAIN)
+    return status
+
+
 def jail_spec(res: EmulatorResources) -> JailSpec:
     """The emulator runs in the jail's interpreter under an empty root."""
     return JailSpec(uid=res.uid, gid=res.uid, keep_fds=tuple(res.config.all_fds()),
                     address_space=res.address_space, new_root=True)
 
 
-async def relay_output(name: str, stream: asyncio.StreamReader | None) -> None:
-    """Copy an emulator's fds 1 and 2 (one pipe) to mplaunch's stderr, each
-    line prefixed with the emulator's name and cut at :data:`MAX_LINE`. The
-    emulator never holds a file mplaunch writes: a pipe cannot be seeked,
+def output_pipe() -> tuple[int, int]:
+    """(read end, write end) for a child's output; both close-on-exec (the
+    child gets the write end as its fds 1 and 2 by dup2, which clears it)."""
+    return os.pipe2(os.O_CLOEXEC)
+
+
+async def relay_output(name: str, fd: int) -> None:
+    """Copy a child's output (its fds 1 and 2: one pipe) to mplaunch's stderr,
+    each line prefixed with `name` and cut at :data:`MAX_LINE`, until the
+    pipe's end; owns `fd` and closes it however it ends (cancelled too). The
+    child never holds a file mplaunch writes: a pipe cannot be seeked,
     overwritten or hole-punched (pwrite64 and fallocate fail on it)."""
-    if stream is None:
-        return
-    pending = b""
-    while True:
-        chunk = await stream.read(4096)
-        pending += chunk
-        lines = pending.split(b"\n")
-        pending = lines.pop() if chunk else b""
-        if len(pending) > MAX_LINE:
-            lines.append(pending)
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    try:
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, readable.set)
+        try:
             pending = b""
-        for line in lines:
-            if line:
-                text = line[:MAX_LINE].decode("utf-8", "replace")
-                print(f"[{name}] {text}", file=sys.stderr, flush=True)
-        if not chunk:
-            return
+            while True:
+                await readable.wait()
+                readable.clear()
+                try:
+                    chunk = os.read(fd, 4096)
+                except BlockingIOError:
+                    continue
+                pending += chunk
+                lines = pending.split(b"\n")
+                pending = lines.pop() if chunk else b""
+                if len(pending) > MAX_LINE:
+                    lines.append(pending)
+                    pending = b""
+                for line in lines:
+                    if line:
+                        text = line[:MAX_LINE].decode("utf-8", "replace")
+                        print(f"[{name}] {text}", file=sys.stderr, flush=True)
+                if not chunk:
+                    return
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
 
 
 async def start(
@@ -225,22 +257,27 @@ async def start(
         argv = jail_spec(res).argv(argv)
     # Empty but for a test's fault-point arming (launcher.faultplan).
     env = faultplan.PLAN.offer()
+    output, output_w = output_pipe()
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
             pass_fds=res.config.all_fds(),
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            stdout=output_w,
+            stderr=output_w,
             env=env,
             start_new_session=True,
         )
     except BaseException:
+        os.close(output)
         faultplan.PLAN.given(env, None)
         raise
+    finally:
+        os.close(output_w)
     faultplan.PLAN.given(env, process.pid)
-    relay = asyncio.create_task(relay_output(f"{res.spec.id} {process.pid}", process.stdout))
-    proc = EmulatorProcess(res.spec.id, process, asyncio.create_task(process.wait()), relay)
+    relay = asyncio.create_task(relay_output(f"{res.spec.id} {process.pid}", output))
+    proc = EmulatorProcess(res.spec.id, process, asyncio.create_task(_reaped(process, relay)),
+                           relay)
     proc.exited.add_done_callback(proc.report_exit)
     if res.sandbox is SandboxMode.OFF:
         LOG.warning("emulator %s started UNCONFINED (pid %d): sandbox = \"off\"",

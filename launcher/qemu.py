@@ -31,7 +31,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from launcher.emulators import relay_output
+from launcher.emulators import output_pipe, relay_output
 from launcher.sandbox import check
 from launcher.sandbox.jail import JailSpec
 from launcher.spec import Accel, SandboxMode, Spec
@@ -203,22 +203,30 @@ class Qemu:
             if binary is None:
                 raise QemuStartError(f"{argv[0]}: not found")
             argv = jail.argv([binary, *argv[1:]])
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            pass_fds=tuple(pass_fds),
-            stdin=None if stdio else subprocess.DEVNULL,
-            stdout=None if stdio else subprocess.DEVNULL,
-            # A pipe mplaunch reads, never mplaunch's own stderr (a log file it
-            # could seek in and overwrite).
-            stderr=subprocess.PIPE,
-            # QEMU stays in mplaunch's process group when it owns the terminal (a
-            # background group would be stopped by SIGTTIN); otherwise it gets its
-            # own, so a terminal's Ctrl-C reaches only mplaunch, which stops it in order.
-            process_group=None if stdio and sys.stdin.isatty() else 0,
-            env={} if jail is not None else None,
-        )
+        output, output_w = output_pipe()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                pass_fds=tuple(pass_fds),
+                stdin=None if stdio else subprocess.DEVNULL,
+                stdout=None if stdio else subprocess.DEVNULL,
+                # A pipe mplaunch reads, never mplaunch's own stderr (a log file
+                # it could seek in and overwrite).
+                stderr=output_w,
+                # QEMU stays in mplaunch's process group when it owns the terminal (a
+                # background group would be stopped by SIGTTIN); otherwise it gets its
+                # own, so a terminal's Ctrl-C reaches only mplaunch, which stops it in
+                # order.
+                process_group=None if stdio and sys.stdin.isatty() else 0,
+                env={} if jail is not None else None,
+            )
+        except BaseException:
+            os.close(output)
+            raise
+        finally:
+            os.close(output_w)
         qemu = cls(name, process, qmp_path)
-        qemu.relay = asyncio.create_task(relay_output(f"qemu {process.pid}", process.stderr))
+        qemu.relay = asyncio.create_task(relay_output(f"qemu {process.pid}", output))
         if jail is None:
             LOG.warning("QEMU started as mplaunch's own user (pid %d): sandbox = \"off\"",
                         process.pid)
