@@ -146,8 +146,10 @@ def test_guest_io_survives_random_kills_and_hangs(tmp_path: Path) -> None:
         m.descendants()
         m.signal(signal.SIGTERM)
         rc = m.wait(90)
+        (tmp_path / "mplaunch.log").write_text(m.stderr + "\n")  # whole, for a failure
     console = vm.console.read_text(errors="replace")
     print(driver.summary(), flush=True)
+    print(f"mplaunch's log: {tmp_path / 'mplaunch.log'}", flush=True)
     assert rc == 0, m.stderr
 
     # Every event fired, handled, and explains every restart; all kinds ran.
