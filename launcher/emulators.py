@@ -6,10 +6,11 @@ read-only or read-write as the spec says, and only the descriptors cross
 into the emulator.
 
 Each emulator is started through the jail (:mod:`launcher.sandbox.jail`)
-with a uid and gid of its own (the start of the spec's ``uid_range`` plus
-its index), and counts as started only once :func:`launcher.sandbox.check.
-wait_confined` has seen it locked down: QEMU, and with it every byte from
-the guest, comes later.
+with a uid and gid of its own (leased host-wide by its slot or the spare
+pool, :mod:`launcher.uidpool`), under an empty root, and counts as started
+only once :func:`launcher.sandbox.check.wait_confined` has seen it locked
+down: QEMU, and with it every byte from the guest, comes later. Its fds 1
+and 2 are a pipe whose lines mplaunch relays to its own log, prefixed.
 """
 
 from __future__ import annotations

@@ -16,11 +16,15 @@ the launcher's check (:mod:`launcher.sandbox.check`) reports it.
    root (pivot_root, the old root detached with MNT_DETACH): from here on
    no path resolves to a host file, whatever the syscall (a stat with
    AT_EMPTY_PATH and a path, say) and whatever the uid could read.
-   Otherwise (QEMU, which opens its firmware and libraries by path):
-   folders on the interpreter's path that the uid could not traverse are
-   covered by a bare tmpfs holding just the needed entry; ``--dev`` gives
-   a private /dev with only the named nodes (``kvm`` made for this uid);
-   an empty read-only tmpfs becomes the working folder.
+   For a program exec'd with ``--view`` (QEMU, which opens its libraries,
+   modules and firmware by path): the root becomes a read-only tmpfs
+   holding only the named host paths (read-only, nosuid binds), a /proc
+   of its own and a private /dev with only the ``--dev`` nodes (``kvm``
+   made for this uid); pivot_root, old root detached as above.
+   Otherwise (the host's view): folders on the interpreter's path that
+   the uid could not traverse are covered by a bare tmpfs holding just
+   the needed entry; ``--dev`` gives a private /dev; an empty read-only
+   tmpfs becomes the working folder.
 3. Every fd closed but 0, 1, 2 and those passed on purpose.
 4. rlimits: fds, address space, no core dumps, no locked memory.
 5. Securebits locked so that uid 0 never means capabilities again; the
