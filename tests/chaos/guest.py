@@ -65,9 +65,8 @@ boot=$((${boot:-0} + 1))
 if [ "$boot" -gt "$BOOTS" ]; then say "IDLE boot=$boot"; exit 0; fi
 # This boot's I/O seconds (the last value holds for later boots); 0: until
 # the host's stop token for this boot, at most @MAXSECS@ s.
-set -- $SECS_LIST
-i=1; SECS=$1
-for s in "$@"; do [ $i -le $boot ] && SECS=$s; i=$((i + 1)); done
+i=1; SECS=
+for s in $SECS_LIST; do [ -z "$SECS" ] || [ $i -le $boot ] && SECS=$s; i=$((i + 1)); done
 RANDOM=$((@SEED@ + boot))
 : >/tmp/ledger
 # put NAME OFF FILE: one O_DIRECT 4 KiB write; ledger on success.
