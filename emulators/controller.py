@@ -179,7 +179,9 @@ class ControllerLoop:
 
     def _save_events(self) -> None:
         if self.store is not None:
+            faults.point("events.save.before")
             self.store.write_events_slot(self.index, self.target.events.pack())
+            faults.point("events.save.after")
 
     def _queue_state(self, ring: RingConfig) -> tuple[QueueState, bool]:
         """The ring's progress state, and whether it resumes a predecessor's:

@@ -60,6 +60,10 @@ EMULATOR_POINTS: tuple[str, ...] = (
     # A LUN's unit state (unit attentions, ...) saved around each change.
     "lun.save.before",
     "lun.save.after",
+    # The event queue's undelivered events (a disk added, removed, resized)
+    # saved around each change, so a successor still delivers them.
+    "events.save.before",
+    "events.save.after",
     # vhost-user ring lifecycle: start (fresh: slot cleared, base set), stop
     # (GET_VRING_BASE before and after its answer), device reset.
     "ring.start.before",

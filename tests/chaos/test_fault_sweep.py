@@ -67,6 +67,7 @@ FRONTEND_ONLY = ("device.reset",)
 #: Points of the disk-change control commands: reached through a disk change
 #: on the holder's slot.
 DISK_POINTS = {
+    "events.save.before": "add", "events.save.after": "add",
     "control.lun_add.before_reply": "add", "control.lun_add.after_reply": "add",
     "control.lun_remove.before_reply": "remove", "control.lun_remove.after_reply": "remove",
     "control.lun_resize_check.before_reply": "resize",

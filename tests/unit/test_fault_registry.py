@@ -14,7 +14,7 @@ SOURCES = [p for d in ("emulators", "launcher") for p in (REPO / d).rglob("*.py"
            if p.name != "faults.py"]
 CALL = re.compile(r"faults\.(point|strike)\(\s*\"([^\"]+)\"")
 #: Names handed to point() through a table (one entry per control command).
-QUOTED = re.compile(r"\"((?:queue|lun|ring|device|memtable|vhost|control|handover|cold|disk)"
+QUOTED = re.compile(r"\"((?:queue|lun|events|ring|device|memtable|vhost|control|handover|cold|disk)"
                     r"\.[a-z_.]+)\"")
 
 
