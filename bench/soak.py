@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import statistics
 import sys
@@ -290,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "soak.json")
     p.add_argument("--verbose", action="store_true", help="print every event as it is handled")
     args = p.parse_args(argv)
-    result = Soak(args).run()
+    soak = Soak(args)
+    result = soak.run()
+    if result["ok"]:  # a failed run keeps its images and console for a look
+        shutil.rmtree(soak.folder, ignore_errors=True)
+    else:
+        result["folder"] = str(soak.folder)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     brief = {k: v for k, v in result.items() if k != "event_lines"}
