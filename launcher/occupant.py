@@ -132,7 +132,10 @@ async def serve(occupant: Occupant, restart: asyncio.Event, heartbeat_ms: int,
         await asyncio.wait({proc.exited}, timeout=EXIT_GRACE_S)
     if proc.exited.done():  # it died on its own: not our kill, whatever the link said
         return Ending(ExitReason.CRASHED, "", proc.exited.result())
-    return Ending(ExitReason.KILLED_HUNG, verdict.reason, await reap(proc), verdict)
+    status = await reap(proc)
+    if not proc.signalled:  # already exiting when we killed it (a loaded host reaps late)
+        return Ending(ExitReason.CRASHED, "", status)
+    return Ending(ExitReason.KILLED_HUNG, verdict.reason, status, verdict)
 
 
 async def hand_over(spare: Occupant, config: EmulatorConfig,

@@ -79,6 +79,11 @@ class DiskChangeError(Exception):
     """A disk could not be added, removed or resized; nothing changed."""
 
 
+class NoAnswer(DiskChangeError):
+    """The command was sent but no answer came (the emulator ended or hung):
+    whether it was applied, and the guest told, is not known."""
+
+
 @dataclass
 class SlotStats:
     """What management and the tests want to know about a slot."""
@@ -471,9 +476,7 @@ class EmulatorSlot:
         try:
             return await occupant.link.command(command, COMMAND_TIMEOUT)
         except (TimeoutError, OSError, LinkClosed) as e:
-            raise DiskChangeError(
-                f"emulator {self.id} did not answer: {e or 'timeout'}"
-            ) from None
+            raise NoAnswer(f"emulator {self.id} did not answer: {e or 'timeout'}") from None
 
     def _refused(self, result: proto.Result) -> DiskChangeError:
         return DiskChangeError(f"emulator {self.id} refused: {result.error}")
@@ -499,6 +502,13 @@ class EmulatorSlot:
                 ))
                 if not result.ok:
                     raise self._refused(result)
+            except NoAnswer as e:
+                # In doubt: the emulator may have added the LUN and told the guest
+                # before it ended, and a guest that lost a disk it was just given
+                # sees I/O errors. So the disk stays: the successor's config
+                # carries it (and the state store any event not yet delivered).
+                LOG.warning("disk %s: %s; it stays attached, served by the emulator's "
+                            "successor", disk.id, e)
             except BaseException:
                 os.close(fd)
                 raise

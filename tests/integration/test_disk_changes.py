@@ -152,6 +152,24 @@ def test_a_late_answer_does_not_complete_the_next_command(
     run(test)
 
 
+def test_an_add_left_in_doubt_keeps_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No answer to a LUN add (the emulator ended or hung mid-change) may mean
+    the guest was already told of the disk: it stays, for the successor."""
+    monkeypatch.setattr(slots, "COMMAND_TIMEOUT", 0.3)
+
+    async def test() -> None:
+        async with rig(tmp_path, pump=False) as r:
+            _image(tmp_path / "new.img")
+            await r.control.disk_add("d5", "c0", 1, str(tmp_path / "new.img"))
+            disk = r.slot.disk("d5")
+            assert disk is not None and disk.lun == 1
+            assert "d5" in r.slot.disk_fds
+
+    run(test)
+
+
 def test_link_matches_results_by_seq() -> None:
     async def test() -> None:
         ours, theirs = control_pair()
