@@ -1,4 +1,4 @@
-"""The jail: an exec'd helper that confines itself, then execs the emulator.
+"""The jail: an exec'd helper that confines itself, then runs the emulator (or execs QEMU).
 
 Theory of operation: the launcher is a threaded asyncio program, where
 running Python between fork and exec (a ``preexec_fn``) is unsafe. So it
