@@ -60,13 +60,33 @@ def _firmware_fd() -> int:
     return fd
 
 
+def hardware_virtualization(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """None when the CPU offers VT-x or AMD-V (the vmx or svm flag), else why
+    not. A /dev/kvm without either is not hardware virtualization (seen: a
+    host whose /dev/kvm runs the probe's firmware, yet a Linux guest spends
+    minutes decompressing its kernel, far slower than TCG), and the probe's
+    few instructions cannot tell that apart."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags") and {"vmx", "svm"} & set(line.split()):
+                    return None
+    except OSError as e:
+        return f"{cpuinfo}: {e.strerror}"
+    return "the CPU has no vmx or svm flag, so /dev/kvm is not hardware virtualization"
+
+
 def probe_kvm(binary: str = QEMU_BINARY, device: str = "/dev/kvm",
-              uid: int | None = None, gid: int | None = None) -> str | None:
+              uid: int | None = None, gid: int | None = None,
+              cpuinfo: str = "/proc/cpuinfo") -> str | None:
     """Return None when QEMU can run guest code under KVM here, else why not.
     With `uid`, QEMU runs confined under it (and `gid`, by default the same
     number; the launcher must be root)."""
     if not os.access(device, os.R_OK | os.W_OK):
         return f"{device} is missing or not accessible"
+    problem = hardware_virtualization(cpuinfo)
+    if problem is not None:
+        return problem
     firmware = _firmware_fd()
     try:
         argv = [

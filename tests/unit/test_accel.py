@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from launcher.accel import _EXPECTED_STATUS, choose_accel, probe_firmware, probe_kvm
+from launcher.accel import (
+    _EXPECTED_STATUS,
+    choose_accel,
+    hardware_virtualization,
+    probe_firmware,
+    probe_kvm,
+)
 from launcher.spec import Accel
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -46,5 +52,20 @@ def test_auto_agrees_with_the_probe() -> None:
         assert problem in choice.reason
 
 
-def test_a_broken_binary_is_reported() -> None:
-    assert "no-such-qemu" in (probe_kvm("/nonexistent/no-such-qemu", device="/dev/null") or "")
+def _cpuinfo(tmp_path: Path, flags: str) -> str:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nflags\t\t: fpu {flags} sse2\n\n")
+    return str(path)
+
+
+def test_a_broken_binary_is_reported(tmp_path: Path) -> None:
+    cpuinfo = _cpuinfo(tmp_path, "vmx")
+    problem = probe_kvm("/nonexistent/no-such-qemu", device="/dev/null", cpuinfo=cpuinfo)
+    assert "no-such-qemu" in (problem or "")
+
+
+def test_kvm_without_vmx_or_svm_is_not_used(tmp_path: Path) -> None:
+    assert hardware_virtualization(_cpuinfo(tmp_path, "vmx")) is None
+    assert hardware_virtualization(_cpuinfo(tmp_path, "svm")) is None
+    problem = probe_kvm(device="/dev/null", cpuinfo=_cpuinfo(tmp_path, "hypervisor"))
+    assert problem is not None and "no vmx or svm flag" in problem
