@@ -58,7 +58,8 @@ from tests.chaos.driver import (  # noqa: E402
     Phase,
     phase_of,
 )
-from tests.support.vm import DiskDef, Mplaunch, VmDef, lines_of, shell_cmd  # noqa: E402
+from tests.chaos.vms import two_emulator_vm  # noqa: E402
+from tests.support.vm import Mplaunch, VmDef, lines_of  # noqa: E402
 
 MiB = 1024 * 1024
 UIDS = "64740-64749"
@@ -68,21 +69,8 @@ STALL_S = 60.0
 
 
 def soak_vm(folder: Path, seconds_per_boot: int, boots: int, seed: int) -> VmDef:
-    vm = VmDef(folder, "soak", workload="shell")
-    policy: dict[str, object] = {"restart_burst": 1000, "restart_window_s": 1,
-                                 "heartbeat_ms": 100, "hang_timeout_ms": 1000}
-    vm.emulators = {"e0": dict(policy), "e1": dict(policy)}
-    vm.controllers = {"scsi0": ("e0", 1), "scsi1": ("e1", 1)}
-    vm.disks = [
-        DiskDef("d0", "scsi0", 0, size=16 * MiB),
-        DiskDef("d1", "scsi1", 0, size=17 * MiB),
-        DiskDef("script", "scsi1", 1, size=guest.SCRIPT_DISK_SIZE, readonly=True),
-    ]
-    vm.vm_extra = {"uid_range": UIDS}
-    guest.script_image(vm.image("script"),
-                       guest.script(seconds_per_boot, COUNT, boots, 16 * MiB, seed))
-    vm.extra_append = "mpl.then=reboot " + shell_cmd(guest.loader())
-    return vm
+    return two_emulator_vm(folder, "soak", UIDS,
+                           guest.script(seconds_per_boot, COUNT, boots, 16 * MiB, seed))
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -51,7 +51,8 @@ from qemu.qmp.qmp_client import ExecuteError
 from emulators import faults
 from tests.chaos import guest, verdict
 from tests.chaos.driver import Fleet, alive
-from tests.support.vm import DiskDef, Mplaunch, VmDef, lines_of, shell_cmd
+from tests.chaos.vms import two_emulator_vm
+from tests.support.vm import Mplaunch, VmDef, lines_of
 
 MiB = 1024 * 1024
 UIDS = "64760-64769"
@@ -118,20 +119,8 @@ def test_plan_covers_every_point_once() -> None:
 
 
 def sweep_vm(folder: Path, seed: int) -> VmDef:
-    vm = VmDef(folder, "sweep", workload="shell")
-    policy: dict[str, object] = {"restart_burst": 1000, "restart_window_s": 1,
-                                 "heartbeat_ms": 100, "hang_timeout_ms": 1000}
-    vm.emulators = {"e0": dict(policy), "e1": dict(policy)}
-    vm.controllers = {"scsi0": ("e0", 1), "scsi1": ("e1", 1)}
-    vm.disks = [
-        DiskDef("d0", "scsi0", 0, size=16 * MiB),
-        DiskDef("d1", "scsi1", 0, size=17 * MiB),
-        DiskDef("script", "scsi1", 1, size=guest.SCRIPT_DISK_SIZE, readonly=True),
-    ]
-    vm.vm_extra = {"uid_range": UIDS}
-    guest.script_image(vm.image("script"),
-                       guest.script([0, SHORT_BOOT_S], COUNT, BOOTS, 16 * MiB, seed))
-    vm.extra_append = "mpl.then=reboot " + shell_cmd(guest.loader())
+    vm = two_emulator_vm(folder, "sweep", UIDS,
+                         guest.script([0, SHORT_BOOT_S], COUNT, BOOTS, 16 * MiB, seed))
     for emulator, (disk_id, _, _) in HOT.items():
         with open(folder / f"{disk_id}.img", "wb") as f:
             f.truncate(2 * MiB if emulator == "e0" else 3 * MiB)
