@@ -52,6 +52,25 @@ class VmOutcome:
     events: list[str] = field(default_factory=list)
 
 
+CANCEL_REPORT_S = 10.0
+
+
+async def _report_stragglers(tasks: list[asyncio.Task[object]]) -> None:
+    """A child that has not ended `CANCEL_REPORT_S` after it was cancelled
+    holds the VM's teardown: name it and where it waits, rather than let a
+    stop hang without a word. The task group still waits for it."""
+    pending = [t for t in tasks if not t.done()]
+    if not pending:
+        return
+    _, late = await asyncio.wait(pending, timeout=CANCEL_REPORT_S)
+    for task in late:
+        frames = task.get_stack(limit=8)
+        where = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                          for f in frames) or "no frame"
+        LOG.error("task %r has not ended %.0f s after it was cancelled: waits at %s",
+                  task.get_name(), CANCEL_REPORT_S, where)
+
+
 class Supervisor:
     """Owns one VM: its run folder, its QEMU, (later) its emulators."""
 
@@ -120,6 +139,7 @@ class Supervisor:
                     self._group = None
                     for task in self._children:
                         task.cancel()  # on purpose: the VM is ending
+                    await _report_stragglers(self._children)
         except* Exception as failed:
             for error in failed.exceptions:
                 LOG.error("supervision failed: %s", error or type(error).__name__,
