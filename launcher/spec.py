@@ -66,11 +66,12 @@ class SandboxMode(StrEnum):
 
 
 class EmulatorKind(StrEnum):
-    """``scsi``: the Python vhost-user-scsi emulator. ``remote-lsi``: QEMU's own
-    x-remote process with an LSI controller, supervised and sandboxed by mplaunch."""
+    """``scsi``: the Python vhost-user-scsi emulator. ``lsi``: QEMU's own
+    x-remote process emulating one LSI53C895A controller, reached by the VM's
+    x-pci-proxy-dev, supervised and sandboxed by mplaunch (docs/lsi.md)."""
 
     SCSI = "scsi"
-    REMOTE_LSI = "remote-lsi"
+    LSI = "lsi"
 
 
 class RestartMode(StrEnum):
@@ -97,6 +98,12 @@ UID_MIN = 1000  # below this are the host's system accounts
 UID_MAX = 2**31 - 2  # (uid_t)-1 and the sign bit stay out of reach
 UID_NOBODY = 65534  # shared by unrelated daemons: an emulator must never run as it
 DEFAULT_RUN_ROOT = Path("/run/mplaunch")
+#: An LSI53C895A addresses disks by SCSI target id; of its 8 ids the
+#: controller itself takes 7 (QEMU's lsi53c895a: LSI_MAX_DEVS).
+LSI_MAX_TARGET = 6
+#: What a guest under TCG needs on its kernel command line to see LSI
+#: completions: x-pci-proxy-dev raises interrupts only through KVM irqfds.
+LSI_POLLING_APPEND = "irqpoll nolapic noapic"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +153,9 @@ class EmulatorSpec:
 
 @dataclass(frozen=True, slots=True)
 class ControllerSpec:
-    """One ``[[controller]]``: a vhost-user-scsi-pci device served by ``emulator``."""
+    """One ``[[controller]]``: a vhost-user-scsi-pci device served by ``emulator``,
+    or an LSI53C895A if that emulator is of kind ``lsi`` (``queues`` is then 1
+    and means nothing)."""
 
     id: str
     emulator: str
@@ -195,6 +204,37 @@ class Spec:
     def disks_of(self, controller_id: str) -> tuple[DiskSpec, ...]:
         """The disks attached to ``controller_id``, in spec order."""
         return tuple(d for d in self.disks if d.controller == controller_id)
+
+    def kind_of_controller(self, controller_id: str) -> EmulatorKind:
+        """The kind of the emulator serving ``controller_id``: what device the
+        VM gets for it. KeyError if there is no such controller."""
+        return self.emulator(self.controller(controller_id).emulator).kind
+
+    def emulators_of_kind(self, kind: EmulatorKind) -> tuple[EmulatorSpec, ...]:
+        """The emulators of ``kind``, in spec order."""
+        return tuple(e for e in self.emulators if e.kind is kind)
+
+    @property
+    def has_lsi(self) -> bool:
+        """True if an emulator is of kind ``lsi`` (see docs/lsi.md for what that rules out)."""
+        return any(e.kind is EmulatorKind.LSI for e in self.emulators)
+
+
+def lsi_polling_warning(spec: Spec, accel: Accel, file: str | None = None) -> str | None:
+    """The warning for a guest that will not see its LSI disks, or None.
+
+    Under TCG the interrupts of x-pci-proxy-dev never reach the guest (QEMU
+    delivers them through KVM irqfds only), so a guest that does not poll
+    times out on every SCSI command. ``accel`` is the resolved one; ``file``
+    is the spec as the user named it (default: its absolute path).
+    """
+    if accel is not Accel.TCG or not spec.has_lsi or "irqpoll" in spec.vm.append.split():
+        return None
+    return (f"{file or spec.path}: [vm] append = {render_value(spec.vm.append)}: warning: the "
+            "guest runs under TCG and its kernel command line lacks irqpoll: interrupts of "
+            "the lsi emulators' controllers (x-pci-proxy-dev) reach a guest only through KVM "
+            "irqfds, so every SCSI command would time out; add "
+            f'"{LSI_POLLING_APPEND}" to append')
 
 
 _Item = TypeVar("_Item", EmulatorSpec, ControllerSpec, DiskSpec)
@@ -773,6 +813,44 @@ def _unique_ids(entries: list[_Entry], kind: str) -> dict[str, _Entry]:
     return seen
 
 
+def _lsi_rules(emulator_ids: dict[str, _Entry], served: dict[str, list[_Entry]],
+               disks: list[tuple[_Entry, os.stat_result | None]]) -> None:
+    """What an ``lsi`` emulator allows.
+
+    One controller per emulator: QEMU 7.2's remote process accepts one
+    x-remote-object, so one PCI device. A disk's ``lun`` is its SCSI target
+    id on the LSI53C895A. ``queues`` belongs to virtio and is refused.
+    """
+    lsi: set[str] = set()
+    for ident, emulator in emulator_ids.items():
+        if emulator.fields["kind"] is not EmulatorKind.LSI:
+            continue
+        for index, entry in enumerate(served.get(ident, ())):
+            if entry.fields["id"] is not None:
+                lsi.add(entry.fields["id"])
+            if index > 0:
+                entry.table.bad(
+                    "emulator", ident,
+                    f'this emulator is of kind "lsi" and already serves '
+                    f"{served[ident][0].label}: QEMU's remote process holds one device "
+                    "(one x-remote-object per process in QEMU 7.2); serve this controller "
+                    'from another [[emulator]] of kind "lsi"')
+            if entry.table.has("queues"):
+                entry.table.bad(
+                    "queues", entry.table.data["queues"],
+                    f'has no meaning here: emulator {render_value(ident)} is of kind "lsi", '
+                    "so this is an LSI53C895A, which has no virtio queues; remove it")
+    for entry, _ in disks:
+        lun = entry.fields["lun"]
+        if entry.fields["controller"] in lsi and lun is not None and lun > LSI_MAX_TARGET:
+            entry.table.bad(
+                "lun", lun,
+                f"is the SCSI target id on LSI53C895A controller "
+                f"{render_value(entry.fields['controller'])} (its emulator is of kind "
+                f'"lsi"): must be an integer from 0 to {LSI_MAX_TARGET} (the controller '
+                f"itself is target {LSI_MAX_TARGET + 1})")
+
+
 def _check_reference(entry: _Entry, key: str, target: str, known: dict[str, _Entry]) -> None:
     ref = entry.fields[key]
     if ref is not None and ref not in known:
@@ -794,7 +872,8 @@ def _cross_check(emulators: list[_Entry], controllers: list[_Entry],
         if ident not in served:
             entry.table.problem("serves no controller; name it in a [[controller]]'s "
                                 "emulator field, or remove it")
-        elif len(served[ident]) > MAX_CONTROLLERS:
+        elif (len(served[ident]) > MAX_CONTROLLERS
+              and entry.fields["kind"] is not EmulatorKind.LSI):  # _lsi_rules: 1 at most
             # One line, on the first controller too many: the fix is one move.
             first_extra = served[ident][MAX_CONTROLLERS]
             first_extra.table.bad(
@@ -802,6 +881,7 @@ def _cross_check(emulators: list[_Entry], controllers: list[_Entry],
                 f"this emulator would serve {len(served[ident])} controllers, at most "
                 f"{MAX_CONTROLLERS} are allowed (its heartbeat reports on no more); serve "
                 "the rest from another [[emulator]]")
+    _lsi_rules(emulator_ids, served, disks)
     luns: dict[tuple[str, int], _Entry] = {}
     images: dict[tuple[int, int], _Entry] = {}
     for entry, st in disks:

@@ -113,7 +113,7 @@ def test_full_spec_sets_every_field() -> None:
         "disk-proc", EmulatorKind.SCSI, RestartMode.ALWAYS, 250, 1000, 3, 30,
         GiveUpAction.POWEROFF)
     assert dataclasses.astuple(second) == (
-        "lsi_proc", EmulatorKind.REMOTE_LSI, RestartMode.NEVER, 10, 50, 0, 1,
+        "lsi_proc", EmulatorKind.LSI, RestartMode.NEVER, 10, 50, 0, 1,
         GiveUpAction.PAUSE)
 
     assert [c.id for c in spec.controllers_of("disk-proc")] == ["scsi0", "scsi1"]
@@ -296,7 +296,7 @@ KEYS = ["vm", "emulator", "controller", "disk", "name", "memory", "cpus", "accel
         "restart", "heartbeat_ms", "hang_timeout_ms", "restart_burst", "restart_window_s",
         "on_give_up", "emulator", "queues", "controller", "lun", "image", "format",
         "readonly", "block_size", "x"]
-WORDS = ["", "e", "c", "d", "demo", "scsi", "remote-lsi", "tcg", "stdio", "none", "raw",
+WORDS = ["", "e", "c", "d", "demo", "scsi", "lsi", "tcg", "stdio", "none", "raw",
          "512M", "1G", "64000-64999", "65000-66000", "../images/one-block.img",
          "../images/odd.img", "../images", "\0", "on", "pause", "always", "-x", "A"]
 scalars = st.one_of(
@@ -385,3 +385,50 @@ def test_image_dirs_devices_and_group_as_given(tmp_path: Path) -> None:
                               "management_group": "daemon"}}, tmp_path / "vm.toml")
     assert spec.vm.image_dirs == (IMAGES, tmp_path.resolve())
     assert spec.vm.management_group == "daemon"
+
+
+# --- kind "lsi" ------------------------------------------------------------------
+
+
+def lsi_spec(tmp_path: Path, append: str = "console=ttyS0", accel: str = "tcg") -> Spec:
+    (tmp_path / "d.img").write_bytes(bytes(1024))
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    return parse_spec({
+        "vm": {"name": "x", "accel": accel, "kernel": "vmlinuz", "append": append},
+        "emulator": [{"id": "py"}, {"id": "lsi-a", "kind": "lsi"}],
+        "controller": [{"id": "c", "emulator": "py"}, {"id": "l", "emulator": "lsi-a"}],
+        "disk": [{"id": "d", "controller": "l", "lun": 6, "image": "d.img"}],
+    }, tmp_path / "vm.toml")
+
+
+def test_lsi_helpers(tmp_path: Path) -> None:
+    from launcher.spec import LSI_MAX_TARGET
+
+    spec = lsi_spec(tmp_path)
+    assert spec.kind_of_controller("c") is EmulatorKind.SCSI
+    assert spec.kind_of_controller("l") is EmulatorKind.LSI
+    assert [e.id for e in spec.emulators_of_kind(EmulatorKind.LSI)] == ["lsi-a"]
+    assert spec.has_lsi and not load_spec(SPECS / "good" / "minimal.toml").has_lsi
+    assert spec.disk("d").lun == LSI_MAX_TARGET
+    with pytest.raises(KeyError):
+        spec.kind_of_controller("nope")
+
+
+def test_lsi_polling_warning_under_tcg_only(tmp_path: Path) -> None:
+    from launcher.spec import lsi_polling_warning
+
+    spec = lsi_spec(tmp_path)
+    line = lsi_polling_warning(spec, Accel.TCG, "vm.toml")
+    assert line == (
+        'vm.toml: [vm] append = "console=ttyS0": warning: the guest runs under TCG and its '
+        "kernel command line lacks irqpoll: interrupts of the lsi emulators' controllers "
+        "(x-pci-proxy-dev) reach a guest only through KVM irqfds, so every SCSI command "
+        'would time out; add "irqpoll nolapic noapic" to append')
+    assert lsi_polling_warning(spec, Accel.KVM) is None
+    assert str(spec.path) in (lsi_polling_warning(spec, Accel.TCG) or "")
+    polling = lsi_spec(tmp_path, "console=ttyS0 irqpoll nolapic noapic")
+    assert lsi_polling_warning(polling, Accel.TCG) is None
+    # A word that merely contains it is not the parameter.
+    assert lsi_polling_warning(lsi_spec(tmp_path, "noirqpoll"), Accel.TCG) is not None
+    assert lsi_polling_warning(load_spec(SPECS / "good" / "full.toml"), Accel.TCG) is not None
+    assert lsi_polling_warning(load_spec(SPECS / "good" / "minimal.toml"), Accel.TCG) is None
