@@ -1,4 +1,4 @@
-"""Command line: ``python -m launcher.guest build|path [--out DIR] [--force]``."""
+"""Command line: ``python -m launcher.guest build|path [--flavour F] [--out DIR] [--force]``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .builder import GuestBuildError, default_out_dir, ensure_guest
+from .builder import DEFAULT_FLAVOUR, FLAVOURS, GuestBuildError, ensure_guest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,11 +20,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--force", action="store_true", help="rebuild even if current")
     path = commands.add_parser("path", help="print the kernel and initrd paths (building first)")
     for sub in (build, path):
+        sub.add_argument("--flavour", choices=sorted(FLAVOURS), default=DEFAULT_FLAVOUR.name,
+                         help="cloud: Debian's cloud kernel (default, build/guest); lsi: the "
+                         "standard kernel with the LSI53C895A driver (build/guest-lsi)")
         sub.add_argument("--out", type=Path, default=None,
-                         help=f"output folder (default: {default_out_dir()})")
+                         help="output folder (default: build/ and the flavour's folder)")
     args = parser.parse_args(argv)
     try:
-        image = ensure_guest(args.out, force=getattr(args, "force", False))
+        image = ensure_guest(args.out, force=getattr(args, "force", False),
+                             flavour=FLAVOURS[args.flavour])
     except GuestBuildError as exc:
         print(f"guest: error: {exc}", file=sys.stderr)
         return 1

@@ -1,5 +1,11 @@
 """Builds the test guest: Debian's own kernel plus a tiny busybox initramfs.
 
+There are two flavours (:data:`FLAVOURS`), built the same way into their own
+folders: ``cloud`` (the default, ``build/guest``) from Debian's cloud kernel,
+which boots fast under TCG but has no LSI53C895A driver, and ``lsi``
+(``build/guest-lsi``) from the standard kernel, whose initramfs also loads
+sym53c8xx for the guests of ``kind = "lsi"`` emulators.
+
 Theory of operation:
 
 1. Ask apt which concrete kernel package the ``linux-image-amd64`` meta
@@ -58,10 +64,13 @@ __all__ = [
     "BUSYBOX",
     "GuestBuildError",
     "GuestImage",
+    "Flavour",
+    "FLAVOURS",
     "KERNEL_META_PACKAGE",
     "KernelPackage",
     "MODULE_PARAMS",
     "ROOT_MODULES",
+    "LSI_ROOT_MODULES",
     "assemble_initramfs",
     "default_out_dir",
     "ensure_guest",
@@ -95,6 +104,32 @@ ROOT_MODULES: tuple[str, ...] = (
     "virtio_pci",
     "virtio_scsi",
 )
+
+#: The LSI flavour's extra modules: sym53c8xx drives the LSI53C895A and needs
+#: the SPI transport class (found again from metadata; listed so the order is
+#: plain to read).
+LSI_ROOT_MODULES: tuple[str, ...] = (*ROOT_MODULES, "scsi_transport_spi", "sym53c8xx")
+
+
+@dataclass(frozen=True, slots=True)
+class Flavour:
+    """One kind of test guest: which kernel, which modules, which folder."""
+
+    name: str
+    #: Debian 12 meta package naming the concrete kernel package.
+    meta_package: str
+    roots: tuple[str, ...]
+    #: Output folder under ``build/``.
+    folder: str
+
+
+#: ``cloud``: the default guest. ``lsi``: the standard kernel (its bzImage is
+#: XZ, so each boot under TCG costs some seconds more), for LSI53C895A disks.
+FLAVOURS: Mapping[str, Flavour] = {
+    "cloud": Flavour("cloud", KERNEL_META_PACKAGE, ROOT_MODULES, "guest"),
+    "lsi": Flavour("lsi", "linux-image-amd64", LSI_ROOT_MODULES, "guest-lsi"),
+}
+DEFAULT_FLAVOUR = FLAVOURS["cloud"]
 
 #: insmod parameters. scan=sync makes loading virtio_scsi return only after
 #: the SCSI bus scan is done, so the init's disk wait rarely has to wait.
@@ -139,9 +174,9 @@ class KernelPackage:
                 "sha256": self.sha256}
 
 
-def default_out_dir() -> Path:
-    """``build/guest`` under the current working directory."""
-    return Path.cwd() / "build" / "guest"
+def default_out_dir(flavour: Flavour = DEFAULT_FLAVOUR) -> Path:
+    """``build/guest`` (or the flavour's folder) under the current working directory."""
+    return Path.cwd() / "build" / flavour.folder
 
 
 def init_script() -> bytes:
@@ -261,13 +296,14 @@ def fetch_deb(package: KernelPackage, cache: Path, progress: _Progress) -> Path:
 
 # ---- inputs and manifest --------------------------------------------------
 
-def _inputs(package: Mapping[str, Any], init: bytes, busybox_sha256: str) -> dict[str, Any]:
+def _inputs(package: Mapping[str, Any], init: bytes, busybox_sha256: str,
+            roots: Sequence[str] = ROOT_MODULES) -> dict[str, Any]:
     return {
         "builder_version": BUILDER_VERSION,
         "kernel_package": dict(package),
         "init_sha256": hashlib.sha256(init).hexdigest(),
         "busybox_sha256": busybox_sha256,
-        "modules": {"roots": list(ROOT_MODULES), "params": dict(MODULE_PARAMS)},
+        "modules": {"roots": list(roots), "params": dict(MODULE_PARAMS)},
     }
 
 
@@ -334,6 +370,7 @@ def _kernel_release(tree: Path) -> str:
 
 def assemble_initramfs(
     tree: Path, release: str, busybox: bytes, applets: Sequence[str], init: bytes,
+    roots: Sequence[str] = ROOT_MODULES,
 ) -> tuple[bytes, list[str]]:
     """The gzip'd initramfs for the kernel unpacked at ``tree``, and the load order.
 
@@ -357,7 +394,7 @@ def assemble_initramfs(
         return infos[name]
 
     try:
-        order = load_order(ROOT_MODULES, lookup, builtin)
+        order = load_order(tuple(roots), lookup, builtin)
     except (ModuleOrderError, ElfError) as exc:
         raise GuestBuildError(f"kernel {release}: {exc}") from exc
 
@@ -394,7 +431,7 @@ def _check_busybox(busybox: Path) -> bytes:
 
 def _build(out: Path, package: KernelPackage, init: bytes, busybox: Path,
            busybox_data: bytes, inputs: Mapping[str, Any], stamp: str,
-           progress: _Progress) -> GuestImage:
+           progress: _Progress, roots: Sequence[str]) -> GuestImage:
     deb = fetch_deb(package, out / "cache", progress)
     progress(f"unpacking {deb.name}")
     with tempfile.TemporaryDirectory(prefix="unpack-", dir=out / "cache") as tmp:
@@ -408,7 +445,7 @@ def _build(out: Path, package: KernelPackage, init: bytes, busybox: Path,
             raise GuestBuildError(f"{deb.name} has no boot/vmlinuz-{release}")
         progress(f"writing initramfs for {release}")
         initrd, order = assemble_initramfs(tree, release, busybox_data,
-                                           busybox_applets(busybox), init)
+                                           busybox_applets(busybox), init, roots)
         _write_atomic(out / "vmlinuz", vmlinuz.read_bytes())
     _write_atomic(out / "initrd.img", initrd)
     manifest = {
@@ -430,37 +467,41 @@ def _build(out: Path, package: KernelPackage, init: bytes, busybox: Path,
 
 def ensure_guest(out: Path | None = None, *, force: bool = False,
                  progress: _Progress | None = _stderr_progress,
-                 busybox: Path = BUSYBOX) -> GuestImage:
-    """Build the guest in ``out`` (default ``./build/guest``) unless it is current.
+                 busybox: Path = BUSYBOX, flavour: Flavour = DEFAULT_FLAVOUR) -> GuestImage:
+    """Build the guest in ``out`` (default ``./build/guest``, or the flavour's
+    folder) unless it is current.
 
     Silent when nothing has to be done; ``progress`` gets one short line per
     step otherwise (None silences it). Raises :class:`GuestBuildError`.
     """
-    out = (out if out is not None else default_out_dir()).resolve()
+    out = (out if out is not None else default_out_dir(flavour)).resolve()
     report: _Progress = progress if progress is not None else (lambda _message: None)
     init = init_script()
     busybox_data = _check_busybox(busybox)
     busybox_sha256 = hashlib.sha256(busybox_data).hexdigest()
     with _locked(out):
         manifest = _read_manifest(out / "manifest.json")
-        stamp = f"{KERNEL_META_PACKAGE}:{apt_stamp()}"
+        stamp = f"{flavour.meta_package}:{apt_stamp()}"
         try:
-            package = _known_package(manifest, stamp) or resolve_kernel_package(progress=report)
+            package = (_known_package(manifest, stamp)
+                       or resolve_kernel_package(flavour.meta_package, progress=report))
         except GuestBuildError:
             # Offline with a good image for every other input: keep using it.
             if manifest and not force:
                 recorded = manifest.get("inputs", {}).get("kernel_package", {})
-                if inputs_match(manifest, _inputs(recorded, init, busybox_sha256), out):
+                if inputs_match(manifest, _inputs(recorded, init, busybox_sha256,
+                                                  flavour.roots), out):
                     report("apt unavailable: using the kernel already built")
                     return _image(out, manifest)
             raise
-        inputs = _inputs(package.as_json(), init, busybox_sha256)
+        inputs = _inputs(package.as_json(), init, busybox_sha256, flavour.roots)
         if not force and manifest is not None and inputs_match(manifest, inputs, out):
             if manifest.get("apt_stamp") != stamp:
                 manifest = {**manifest, "apt_stamp": stamp, "kernel_url": package.url}
                 _write_manifest(out, manifest)
             return _image(out, manifest)
-        return _build(out, package, init, busybox, busybox_data, inputs, stamp, report)
+        return _build(out, package, init, busybox, busybox_data, inputs, stamp, report,
+                      flavour.roots)
 
 
 def _known_package(manifest: Mapping[str, Any] | None, stamp: str) -> KernelPackage | None:

@@ -12,7 +12,7 @@
 #   MPL RO name=sda write_refused=<0|1>
 #   MPL IO name=sda round=<n> ok=<n> bad=<n>
 #   MPL SHELL rc=<n>            then one "MPL OUT <line>" per output line
-#   MPL KLOG <kernel log line>  SCSI/virtio errors, aborts, resets, timeouts
+#   MPL KLOG <kernel log line>  SCSI/virtio/sym53c8xx errors, aborts, resets, timeouts
 #   MPL WARN <what>             something odd that did not stop the workload
 #   MPL ERROR <what>            a failure of the guest itself (bad parameter, ...)
 #   MPL DONE workload=<name> rc=<n>
@@ -316,7 +316,7 @@ fi
 
 # ---- kernel log -----------------------------------------------------------
 dmesg | grep -iE 'abort|reset|timeout|timed out|error' |
-    grep -iE 'sd[a-z]|scsi|virtio|sd [0-9]' |
+    grep -iE 'sd[a-z]|scsi|virtio|sym[0-9]|sd [0-9]' |
     while IFS= read -r line; do say "KLOG $line"; done
 
 say "DONE workload=$WORKLOAD rc=$rc"

@@ -26,6 +26,9 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_DIR = REPO / "build" / "guest"
+LSI_GUEST_DIR = REPO / "build" / "guest-lsi"
+#: What a guest of an lsi emulator needs under TCG (launcher.spec.LSI_POLLING_APPEND).
+LSI_POLLING = "irqpoll nolapic noapic"
 MPL_LINE = re.compile(r"^MPL (\w+)(?: (.*))?$")
 
 
@@ -36,11 +39,19 @@ def need_qemu() -> str | None:
     return None
 
 
-def ensure_guest_built() -> tuple[Path, Path]:
-    from launcher.guest.builder import ensure_guest
+def ensure_guest_built(flavour: str = "cloud") -> tuple[Path, Path]:
+    """Kernel and initrd of the test guest: ``cloud`` (the default) or ``lsi``
+    (Debian's standard kernel, whose initramfs also loads sym53c8xx)."""
+    from launcher.guest.builder import FLAVOURS, ensure_guest
 
-    image = ensure_guest(GUEST_DIR)
+    folder = {"cloud": GUEST_DIR, "lsi": LSI_GUEST_DIR}[flavour]
+    image = ensure_guest(folder, flavour=FLAVOURS[flavour])
     return image.kernel, image.initrd
+
+
+def ensure_lsi_guest_built() -> tuple[Path, Path]:
+    """Kernel and initrd of the guest that can drive an LSI53C895A."""
+    return ensure_guest_built("lsi")
 
 
 @dataclass
@@ -67,6 +78,12 @@ class VmDef:
     emulators: dict[str, dict[str, object]] = field(default_factory=dict)
     memory: str = "256M"
     vm_extra: dict[str, object] = field(default_factory=dict)
+    #: The guest flavour; None: "lsi" if an emulator is of kind "lsi", else "cloud".
+    guest: str | None = None
+
+    @property
+    def has_lsi(self) -> bool:
+        return any(fields.get("kind") == "lsi" for fields in self.emulators.values())
 
     @property
     def spec_path(self) -> Path:
@@ -84,12 +101,14 @@ class VmDef:
         return self.folder / f"{disk_id}.img"
 
     def write(self) -> Path:
-        kernel, initrd = ensure_guest_built()
+        kernel, initrd = ensure_guest_built(self.guest or ("lsi" if self.has_lsi else "cloud"))
         append = f"console=ttyS0 quiet panic=-1 mitigations=off mpl.workload={self.workload}"
         if self.disks:
             append += f" mpl.disks={len(self.disks)}"
         if self.extra_append:
             append += " " + self.extra_append
+        if self.has_lsi and "irqpoll" not in append.split():
+            append += " " + LSI_POLLING  # TCG: the proxy's interrupts never arrive
         lines = [
             "[vm]",
             f'name = "{self.name}"',
@@ -106,8 +125,9 @@ class VmDef:
             lines += ["", "[[emulator]]", f'id = "{emu_id}"']
             lines += [f"{k} = {_toml(v)}" for k, v in fields.items()]
         for ctl_id, (emu_id, queues) in self.controllers.items():
-            lines += ["", "[[controller]]", f'id = "{ctl_id}"', f'emulator = "{emu_id}"',
-                      f"queues = {queues}"]
+            lines += ["", "[[controller]]", f'id = "{ctl_id}"', f'emulator = "{emu_id}"']
+            if self.emulators.get(emu_id, {}).get("kind") != "lsi":  # an LSI has no queues
+                lines.append(f"queues = {queues}")
         for d in self.disks:
             path = self.image(d.id)
             if not path.exists():

@@ -405,3 +405,21 @@ def test_parse_report_reads_fields_and_text() -> None:
     assert parse_report("MPL lower case") is None
     done = reports(["noise", "MPL BOOT kernel=6.1", "MPL DONE workload=boot rc=0"])
     assert [r.kind for r in done] == ["BOOT", "DONE"] and done[1].number("rc") == 0
+
+
+def test_lsi_flavour_adds_sym53c8xx_in_its_own_folder(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    cloud, lsi = builder.FLAVOURS["cloud"], builder.FLAVOURS["lsi"]
+    assert builder.DEFAULT_FLAVOUR is cloud and cloud.meta_package == builder.KERNEL_META_PACKAGE
+    assert lsi.meta_package == "linux-image-amd64"
+    assert lsi.roots[-2:] == ("scsi_transport_spi", "sym53c8xx")
+    assert set(cloud.roots) < set(lsi.roots)
+    monkeypatch.chdir(tmp_path)
+    assert builder.default_out_dir() == tmp_path / "build" / "guest"
+    assert builder.default_out_dir(lsi) == tmp_path / "build" / "guest-lsi"
+    package = {"name": "linux-image-x", "filename": "x.deb", "size": 1, "sha256": "0" * 64}
+    # The module list is an input: a flavour's manifest never matches the other's.
+    assert builder._inputs(package, b"i", "b" * 64) == builder._inputs(
+        package, b"i", "b" * 64, cloud.roots)
+    assert builder._inputs(package, b"i", "b" * 64) != builder._inputs(
+        package, b"i", "b" * 64, lsi.roots)
