@@ -34,7 +34,8 @@ the launcher's check (:mod:`launcher.sandbox.check`) reports it.
    (RLIMIT_NPROC, counted per uid; QEMU gets threads), parent-death
    signal, umask 077.
 7. no_new_privs; a check that every capability set is empty.
-8. Seccomp stage 1 (:data:`launcher.sandbox.profiles.STAGE1_DENY`).
+8. Seccomp stage 1 (:data:`launcher.sandbox.profiles.STAGE1_DENY`; with
+   ``--no-spawn`` also no new process, :data:`~launcher.sandbox.profiles.NO_SPAWN`).
 9. The environment emptied (but for a test's ``MPLAUNCH_FAULT``, see
    :mod:`emulators.faults`); then COMMAND: with ``--new-root`` its code,
    already compiled, runs in this very interpreter (execve is refused
@@ -160,6 +161,10 @@ class JailSpec:
     #: Exec COMMAND under a root holding only these host paths, read-only
     #: (with /proc and the private /dev); empty: the host's view.
     view: tuple[str, ...] = ()
+    #: Stage 1 also refuses new processes (threads only): fork, vfork, clone
+    #: without CLONE_THREAD, clone3 (``profiles.NO_SPAWN``). For an exec'd
+    #: COMMAND; the in-process emulator's stage 2 forbids all of them already.
+    no_spawn: bool = False
 
     def argv(self, command: list[str]) -> list[str]:
         """The launcher's command line: the jail, its settings, then COMMAND."""
@@ -170,7 +175,8 @@ class JailSpec:
             "--address-space", str(self.address_space), "--nofile", str(self.nofile),
             "--cwd", self.cwd, "--nproc", str(self.nproc), "--dev", ",".join(self.dev),
             "--view", ",".join(self.view),
-            *(["--new-root"] if self.new_root else []), "--", *command,
+            *(["--new-root"] if self.new_root else []),
+            *(["--no-spawn"] if self.no_spawn else []), "--", *command,
         ]
 
 
@@ -435,15 +441,17 @@ def _kept_environment() -> list[tuple[str, str]]:
     return [(FAULT_ENV, v) for v in [os.environ.get(FAULT_ENV)] if v]
 
 
-def exec_confined(command: list[str]) -> None:
-    """Load stage 1 and exec; returns only if the exec failed."""
+def exec_confined(command: list[str], no_spawn: bool = False) -> None:
+    """Load stage 1 (with :data:`~launcher.sandbox.profiles.NO_SPAWN` when
+    `no_spawn`) and exec; returns only if the exec failed."""
     from launcher.sandbox import profiles, seccomp  # imported by run()
 
     path = ctypes.create_string_buffer(os.fsencode(command[0]))
     argv = (ctypes.c_char_p * (len(command) + 1))(*[os.fsencode(a) for a in command], None)
     env = [os.fsencode(f"{k}={v}") for k, v in _kept_environment()]
     envp = (ctypes.c_char_p * (len(env) + 1))(*env, None)
-    seccomp.load(seccomp.build_deny_list(profiles.stage1_deny(ctypes.addressof(path))))
+    stage1 = profiles.stage1_no_spawn if no_spawn else profiles.stage1_deny
+    seccomp.load(seccomp.build_deny_list(stage1(ctypes.addressof(path))))
     sys.stdout.flush()
     sys.stderr.flush()
     _libc.execve(path, argv, envp)
@@ -499,7 +507,7 @@ def run(spec: JailSpec, command: list[str]) -> Program | None:
     finally:
         os.close(status_fd)
     if program is None:
-        exec_confined(command)
+        exec_confined(command, spec.no_spawn)
         raise JailError("exec returned")
     confine_in_place(program)
     return program
@@ -522,14 +530,15 @@ _STR_OPTIONS = ("--keep-fds", "--cwd", "--dev", "--view")
 
 
 def parse(argv: list[str]) -> tuple[JailSpec, list[str]]:
-    """``--name value`` options (and the flag ``--new-root``), ``--``, COMMAND."""
+    """``--name value`` options (and the flags ``--new-root``, ``--no-spawn``),
+    ``--``, COMMAND."""
     values: dict[str, str] = {}
-    new_root = False
+    flags: set[str] = set()
     i = 0
     while i < len(argv) and argv[i] != "--":
         name = argv[i]
-        if name == "--new-root":
-            new_root = True
+        if name in ("--new-root", "--no-spawn"):
+            flags.add(name)
             i += 1
             continue
         if name not in _INT_OPTIONS + _STR_OPTIONS or i + 1 >= len(argv):
@@ -547,8 +556,9 @@ def parse(argv: list[str]) -> tuple[JailSpec, list[str]]:
     dev = tuple(x for x in values.get("--dev", "").split(",") if x)
     view = tuple(x for x in values.get("--view", "").split(",") if x)
     spec = JailSpec(ints["--uid"], ints["--gid"], fds, ints["--address-space"],
-                    ints.get("--nofile", NOFILE), values.get("--cwd", EMPTY_DIR), new_root,
-                    ints.get("--nproc", 0), dev, view)
+                    ints.get("--nofile", NOFILE), values.get("--cwd", EMPTY_DIR),
+                    "--new-root" in flags, ints.get("--nproc", 0), dev, view,
+                    "--no-spawn" in flags)
     return spec, command
 
 

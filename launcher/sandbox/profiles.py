@@ -234,6 +234,27 @@ def stage1_deny(exec_path_address: int) -> tuple[Rule, ...]:
                                (ArgCheck(0, Cmp.NE, exec_path_address),)))
 
 
+CLONE_THREAD = 0x00010000
+
+NO_SPAWN: tuple[Rule, ...] = (
+    Rule("fork", "no new process: the program runs threads only"),
+    Rule("vfork", "no new process: the program runs threads only"),
+    Rule("clone", "a new thread shares the process; a clone without CLONE_THREAD "
+         "is a new process", when=(ArgCheck(0, Cmp.MASKED_EQ, 0, CLONE_THREAD),)),
+    Rule("clone3", "its flags are behind a pointer no filter can read; ENOSYS makes "
+         "glibc fall back to clone, whose flags are checked", refuse=errno.ENOSYS),
+)
+"""Added to stage 1 for a program exec'd to run threads but never another
+process (QEMU's remote LSI process, ``JailSpec.no_spawn``): whatever the
+program's own filter says, it makes no child, so it can exec nothing even
+if its own filter had a hole (and execve is refused by stage 1 anyway)."""
+
+
+def stage1_no_spawn(exec_path_address: int) -> tuple[Rule, ...]:
+    """:func:`stage1_deny` with :data:`NO_SPAWN`: still one filter."""
+    return (*stage1_deny(exec_path_address), *NO_SPAWN)
+
+
 def allowed_syscalls(profile: tuple[Rule, ...] = STAGE2_ALLOW) -> list[str]:
     """The distinct syscalls a profile lets through (in some argument case)."""
     seen: dict[str, None] = {}

@@ -17,11 +17,20 @@ from launcher.sandbox.jail import UNLIMITED, JailError, JailSpec, load_program, 
     JailSpec(64001, 64002, (), 1 << 30, new_root=True),
     JailSpec(64003, 64003, (9,), UNLIMITED, nproc=1024, dev=("null", "kvm"),
              view=("/usr", "/lib")),
+    JailSpec(64004, 64004, (3, 4), 1 << 32, nproc=128, dev=("null",), view=("/usr",),
+             no_spawn=True),
 ])
 def test_the_command_line_carries_every_setting(spec: JailSpec) -> None:
     argv = spec.argv(["/usr/bin/true", "--x"])
     assert argv[:4] == [sys.executable, "-I", "-m", "launcher.sandbox.jail"]
     assert parse(argv[4:]) == (spec, ["/usr/bin/true", "--x"])
+
+
+def test_no_spawn_is_a_flag_and_off_by_default() -> None:
+    argv = JailSpec(64000, 64000, (), 1, no_spawn=True).argv(["/bin/true"])
+    assert argv[argv.index("--") - 1] == "--no-spawn"
+    assert "--no-spawn" not in JailSpec(64000, 64000, (), 1).argv(["/bin/true"])
+    assert not parse(JailSpec(64000, 64000, (), 1).argv(["/bin/true"])[4:])[0].no_spawn
 
 
 def test_root_is_refused_by_the_parser() -> None:
