@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 from launcher import status
 from launcher.runfolder import RunFolderBusy, RunFolderError
-from launcher.spec import SpecError, load_spec, render_value
+from launcher.spec import Spec, SpecError, load_spec, lsi_polling_warning, render_value
 from launcher.status import LOG
+
+if TYPE_CHECKING:
+    from launcher.accel import AccelChoice
 
 EXIT_USAGE = 2
 
@@ -59,20 +63,34 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return 1
     if args.print_qemu_args or args.print_libvirt_xml:
-        from launcher.libvirt import backend_qemu_argv, format_argv, libvirt_xml
+        return _print_attachment(spec, args.spec, args.print_qemu_args)
+    if args.backends_only:
+        from launcher.libvirt import unattachable
 
-        text = format_argv(backend_qemu_argv(spec)) if args.print_qemu_args else libvirt_xml(spec)
-        print(text, end="")
-        return 0
+        refusal = unattachable(spec, "--backends-only", args.spec)
+        if refusal is not None:
+            print(refusal, file=sys.stderr)
+            return 1
     if args.check:
         if not args.quiet:
+            warning = _polling_warning(spec, args.spec, None)
+            if warning is not None:
+                print(warning, file=sys.stderr)
             print(f"{args.spec}: ok", file=sys.stderr)
         return 0
     status.configure(-1 if args.quiet else args.verbose, spec.vm.name)
     from launcher.supervisor import Supervisor
 
+    accel: AccelChoice | None = None
+    if spec.has_lsi and not args.backends_only:
+        from launcher.accel import choose_for
+
+        accel = choose_for(spec)  # as Supervisor would, but known before it starts
+        warning = _polling_warning(spec, args.spec, accel)
+        if warning is not None:
+            LOG.warning("%s", warning)
     try:
-        return asyncio.run(Supervisor(spec, backends_only=args.backends_only).run())
+        return asyncio.run(Supervisor(spec, accel, backends_only=args.backends_only).run())
     except RunFolderBusy as e:
         LOG.error("%s", e)
         return 1
@@ -81,6 +99,42 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _print_attachment(spec: Spec, file: str, qemu_args: bool) -> int:
+    """``--print-qemu-args`` or ``--print-libvirt-xml``."""
+    from launcher.libvirt import (
+        backend_qemu_argv,
+        format_argv,
+        libvirt_xml,
+        proxy_note,
+        unattachable,
+    )
+
+    if qemu_args:
+        note = proxy_note(spec, file)
+        if note is not None:
+            print(note, file=sys.stderr)
+        print(format_argv(backend_qemu_argv(spec)), end="")
+        return 0
+    refusal = unattachable(spec, "--print-libvirt-xml", file)
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 1
+    print(libvirt_xml(spec), end="")
+    return 0
+
+
+def _polling_warning(spec: Spec, file: str, accel: AccelChoice | None) -> str | None:
+    """The TCG polling warning for lsi emulators (once), resolving ``auto``
+    (a KVM probe) only when the answer could matter."""
+    if not spec.has_lsi or "irqpoll" in spec.vm.append.split():
+        return None
+    if accel is None:
+        from launcher.accel import choose_for
+
+        accel = choose_for(spec)
+    return lsi_polling_warning(spec, accel.accel, file)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ operator's QEMU needs to use them:
 In libvirt's fragment the chardev and device ids carry an ``mplaunch-``
 prefix so they cannot collide with libvirt's own aliases (``scsi0`` is the
 alias libvirt gives its first SCSI controller).
+
+A controller of an ``lsi`` emulator cannot be attached this way: its
+x-pci-proxy-dev takes only an fd, inherited from the QEMU's parent or passed
+over QMP, never a socket path. ``--print-qemu-args`` still shows its device
+(with :data:`PROXY_FD_PLACEHOLDER` for the fd) so the whole VM can be read;
+backend-only mode and the libvirt fragment refuse such a spec
+(:func:`unattachable`).
 """
 
 from __future__ import annotations
@@ -24,18 +31,56 @@ import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from launcher.spec import Accel, Spec
+from launcher.spec import Accel, EmulatorKind, Spec, render_value
 from launcher.vmm import (
     KVM_CPU,
     QEMU_BINARY,
     TCG_CPU,
     controller_args,
     escape_option,
+    proxy_args,
     vm_argv,
 )
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 LIBVIRT_PREFIX = "mplaunch-"
+PROXY_FD_PLACEHOLDER = "<fd>"
+"""Stands for the proxy's fd, which only mplaunch can hand to a QEMU it starts."""
+
+
+class NotAttachable(ValueError):
+    """A spec whose emulators a QEMU started by someone else cannot reach;
+    ``str()`` is the line to show."""
+
+
+def lsi_controllers(spec: Spec) -> list[str]:
+    """The ids of the controllers served by ``lsi`` emulators, in spec order."""
+    return [c.id for c in spec.controllers if spec.kind_of_controller(c.id) is EmulatorKind.LSI]
+
+
+def unattachable(spec: Spec, what: str, file: str | None = None) -> str | None:
+    """Why ``what`` (an option such as ``--backends-only``) cannot serve the
+    spec, or None. ``file`` is the spec as the user named it."""
+    lsi = lsi_controllers(spec)
+    if not lsi:
+        return None
+    names = ", ".join(render_value(c) for c in lsi)
+    return (f"{file or spec.path}: {what} cannot serve [[controller]] {names} (its emulator "
+            'is of kind "lsi"): x-pci-proxy-dev takes only an fd inherited from its parent '
+            "or passed over QMP, no socket path, so a QEMU started by someone else cannot "
+            "reach it; run this spec with mplaunch itself")
+
+
+def proxy_note(spec: Spec, file: str | None = None) -> str | None:
+    """What to tell the reader of ``--print-qemu-args`` about proxy devices, or None."""
+    lsi = lsi_controllers(spec)
+    if not lsi:
+        return None
+    names = ", ".join(render_value(c) for c in lsi)
+    return (f"{file or spec.path}: note: the x-pci-proxy-dev of [[controller]] {names} shows "
+            f"fd={PROXY_FD_PLACEHOLDER}: QEMU's end of a socketpair that mplaunch gives only "
+            "to a QEMU it starts itself, so this command line cannot be used with "
+            "--backends-only; run this spec with mplaunch itself")
 
 
 def backend_socket(run_dir: Path, controller_id: str) -> Path:
@@ -51,6 +96,9 @@ def attach_args(spec: Spec, run_dir: Path | None = None, prefix: str = "") -> li
     folder = spec.vm.run_dir if run_dir is None else run_dir
     argv: list[str] = []
     for controller in spec.controllers:
+        if spec.kind_of_controller(controller.id) is EmulatorKind.LSI:
+            argv += proxy_args(prefix + controller.id, PROXY_FD_PLACEHOLDER)
+            continue
         path = escape_option(str(backend_socket(folder, controller.id)))
         argv += controller_args(controller.id, controller.queues, f"path={path}", prefix)
     return argv
@@ -86,7 +134,12 @@ def format_argv(argv: list[str]) -> str:
 
 
 def libvirt_xml(spec: Spec, run_dir: Path | None = None) -> str:
-    """The domain XML fragment to merge into a libvirt domain definition."""
+    """The domain XML fragment to merge into a libvirt domain definition.
+
+    Raises :class:`NotAttachable` for a spec with an ``lsi`` emulator."""
+    refusal = unattachable(spec, "--print-libvirt-xml")
+    if refusal is not None:
+        raise NotAttachable(refusal)
     ET.register_namespace("qemu", QEMU_NS)
     domain_type = "qemu" if spec.vm.accel is Accel.TCG else "kvm"
     domain = ET.Element("domain", {"type": domain_type})

@@ -5,6 +5,10 @@ Choices that matter for what follows:
   NUMA node) because vhost-user emulators map the same pages;
 - every socket QEMU uses is made by mplaunch and handed over as an fd, so no
   path is raced and QEMU's own sandbox can forbid it from opening more;
+- a controller of a vhost-user emulator is a vhost-user-scsi-pci device on a
+  socket chardev; one of an ``lsi`` emulator is an x-pci-proxy-dev, which
+  forwards PCI config and BAR accesses over its fd (mpqemu messages) to the
+  remote QEMU emulating the LSI53C895A, through mplaunch's relay;
 - -nodefaults and -no-user-config: the guest sees only what the spec names;
 - QEMU runs unprivileged (:func:`qemu_jail`) and opens no file of the
   spec's itself: the kernel and initrd arrive as sealed memfd copies it
@@ -18,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from launcher.sandbox.jail import UNLIMITED, JailSpec
-from launcher.spec import Accel, Spec
+from launcher.spec import Accel, EmulatorKind, Spec
 
 QEMU_BINARY = "qemu-system-x86_64"
 KVM_CPU = "host"
@@ -39,18 +43,20 @@ links to it), and the loader's cache. Plus its own /proc and private /dev."""
 @dataclass(frozen=True, slots=True)
 class QemuFds:
     """Descriptors QEMU inherits: its QMP listening socket, per controller
-    id its end of the vhost-user socket, and the files mplaunch opened for it
-    (kernel and initrd: readable copies; console: the file, write-only)."""
+    id its end of the controller's link (the vhost-user socket, or for an
+    ``lsi`` controller the proxy's mpqemu socketpair), and the files mplaunch
+    opened for it (kernel and initrd: readable copies; console: the file,
+    write-only)."""
 
     qmp_listener: int
-    vhost_user: Mapping[str, int]
+    controller_fds: Mapping[str, int]
     kernel: int | None = None
     initrd: int | None = None
     console: int | None = None
 
     def all(self) -> list[int]:
         extra = [fd for fd in (self.kernel, self.initrd, self.console) if fd is not None]
-        return [self.qmp_listener, *self.vhost_user.values(), *extra]
+        return [self.qmp_listener, *self.controller_fds.values(), *extra]
 
 
 def qemu_jail(uid: int, gid: int, keep_fds: list[int], kvm: bool) -> JailSpec:
@@ -83,8 +89,11 @@ def qemu_argv(spec: Spec, accel: Accel, fds: QemuFds, binary: str = QEMU_BINARY)
         "-mon", "chardev=qmp,mode=control",
     ]
     for controller in spec.controllers:
-        argv += controller_args(controller.id, controller.queues,
-                                f"fd={fds.vhost_user[controller.id]}")
+        fd = fds.controller_fds[controller.id]
+        if spec.kind_of_controller(controller.id) is EmulatorKind.LSI:
+            argv += proxy_args(controller.id, str(fd))
+        else:
+            argv += controller_args(controller.id, controller.queues, f"fd={fd}")
     return argv
 
 
@@ -130,6 +139,13 @@ def controller_args(
         "-device",
         f"vhost-user-scsi-pci,id={prefix}{controller_id},chardev={chardev},num_queues={queues}",
     ]
+
+
+def proxy_args(controller_id: str, fd: str) -> list[str]:
+    """One x-pci-proxy-dev for an ``lsi`` controller. ``fd`` is QEMU's end of
+    the mpqemu link as a number (an fd it inherits), never a path: the device
+    has no way to connect to one."""
+    return ["-device", f"x-pci-proxy-dev,id={controller_id},fd={fd}"]
 
 
 def _console_args(console: str, fd: int | None = None) -> list[str]:

@@ -6,6 +6,8 @@ import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 from launcher.libvirt import (
     LIBVIRT_PREFIX,
     QEMU_NS,
@@ -101,3 +103,45 @@ def test_libvirt_xml_parses_and_carries_backing_and_commandline(tmp_path: Path) 
 def test_libvirt_domain_type_follows_accel(tmp_path: Path) -> None:
     root = ET.fromstring(libvirt_xml(make_spec(tmp_path, accel="tcg")))
     assert root.get("type") == "qemu"
+
+
+def lsi_spec(tmp_path: Path) -> Spec:
+    (tmp_path / "a.img").write_bytes(b"\0" * 4096)
+    return parse_spec({
+        "vm": {"name": "t1", "console": "none", "run_dir": str(tmp_path / "run")},
+        "emulator": [{"id": "e0"}, {"id": "lsi-a", "kind": "lsi"}],
+        "controller": [{"id": "scsi0", "emulator": "e0"}, {"id": "lsi0", "emulator": "lsi-a"}],
+        "disk": [{"id": "d0", "controller": "lsi0", "lun": 0, "image": "a.img"}],
+    }, tmp_path / "vm.toml")
+
+
+def test_qemu_args_show_the_proxy_device_of_an_lsi_controller(tmp_path: Path) -> None:
+    from launcher.libvirt import PROXY_FD_PLACEHOLDER, proxy_note
+
+    spec = lsi_spec(tmp_path)
+    argv = backend_qemu_argv(spec)
+    assert options(argv, "-device") == [
+        "vhost-user-scsi-pci,id=scsi0,chardev=vhost-scsi0,num_queues=1",
+        f"x-pci-proxy-dev,id=lsi0,fd={PROXY_FD_PLACEHOLDER}",
+    ]
+    assert options(argv, "-chardev") == [
+        f"socket,id=vhost-scsi0,path={tmp_path}/run/vhost-scsi0.sock"]
+    note = proxy_note(spec, "vm.toml")
+    assert note is not None and note.startswith('vm.toml: note: the x-pci-proxy-dev of '
+                                                '[[controller]] "lsi0" shows fd=<fd>')
+    assert proxy_note(make_spec(tmp_path)) is None
+
+
+def test_libvirt_and_backend_only_refuse_an_lsi_emulator(tmp_path: Path) -> None:
+    from launcher.libvirt import NotAttachable, unattachable
+
+    spec = lsi_spec(tmp_path)
+    line = unattachable(spec, "--backends-only", "vm.toml")
+    assert line == (
+        'vm.toml: --backends-only cannot serve [[controller]] "lsi0" (its emulator is of kind '
+        '"lsi"): x-pci-proxy-dev takes only an fd inherited from its parent or passed over '
+        "QMP, no socket path, so a QEMU started by someone else cannot reach it; run this "
+        "spec with mplaunch itself")
+    with pytest.raises(NotAttachable, match="--print-libvirt-xml cannot serve"):
+        libvirt_xml(spec)
+    assert unattachable(make_spec(tmp_path), "--backends-only") is None

@@ -32,7 +32,7 @@ def argv_pairs(argv: list[str]) -> list[tuple[str, str]]:
             and not argv[i + 1].startswith("-")]
 
 
-FDS = QemuFds(qmp_listener=7, vhost_user={"scsi0": 9, "scsi1": 11})
+FDS = QemuFds(qmp_listener=7, controller_fds={"scsi0": 9, "scsi1": 11})
 
 
 def test_memory_is_a_shared_memfd_on_a_numa_node(tmp_path: Path) -> None:
@@ -127,3 +127,31 @@ def test_qemu_jail_has_threads_no_memory_bound_and_a_private_dev() -> None:
     argv = tcg.argv(["/usr/bin/qemu-system-x86_64", "-m", "16"])
     assert argv[argv.index("--dev") + 1] == ",".join(tcg.dev)
     assert argv[-3:] == ["/usr/bin/qemu-system-x86_64", "-m", "16"]
+
+
+def mixed_spec(tmp_path: Path) -> Spec:
+    """One vhost-user controller and two LSI53C895As, each on its own lsi emulator."""
+    (tmp_path / "a.img").write_bytes(b"\0" * 4096)
+    (tmp_path / "b.img").write_bytes(b"\0" * 4096)
+    return parse_spec({
+        "vm": {"name": "mixed", "console": "none"},
+        "emulator": [{"id": "py"}, {"id": "lsi-a", "kind": "lsi"}, {"id": "lsi-b", "kind": "lsi"}],
+        "controller": [{"id": "scsi0", "emulator": "py", "queues": 2},
+                       {"id": "lsi0", "emulator": "lsi-a"}, {"id": "lsi1", "emulator": "lsi-b"}],
+        "disk": [{"id": "d0", "controller": "lsi0", "lun": 0, "image": "a.img"},
+                 {"id": "d1", "controller": "lsi1", "lun": 6, "image": "b.img"}],
+    }, tmp_path / "vm.toml")
+
+
+def test_lsi_controller_is_a_proxy_device_on_its_fd(tmp_path: Path) -> None:
+    fds = QemuFds(7, {"scsi0": 9, "lsi0": 10, "lsi1": 12})
+    argv = qemu_argv(mixed_spec(tmp_path), Accel.TCG, fds)
+    pairs = argv_pairs(argv)
+    assert ("-device", "x-pci-proxy-dev,id=lsi0,fd=10") in pairs
+    assert ("-device", "x-pci-proxy-dev,id=lsi1,fd=12") in pairs
+    assert ("-device", "vhost-user-scsi-pci,id=scsi0,chardev=vhost-scsi0,num_queues=2") in pairs
+    # No vhost-user chardev for an LSI controller: its link is the proxy's own fd.
+    assert not [a for a in argv if "vhost-lsi" in a]
+    # The proxy's remote maps guest RAM: it must stay a shared memfd.
+    assert ("-object", "memory-backend-memfd,id=ram0,size=512M,share=on") in pairs
+    assert sorted(fds.all()) == [7, 9, 10, 12]
