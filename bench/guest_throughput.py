@@ -1,8 +1,9 @@
-"""Guest throughput: mplaunch's Python emulator against QEMU's own virtio-scsi.
+"""Guest throughput: mplaunch's Python emulator against QEMU's own virtio-scsi,
+and QEMU's LSI53C895A in a remote process (kind "lsi") against in-process.
 
 Theory of operation: one raw image, pre-filled with random data, is served
 to the same test guest (same kernel, initrd, command line, memory, memfd
-backend, TCG) in two ways:
+backend, TCG) in the ways ``--kinds`` names (default: the first two):
 
 - "emulator": ``mplaunch SPEC`` with one emulator, one vhost-user-scsi-pci
   controller with one queue, one disk;
@@ -11,7 +12,19 @@ backend, TCG) in two ways:
   through the host page cache with synchronous preadv/pwritev and reports
   WCE=1, so QEMU's writeback cache mode (page cache, write cache on) with
   its thread-pool I/O is the like-for-like comparison; cache=none would
-  measure O_DIRECT on the host instead.
+  measure O_DIRECT on the host instead;
+- "lsi-remote": ``mplaunch SPEC`` with one emulator of kind "lsi" (QEMU's
+  x-remote process, reached through x-pci-proxy-dev and mplaunch's relay),
+  one controller, the disk on target 0;
+- "lsi-in-process": QEMU run directly with ``lsi53c895a`` + ``scsi-hd`` on
+  the same image, the drive as for "in-process".
+
+A run with an LSI kind boots every kind with the LSI flavour of the test
+guest (Debian's standard kernel, which has sym53c8xx) and the polling
+command line (``irqpoll nolapic noapic``: under TCG the proxy's interrupts
+never reach the guest), so all kinds of one run share kernel and command
+line. Such a run writes ``guest_throughput-<kinds>.json``, leaving the
+default run's ``guest_throughput.json`` (which bench.plot draws) alone.
 
 In the guest (the shell workload of launcher/guest/init.sh) busybox dd moves
 COUNT blocks of 64 KiB with O_DIRECT, so the guest's page cache plays no
@@ -22,8 +35,9 @@ its random data). The time is taken inside the guest from /proc/uptime
 /sys/block/sda/stat is read around every dd so the number of commands the
 disk saw is recorded and can be compared across the two runs.
 
-The two kinds of boot are interleaved (emulator, in-process, emulator, ...)
-so a drift of the host's speed affects both alike. MB/s is 10**6 bytes/s.
+The kinds of boot are interleaved (emulator, in-process, emulator, ...) so
+a drift of the host's speed affects all alike; the load average after each
+boot is recorded with it. MB/s is 10**6 bytes/s.
 """
 
 from __future__ import annotations
@@ -51,12 +65,22 @@ if str(REPO) not in sys.path:
 
 import psutil  # noqa: E402
 
-from tests.support.vm import DiskDef, Mplaunch, VmDef, mpl_lines  # noqa: E402
+from tests.support.vm import LSI_POLLING, DiskDef, Mplaunch, VmDef, mpl_lines  # noqa: E402
 
 MiB = 1024 * 1024
 BLOCK = 64 * 1024
 EMULATOR = "emulator"
 IN_PROCESS = "in-process"
+LSI_REMOTE = "lsi-remote"
+LSI_IN_PROCESS = "lsi-in-process"
+KINDS = (EMULATOR, IN_PROCESS, LSI_REMOTE, LSI_IN_PROCESS)
+DEFAULT_KINDS = (EMULATOR, IN_PROCESS)
+LSI_KINDS = (LSI_REMOTE, LSI_IN_PROCESS)
+#: Kinds whose boot goes through mplaunch; the others run QEMU directly.
+THROUGH_MPLAUNCH = (EMULATOR, LSI_REMOTE)
+#: The comparisons the summary makes: (name, kind, the kind it is divided by).
+RATIOS = (("ratio", EMULATOR, IN_PROCESS), ("lsi_ratio", LSI_REMOTE, LSI_IN_PROCESS),
+          ("lsi_remote_vs_emulator", LSI_REMOTE, EMULATOR))
 OPS = ("read", "write")
 BOOT_TIMEOUT = 300.0
 WARMUP_BLOCKS = 512
@@ -160,6 +184,8 @@ class CpuWatch:
 
 def _role(cmdline: Sequence[str]) -> str:
     text = " ".join(cmdline)
+    if "qemu-system" in text and "x-remote" in text:
+        return "lsi-remote"
     if "qemu-system" in text:
         return "qemu"
     if "-m emulators" in text:
@@ -235,15 +261,25 @@ def parse_console(kind: str, boot: int, console: Path) -> tuple[list[Sample], di
     return samples, info
 
 
+def bench_vm(folder: Path, image: Path, memory: str, append_extra: str, guest: str,
+             lsi: bool = False) -> VmDef:
+    """The VM of an mplaunch boot: one emulator (of kind "lsi" if `lsi`),
+    one controller, the image as disk d0 at LUN (or target) 0."""
+    vm = VmDef(folder, "thru-bench", workload="shell", extra_append=append_extra, memory=memory,
+               guest=guest)
+    vm.emulators = {"emu0": {"kind": "lsi"} if lsi else {}}
+    vm.controllers = {"scsi0": ("emu0", 1)}
+    vm.disks = [DiskDef("d0", "scsi0", 0, size=image.stat().st_size)]
+    return vm
+
+
 def run_emulator(
-    folder: Path, image: Path, memory: str, append_extra: str
+    folder: Path, image: Path, memory: str, append_extra: str, guest: str = "cloud",
+    lsi: bool = False,
 ) -> tuple[Path, str, dict[str, float]]:
     """Boot through mplaunch; returns the console file, the kernel command
     line and the CPU seconds by role."""
-    vm = VmDef(folder, "thru-bench", workload="shell", extra_append=append_extra, memory=memory)
-    vm.emulators = {"emu0": {}}
-    vm.controllers = {"scsi0": ("emu0", 1)}
-    vm.disks = [DiskDef("d0", "scsi0", 0, size=image.stat().st_size)]
+    vm = bench_vm(folder, image, memory, append_extra, guest, lsi)
     if vm.image("d0") != image:
         raise BenchError(f"the image must be {vm.image('d0')}")
     spec = vm.write()
@@ -261,9 +297,13 @@ def run_emulator(
 
 
 def in_process_argv(
-    kernel: Path, initrd: Path, append: str, memory: str, image: Path, console: Path, cache: str
+    kernel: Path, initrd: Path, append: str, memory: str, image: Path, console: Path, cache: str,
+    lsi: bool = False,
 ) -> list[str]:
-    """QEMU's own virtio-scsi, otherwise the machine mplaunch builds (launcher/vmm.py)."""
+    """QEMU's own virtio-scsi (or LSI53C895A), otherwise the machine mplaunch
+    builds (launcher/vmm.py)."""
+    controller = ["-device", "lsi53c895a,id=s0"] if lsi else ["-device", "virtio-scsi-pci,id=s0"]
+    disk = "scsi-hd,drive=d0,bus=s0.0" + (",scsi-id=0" if lsi else "")
     return [
         "qemu-system-x86_64",
         "-name", "guest=thru-bench-inproc",
@@ -274,9 +314,9 @@ def in_process_argv(
         "-numa", "node,memdev=ram0",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
         "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
-        "-device", "virtio-scsi-pci,id=s0",
+        *controller,
         "-drive", f"file={image},format=raw,if=none,id=d0,cache={cache},aio=threads",
-        "-device", "scsi-hd,drive=d0,bus=s0.0",
+        "-device", disk,
     ]
 
 
@@ -290,10 +330,17 @@ def run_in_process(argv: Sequence[str], log: Path) -> dict[str, float]:
     return cpu
 
 
-def kernel_and_initrd(folder: Path) -> tuple[Path, Path]:
-    """The kernel and initrd the emulator run booted (from its spec)."""
-    spec = tomllib.loads((folder / "vm.toml").read_text())
-    return Path(spec["vm"]["kernel"]), Path(spec["vm"]["initrd"])
+def guest_boot(folder: Path, memory: str, append_extra: str,
+               guest: str) -> tuple[Path, Path, str]:
+    """Kernel, initrd and command line every kind of the run boots with: the
+    ones an mplaunch boot would get, read from a spec written (not run) in
+    `folder`, so the in-process kinds need no mplaunch boot before them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = folder / "d0.img"
+    image.touch()
+    vm = bench_vm(folder, image, memory, append_extra, guest)
+    spec = tomllib.loads(vm.write().read_text())["vm"]
+    return Path(spec["kernel"]), Path(spec["initrd"]), str(spec["append"])
 
 
 def median_mbps(samples: Sequence[Sample], kind: str, op: str) -> float:
@@ -301,12 +348,13 @@ def median_mbps(samples: Sequence[Sample], kind: str, op: str) -> float:
     return statistics.median(values) if values else 0.0
 
 
-def paired_ratio(samples: Sequence[Sample], op: str) -> float:
-    """Median over boots of emulator/in-process for the same boot number and
-    round: the two boots of a pair ran back to back, so host load that comes
-    and goes cancels better than in the ratio of medians."""
-    emu = {(s.boot, s.round): s.mb_per_s for s in samples if s.kind == EMULATOR and s.op == op}
-    inp = {(s.boot, s.round): s.mb_per_s for s in samples if s.kind == IN_PROCESS and s.op == op}
+def paired_ratio(samples: Sequence[Sample], op: str, kind: str = EMULATOR,
+                 base: str = IN_PROCESS) -> float:
+    """Median over boots of kind/base (emulator/in-process) for the same
+    boot number and round: the boots of a pair ran back to back, so host
+    load that comes and goes cancels better than in the ratio of medians."""
+    emu = {(s.boot, s.round): s.mb_per_s for s in samples if s.kind == kind and s.op == op}
+    inp = {(s.boot, s.round): s.mb_per_s for s in samples if s.kind == base and s.op == op}
     ratios = [emu[k] / inp[k] for k in emu if k in inp and inp[k] > 0]
     return statistics.median(ratios) if ratios else 0.0
 
@@ -344,6 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--memory", default="512M", help="guest memory (default 512M)")
     p.add_argument("--cache", default="writeback", choices=("writeback", "none"),
                    help="cache mode of the in-process drive (default writeback)")
+    p.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                   help=f"comma-separated kinds of boot, interleaved in this order, from "
+                   f"{', '.join(KINDS)} (default {','.join(DEFAULT_KINDS)}); with an lsi kind "
+                   "every kind boots the LSI guest with the polling command line")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out",
                    help="folder of guest_throughput.json, the result (default bench/out)")
     p.add_argument("--workdir", type=Path, default=None,
@@ -355,6 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--count: the read and the write area (2 x count x 64 KiB) must fit the image")
     if shutil.which("qemu-system-x86_64") is None:
         p.error("qemu-system-x86_64 is not installed")
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(KINDS):
+        p.error(f"--kinds: distinct names from {', '.join(KINDS)}")
+    lsi_run = any(k in LSI_KINDS for k in kinds)
+    guest = "lsi" if lsi_run else "cloud"
 
     started = time.monotonic()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mpl-thru-"))
@@ -363,40 +420,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder.mkdir(exist_ok=True)
     image = folder / "d0.img"
     results: list[BootResult] = []
+    in_process_argvs: dict[str, list[str]] = {}
     try:
         make_image(image, args.image_mib * MiB)
         command = guest_command(args.count, args.rounds)
         append_extra = "mpl.cmd=" + base64.b64encode(command.encode()).decode()
+        if lsi_run:  # the same command line for every kind of the run
+            append_extra = f"{LSI_POLLING} {append_extra}"
+        kernel, initrd, append = guest_boot(work / "reference", args.memory, append_extra, guest)
         for boot in range(1, args.boots + 1):
-            t = time.monotonic()
-            console, append, cpu = run_emulator(folder, image, args.memory, append_extra)
-            samples, info = parse_console(EMULATOR, boot, console)
-            results.append(BootResult(EMULATOR, boot, time.monotonic() - t, samples, info, cpu,
-                                      os.getloadavg()))
-            _progress(results[-1])
-
-            kernel, initrd = kernel_and_initrd(folder)
-            console = work / "inproc-console.log"
-            argv_b = in_process_argv(kernel, initrd, append, args.memory, image, console,
-                                     args.cache)
-            t = time.monotonic()
-            cpu = run_in_process(argv_b, work / "inproc-stderr.log")
-            samples, info = parse_console(IN_PROCESS, boot, console)
-            results.append(BootResult(IN_PROCESS, boot, time.monotonic() - t, samples, info, cpu,
-                                      os.getloadavg()))
-            _progress(results[-1])
+            for kind in kinds:
+                t = time.monotonic()
+                lsi = kind in LSI_KINDS
+                if kind in THROUGH_MPLAUNCH:
+                    console, booted_append, cpu = run_emulator(
+                        folder, image, args.memory, append_extra, guest, lsi)
+                    if booted_append != append:
+                        raise BenchError(f"{kind} booted with {booted_append!r}, not {append!r}")
+                else:
+                    console = work / f"{kind}-console.log"
+                    argv_b = in_process_argv(kernel, initrd, append, args.memory, image,
+                                             console, args.cache, lsi)
+                    in_process_argvs[kind] = argv_b
+                    cpu = run_in_process(argv_b, work / f"{kind}-stderr.log")
+                samples, info = parse_console(kind, boot, console)
+                results.append(BootResult(kind, boot, time.monotonic() - t, samples, info, cpu,
+                                          os.getloadavg()))
+                _progress(results[-1])
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
     samples = [s for r in results for s in r.samples]
-    summary: dict[str, dict[str, float]] = {}
-    for op in OPS:
-        emu = median_mbps(samples, EMULATOR, op)
-        inp = median_mbps(samples, IN_PROCESS, op)
-        summary[op] = {"emulator_mb_s": round(emu, 1), "in_process_mb_s": round(inp, 1),
-                       "ratio": round(emu / inp, 3) if inp else 0.0,
-                       "median_paired_ratio": round(paired_ratio(samples, op), 3)}
+    summary = summarize(samples, kinds)
     report = {
         "benchmark": "guest_throughput",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -405,18 +461,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(),
         "parameters": {"image_mib": args.image_mib, "count": args.count, "block": BLOCK,
                        "boots": args.boots, "rounds": args.rounds, "memory": args.memory,
-                       "in_process_drive": f"cache={args.cache},aio=threads"},
+                       "in_process_drive": f"cache={args.cache},aio=threads",
+                       "kinds": list(kinds), "guest": guest, "append_without_cmd":
+                       " ".join(w for w in append.split() if not w.startswith("mpl.cmd="))},
         "summary": summary,
         "boots": [asdict(r) for r in results],
-        "in_process_argv": argv_b,
         "total_seconds": round(time.monotonic() - started, 1),
     }
+    for kind, argv_b in in_process_argvs.items():
+        report[f"{kind.replace('-', '_')}_argv"] = argv_b
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "guest_throughput.json"
+    name = ("guest_throughput.json" if set(kinds) == set(DEFAULT_KINDS)
+            else f"guest_throughput-{'-'.join(kinds)}.json")
+    out = args.out / name
     out.write_text(json.dumps(report, indent=2) + "\n")
-    _table(summary, samples, results)
+    _table(summary, samples, results, kinds)
     print(f"\nwritten {out} ({report['total_seconds']} s)")
     return 0
+
+
+def summarize(samples: Sequence[Sample], kinds: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per op: the median MB/s of each kind (``<kind>_mb_s``), and each
+    comparison of :data:`RATIOS` whose two kinds ran: ratio of medians and
+    median of the paired ratios (``median_paired_<name>``)."""
+    summary: dict[str, dict[str, float]] = {}
+    for op in OPS:
+        row = {f"{k.replace('-', '_')}_mb_s": round(median_mbps(samples, k, op), 1)
+               for k in kinds}
+        for name, kind, base in RATIOS:
+            if kind in kinds and base in kinds:
+                top, bottom = median_mbps(samples, kind, op), median_mbps(samples, base, op)
+                row[name] = round(top / bottom, 3) if bottom else 0.0
+                row[f"median_paired_{name}"] = round(paired_ratio(samples, op, kind, base), 3)
+        summary[op] = row
+    return summary
 
 
 def _progress(r: BootResult) -> None:
@@ -428,16 +506,19 @@ def _progress(r: BootResult) -> None:
 
 
 def _table(summary: dict[str, dict[str, float]], samples: Sequence[Sample],
-           results: Sequence[BootResult]) -> None:
-    print(f"{'op':<6} {'emulator MB/s':>14} {'in-process MB/s':>16} {'ratio':>7} {'paired':>7}"
-          "   samples")
+           results: Sequence[BootResult], kinds: Sequence[str] = DEFAULT_KINDS) -> None:
+    ratios = [name for name, kind, base in RATIOS if kind in kinds and base in kinds]
+    print(f"{'op':<6} " + " ".join(f"{k + ' MB/s':>20}" for k in kinds)
+          + "".join(f" {n:>10} {'paired':>7}" for n in ratios))
     for op, row in summary.items():
-        emu = ", ".join(f"{s.mb_per_s:.0f}" for s in samples if s.op == op and s.kind == EMULATOR)
-        inp = ", ".join(f"{s.mb_per_s:.0f}" for s in samples
-                        if s.op == op and s.kind == IN_PROCESS)
-        print(f"{op:<6} {row['emulator_mb_s']:>14.1f} {row['in_process_mb_s']:>16.1f} "
-              f"{row['ratio']:>7.3f} {row['median_paired_ratio']:>7.3f}"
-              f"   emu [{emu}] in-proc [{inp}]")
+        print(f"{op:<6} " + " ".join(f"{row[k.replace('-', '_') + '_mb_s']:>20.1f}" for k in kinds)
+              + "".join(f" {row[n]:>10.3f} {row['median_paired_' + n]:>7.3f}" for n in ratios))
+    for kind in kinds:
+        values = {op: ", ".join(f"{s.mb_per_s:.0f}" for s in samples
+                                if s.op == op and s.kind == kind) for op in OPS}
+        loads = ", ".join(f"{r.loadavg[0]:.1f}" for r in results if r.kind == kind)
+        print(f"  {kind}: " + "; ".join(f"{op} [{v}]" for op, v in values.items())
+              + f"; load [{loads}]")
     infos = {r.kind: r.info for r in results if r.info}
     for kind, info in infos.items():
         print(f"guest queue limits ({kind}): " + " ".join(f"{k}={v}" for k, v in info.items()))
