@@ -106,9 +106,9 @@ class Record:
         caller still owns `message.fds`)."""
         self._check_open()
         if isinstance(message, SyncSysmem):
-            copy: SyncSysmem | SetIrqfd = SyncSysmem(message.regions, self._dup_all(message.fds))
+            fds = self._dup_all(message.fds)
             old = self.sysmem.fds if self.sysmem is not None else ()
-            self.sysmem = copy
+            self.sysmem = SyncSysmem(message.regions, fds)
         else:
             intr, resample = self._dup_all(message.fds)
             old = self.irqfd.fds if self.irqfd is not None else ()
