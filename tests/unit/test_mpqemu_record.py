@@ -149,7 +149,7 @@ def test_a_config_write_enters_the_record_only_once_answered() -> None:
     plan = record.replay_plan(after_loss=True)
     assert len(plan.setup) == 0 and plan.resend == PciConfigWrite(4, 7, 2)
     assert record.replied() == PciConfigWrite(4, 7, 2)
-    assert record.config_writes == (PciConfigWrite(4, 7, 2),)
+    assert list(record.config_writes) == [PciConfigWrite(4, 7, 2)]
 
 
 def test_reads_are_not_recorded() -> None:
