@@ -106,10 +106,12 @@ class QemuFiles:
             files.close()
             raise
 
-    def fds(self, qmp_listener: int, vhost_user: Mapping[str, int]) -> QemuFds:
+    def fds(self, qmp_listener: int, controller_fds: Mapping[str, int]) -> QemuFds:
+        """`controller_fds`: per controller id, QEMU's end of its link (a
+        vhost-user socket, or for an ``lsi`` controller the proxy's socket)."""
         def opt(fd: int) -> int | None:
             return None if fd < 0 else fd
-        return QemuFds(qmp_listener, vhost_user, opt(self.kernel), opt(self.initrd),
+        return QemuFds(qmp_listener, controller_fds, opt(self.kernel), opt(self.initrd),
                        opt(self.console))
 
     def close(self) -> None:
@@ -164,14 +166,14 @@ class Qemu:
 
     @classmethod
     async def launch(cls, spec: Spec, accel: Accel, qmp_listener: int,
-                     vhost_user: Mapping[str, int], qmp_path: Path) -> Qemu:
+                     controller_fds: Mapping[str, int], qmp_path: Path) -> Qemu:
         """QEMU for the spec, confined (unless ``sandbox = "off"``) and checked.
         Raises :class:`QemuStartError` or :class:`launcher.sandbox.check.
         SandboxError`, with nothing left running."""
         files = QemuFiles.open(spec)
         who: QemuIdentity | None = None
         try:
-            fds = files.fds(qmp_listener, vhost_user)
+            fds = files.fds(qmp_listener, controller_fds)
             argv = qemu_argv(spec, accel, fds)
             jail = None
             if spec.vm.sandbox is not SandboxMode.OFF:

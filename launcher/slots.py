@@ -20,7 +20,6 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ from launcher.restart_policy import (
 )
 from launcher.runfolder import RunFolder
 from launcher.sessionkeeper import OneInFlight, SessionKeeper
+from launcher.slotbase import DiskChangeError, NoAnswer, SlotSnapshot, SlotStats
 from launcher.spares import SparePool
 from launcher.spec import DiskSpec, EmulatorSpec, Spec
 from launcher.statestore import layout
@@ -73,48 +73,6 @@ def _listen(path: Path) -> socket.socket:
     sock.listen(1)
     sock.setblocking(False)
     return sock
-
-
-class DiskChangeError(Exception):
-    """A disk could not be added, removed or resized; nothing changed."""
-
-
-class NoAnswer(DiskChangeError):
-    """The command was sent but no answer came (the emulator ended or hung):
-    whether it was applied, and the guest told, is not known."""
-
-
-@dataclass
-class SlotStats:
-    """What management and the tests want to know about a slot."""
-
-    starts: int = 0
-    restarts: int = 0
-    spare_restarts: int = 0
-    last_exit: str | None = None
-    last_stall_ms: float | None = None
-    stalls_ms: list[float] = field(default_factory=list)
-    started_ns: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class SlotSnapshot:
-    """What management may know of a slot, taken at one instant: a copy, so
-    a query never holds (or reaches through) the live process and link."""
-
-    id: str
-    pid: int | None  # only while a live process serves the slot
-    uid: int | None
-    state: str
-    uptime_s: float | None
-    restarts: int
-    last_exit: str | None
-    last_stall_ms: float | None
-    controllers: tuple[str, ...]
-    disks: tuple[str, ...]
-    heartbeat_rtt_ms: float | None
-    inflight: int | None
-    completed: int | None
 
 
 class EmulatorSlot:

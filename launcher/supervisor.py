@@ -24,15 +24,18 @@ from typing import Any
 from launcher.accel import AccelChoice, choose_for
 from launcher.emulators import DiskOpenError
 from launcher.libvirt import backend_socket
+from launcher.lsi.remote import RemoteError
+from launcher.lsi.slot import RemoteSlot
 from launcher.management.server import EventBus, ManagementServer, resolve_group
 from launcher.qemu import Qemu, QemuStartError, bind_qmp_listener
 from launcher.restart_policy import GiveUp, describe_status
 from launcher.runfolder import RunFolder
 from launcher.sandbox.check import SandboxError, preflight
 from launcher.sdnotify import SdNotifier, strip_environment
+from launcher.slotbase import Slot
 from launcher.slots import EmulatorSlot
 from launcher.spares import WARM_SPARE, SparePool
-from launcher.spec import GiveUpAction, Spec
+from launcher.spec import EmulatorKind, GiveUpAction, Spec
 from launcher.status import LOG
 from launcher.uidpool import UidPool
 from launcher.vmcontrol import SupervisorControl
@@ -86,7 +89,7 @@ class Supervisor:
         self.outcome = VmOutcome()
         self._stop = asyncio.Event()
         self.qemu: Qemu | None = None
-        self.slots: list[EmulatorSlot] = []
+        self.slots: list[Slot] = []
         self.bus = EventBus()
         self.notifier = SdNotifier.from_environment()
         strip_environment()  # QEMU and the emulators must not talk to systemd
@@ -168,10 +171,16 @@ class Supervisor:
                 preflight(self.spec.vm.sandbox)  # the sandbox: fail closed, warn if weakened
             first, last = self.spec.vm.uid_range
             uids = UidPool(first, last, owner=self.spec.vm.name)  # host-wide leases
-            self.spares = SparePool(self.spec, uids) if WARM_SPARE else None
+            # A warm spare is a Python emulator: only the scsi kind can use one.
+            scsi = self.spec.emulators_of_kind(EmulatorKind.SCSI)
+            self.spares = SparePool(self.spec, uids) if WARM_SPARE and scsi else None
             for emulator in self.spec.emulators:
-                slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids, self.spares,
-                                    listen=self.backends_only)
+                slot: Slot
+                if emulator.kind is EmulatorKind.LSI:
+                    slot = RemoteSlot(self.spec, emulator, run, self._give_up, uids)
+                else:
+                    slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids,
+                                        self.spares, listen=self.backends_only)
                 slot.emit = self.emit
                 self.slots.append(slot)
             for slot in self.slots:
@@ -180,16 +189,17 @@ class Supervisor:
                 if self._stop.is_set():
                     return EXIT_OK
                 await slot.start()
-        except (SandboxError, DiskOpenError) as e:  # an emulator not confined stops the VM
+        except (SandboxError, DiskOpenError, RemoteError) as e:  # not confined, or no start
             LOG.error("%s", e)
             return EXIT_FAILED
         if self._stop.is_set():
             return EXIT_OK
         if self.backends_only:
             return await self._serve_backends(run)
-        vhost = {cid: s.fileno() for slot in self.slots for cid, s in slot.qemu_ends.items()}
+        # Each controller's link: a vhost-user socket, or an lsi controller's proxy socket.
+        links = {cid: s.fileno() for slot in self.slots for cid, s in slot.qemu_ends.items()}
         try:  # unprivileged and checked, like an emulator (launcher.qemu)
-            qemu = await Qemu.launch(self.spec, self.accel.accel, listener.fileno(), vhost,
+            qemu = await Qemu.launch(self.spec, self.accel.accel, listener.fileno(), links,
                                      run.qemu_sock)
         except (SandboxError, QemuStartError) as e:
             LOG.error("%s", e)
@@ -238,20 +248,22 @@ class Supervisor:
             self.notifier.status(f"{name.lower()} {data.get('id', '')}")
 
     def _qemu_closed_session(self, why: str) -> None:
-        LOG.debug("vhost-user session ended: %s", why)
+        LOG.debug("QEMU's end of a controller's link closed: %s", why)
         if self.backends_only and all(
-            k.closed for slot in self.slots for k in slot.keepers.values()
+            k.closed for slot in self.slots if isinstance(slot, EmulatorSlot)
+            for k in slot.keepers.values()
         ):
             self.request_stop("QEMU closed every vhost-user connection")
 
     async def _serve_backends(self, run: RunFolder) -> int:
         """Backend-only mode: no QEMU of ours; serve until QEMU has come and gone,
         or a stop signal."""
-        for slot in self.slots:
+        served = [slot for slot in self.slots if isinstance(slot, EmulatorSlot)]
+        for slot in served:
             for cid in slot.listeners:
                 LOG.info("controller %s waits for QEMU on %s", cid, backend_socket(run.path, cid))
         self._supervise_emulators()
-        for slot in self.slots:
+        for slot in served:
             self._spawn(slot.accept_frontends(), f"accept QEMU for {slot.id}")
         self.notifier.ready(f"VM {self.spec.vm.name}: emulators serving")
         await self._stop.wait()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from emulators.limits import image_size_problem
 from launcher.imagepolicy import ImagePolicy, ImageRefused
 from launcher.management.commands import CommandError
-from launcher.slots import DiskChangeError, EmulatorSlot
+from launcher.slotbase import DiskChangeError, Slot
 from launcher.spec import DiskSpec
 from launcher.status import LOG
 
@@ -72,7 +72,8 @@ class SupervisorControl:
                 "last_exit": snap.last_exit, "last_stall_ms": snap.last_stall_ms,
                 "controllers": list(snap.controllers), "disks": list(snap.disks),
                 "heartbeat_rtt_ms": snap.heartbeat_rtt_ms, "inflight": snap.inflight,
-                "completed": snap.completed,
+                "completed": snap.completed, "kind": snap.kind,
+                "targets": None if snap.targets is None else dict(snap.targets),
             })
         return out
 
@@ -92,14 +93,14 @@ class SupervisorControl:
 
     # -- changes
 
-    def _slot(self, emulator_id: str) -> EmulatorSlot:
+    def _slot(self, emulator_id: str) -> Slot:
         for slot in self.sv.slots:
             if slot.id == emulator_id:
                 return slot
         known = ", ".join(s.id for s in self.sv.slots) or "none"
         raise CommandError("DeviceNotFound", f"no emulator '{emulator_id}'; known: {known}")
 
-    def _disk(self, disk_id: str) -> tuple[EmulatorSlot, DiskSpec]:
+    def _disk(self, disk_id: str) -> tuple[Slot, DiskSpec]:
         for slot in self.sv.slots:
             disk = slot.disk(disk_id)
             if disk is not None:
