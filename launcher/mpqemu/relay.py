@@ -139,7 +139,14 @@ class MpqemuRelay:
 
     def attach(self, remote: socket.socket) -> None:
         """Relay to `remote` (the relay owns the socket from now on): replay the
-        record, re-send or answer the pending request, then forward both ways."""
+        record, re-send or answer the pending request, then forward both ways.
+
+        Attach a remote only once its QMP monitor has answered a command (the
+        qmp_capabilities of a QMP client's connect will do), not at its
+        greeting: QEMU's x-remote serves the link as soon as its object
+        exists, before the machine's first reset, and that reset would undo
+        the replayed config writes (seen: BAR and command register back to
+        their reset values). The greeting is written before that reset too."""
         if self.closed:
             remote.close()
             return
