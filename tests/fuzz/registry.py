@@ -26,6 +26,7 @@ HARNESSES: dict[str, str] = {
     "control": "control:CONTROL",
     "qmp": "qmp:QMP",
     "spec": "spec:SPEC",
+    "mpqemu": "mpqemu:MPQEMU",
 }
 
 
