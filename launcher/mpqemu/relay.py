@@ -146,7 +146,10 @@ class MpqemuRelay:
         greeting: QEMU's x-remote serves the link as soon as its object
         exists, before the machine's first reset, and that reset would undo
         the replayed config writes (seen: BAR and command register back to
-        their reset values). The greeting is written before that reset too."""
+        their reset values). The greeting is written before that reset too.
+
+        A remote whose link refuses the replay is reported through
+        `on_remote_fault` before this returns, and is detached."""
         if self.closed:
             remote.close()
             return
@@ -237,6 +240,8 @@ class MpqemuRelay:
                 self._from_proxy(message)
         except MpqemuError as e:
             self._close_proxy(f"the proxy broke the protocol: {e}")
+        except OSError as e:  # no copy of its fds for the record: a replay would lie
+            self._close_proxy(f"cannot record the proxy's message: {e}")
 
     def _from_proxy(self, message: Message) -> None:
         """Record `message` and forward it when a remote is attached. Raises

@@ -16,6 +16,7 @@ import asyncio
 import os
 import shutil
 import socket
+import struct
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -514,3 +515,22 @@ def test_real_qemu_through_the_relay_and_a_restart() -> None:
             stop(proc)
         for fd in (ram, *irq):
             os.close(fd)
+
+
+@pytest.mark.parametrize("nfds", [8, 9])
+def test_too_many_fds_from_the_proxy_close_it(nfds: int) -> None:
+    """8 fds: the codec refuses them (QEMU would); 9: more than the relay
+    reads at once (the kernel truncates): refused too, none leaks."""
+    async def script(rig: Rig) -> None:
+        rig.new_remote()
+        fds = tuple(os.eventfd(0) for _ in range(nfds))
+        regions = [(i * MIB, MIB, 0) for i in range(8)]
+        body = struct.pack("=8Q8Q8q", *(r[0] for r in regions), *(r[1] for r in regions),
+                           *(r[2] for r in regions))
+        rig.proxy.send_raw(struct.pack("=i4xQ", 0, len(body)) + body, fds)
+        for fd in fds:
+            os.close(fd)
+        assert await rig.proxy.closed()
+        assert len(rig.proxy_closed) == 1 and "fds" in rig.proxy_closed[0]
+
+    run(script)
