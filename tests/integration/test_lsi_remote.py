@@ -98,6 +98,12 @@ async def config_read(sock: socket.socket, addr: int, length: int) -> int:
         decoder.receive_data(data)
 
 
+async def hmp(remote: RemoteProcess, line: str) -> str:
+    out = await remote.qmp.execute("human-monitor-command", {"command-line": line})
+    assert isinstance(out, str)
+    return out
+
+
 def test_the_remote_is_confined_serves_and_leaves_nothing(tmp_path: Path) -> None:
     seen: dict[str, object] = {}
 
@@ -131,6 +137,19 @@ def test_the_remote_is_confined_serves_and_leaves_nothing(tmp_path: Path) -> Non
         assert isinstance(block, list)
         blocks = {b["inserted"]["node-name"]: b["inserted"]["ro"] for b in block}
         assert blocks == {"t0": False, "t3": True}
+        # Block I/O on the image's fds, through QEMU's I/O worker threads
+        # (new threads: clones with CLONE_THREAD, which the no-spawn stage 1 allows).
+        for line in ('qemu-io -d scsi-t0 "aio_write -P 0xab 0 64k"',
+                     'qemu-io -d scsi-t0 "aio_write -P 0xcd 64k 64k"',
+                     'qemu-io -d scsi-t0 "aio_flush"'):
+            assert await hmp(remote, line) == ""
+        assert "read-only" in await hmp(remote, 'qemu-io -d scsi-t3 "write 0 4k"')
+        with open(tmp_path / "d0.img", "rb") as f:
+            assert f.read(128 << 10) == b"\xab" * (64 << 10) + b"\xcd" * (64 << 10)
+        names = [(task / "comm").read_text().strip()
+                 for task in Path(f"/proc/{pid}/task").iterdir()]
+        assert "worker" in names, names  # QEMU's thread pool (debug-threads=on names it)
+        assert await remote.ping(5.0) > 0
         # kill(): it ends at once, reaped.
         remote.kill()
         status_code = await asyncio.wait_for(remote.exited, 10)
