@@ -319,7 +319,10 @@ class RemoteProcess:
         done, _ = await asyncio.wait({connecting, self.exited}, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if connecting in done:
-            connecting.result()
+            try:
+                connecting.result()
+            except Exception as e:  # qemu.qmp's ConnectError and the like
+                raise RemoteFailed(f"{what}: its monitor failed during start-up: {e}") from None
             return
         connecting.cancel()
         with contextlib.suppress(BaseException):
