@@ -282,6 +282,10 @@ class RemoteProcess:
                 process = await asyncio.create_subprocess_exec(
                     *argv, pass_fds=tuple(keep), stdin=asyncio.subprocess.DEVNULL,
                     stdout=output_w, stderr=output_w, env={}, start_new_session=True)
+            except OSError as e:  # a disk fd that is not open, a binary that will not run
+                os.close(output)
+                raise RemoteStartError(f"cannot spawn the LSI remote {controller_id}: "
+                                       f"{e.strerror}") from None
             except BaseException:
                 os.close(output)
                 raise

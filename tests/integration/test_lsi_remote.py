@@ -19,7 +19,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.lsi.remote import RemoteDisk, RemoteProcess
+from launcher.lsi.remote import (
+    HeartbeatLost,
+    RemoteDisk,
+    RemoteFailed,
+    RemoteProcess,
+    RemoteStartError,
+)
 from launcher.mpqemu import codec
 from launcher.sandbox import check
 from launcher.uidpool import HostUids
@@ -200,3 +206,54 @@ def test_no_spawn_refuses_every_new_process_but_not_threads() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["thread", "fork", "EPERM", "subprocess", "EPERM",
                                    "vfork", "EPERM", "clone3", "ENOSYS", "ptrace", "EPERM"]
+
+
+def test_a_frozen_remote_is_hung_and_answers_again_once_thawed(tmp_path: Path) -> None:
+    async def body(remote: RemoteProcess) -> None:
+        os.kill(remote.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(HeartbeatLost) as lost:
+                await remote.ping(0.3)
+            assert lost.value.hung and str(remote.pid) in str(lost.value)
+        finally:
+            os.kill(remote.pid, signal.SIGCONT)
+        # The late answer to the abandoned ping is dropped; the next one counts.
+        assert await remote.ping(5.0) > 0
+        assert await remote.ping(5.0) > 0
+        remote.kill()
+        await remote.exited
+        with pytest.raises(HeartbeatLost) as broken:
+            await remote.ping(1.0)
+        assert not broken.value.hung
+
+    pid, uid = run_remote(tmp_path, body)
+    assert_gone(pid, uid)
+
+
+def test_a_remote_that_cannot_start_leaves_nothing(tmp_path: Path) -> None:
+    """An "image" that is a folder: QEMU exits during its start-up. An fd
+    that is not open, or no QEMU at all: nothing is even spawned."""
+    lease = HostUids(*UID_RANGE).take("test/lsi-remote")
+    assert lease is not None
+    folder = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    async def go() -> None:
+        with pytest.raises((RemoteFailed, check.SandboxError)) as failed:
+            await RemoteProcess.start("lsi1", [RemoteDisk(0, folder)], lease.uid, lease.uid,
+                                      MEMORY)
+        assert "start-up" in str(failed.value) or "locking itself down" in str(failed.value)
+        with pytest.raises(RemoteStartError, match="Bad file descriptor"):
+            await RemoteProcess.start("lsi1", [RemoteDisk(0, 900)], lease.uid, lease.uid,
+                                      MEMORY)
+        with pytest.raises(RemoteStartError, match="not found"):
+            await RemoteProcess.start("lsi1", [], lease.uid, lease.uid, MEMORY,
+                                      binary="no-such-qemu")
+
+    try:
+        asyncio.run(go())
+        left = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"]
+                and p.info["uids"].real == lease.uid]
+        assert left == []
+    finally:
+        os.close(folder)
+        lease.release()
