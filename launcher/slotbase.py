@@ -112,6 +112,10 @@ class Slot(Protocol):
 
     def disk(self, disk_id: str) -> DiskSpec | None: ...
 
+    def disk_changes_refused(self, what: str) -> str | None:
+        """Why `what` (disk-add, disk-remove, disk-resize) is refused on
+        this slot whatever its arguments, or None."""
+
     async def add_disk(self, disk: DiskSpec, opened: int | None = None) -> None: ...
 
     async def remove_disk(self, disk: DiskSpec) -> None: ...

@@ -417,6 +417,9 @@ class EmulatorSlot:
 
     # -- disks changed through management
 
+    def disk_changes_refused(self, what: str) -> str | None:
+        return None  # LUNs come and go through the control link
+
     def disk(self, disk_id: str) -> DiskSpec | None:
         for disks in self.disks.values():
             for disk in disks:

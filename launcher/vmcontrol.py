@@ -129,6 +129,9 @@ class SupervisorControl:
             owner = next((s for s in self.sv.slots if controller in s.disks), None)
             if owner is None:
                 raise CommandError("DeviceNotFound", f"no controller '{controller}'")
+            refused = owner.disk_changes_refused("disk-add")
+            if refused is not None:  # before the image is even looked at
+                raise _fail(refused)
             path = Path(image)
             try:
                 fd, st = self.images.open(image, readonly)
@@ -167,6 +170,9 @@ class SupervisorControl:
     async def disk_resize(self, id: str, size: int) -> None:
         async with self._disk_changes:
             slot, disk = self._disk(id)
+            refused = slot.disk_changes_refused("disk-resize")
+            if refused is not None:
+                raise _fail(refused)
             if disk.readonly:
                 raise _fail(f"disk '{id}' is read-only")
             held = slot.disk_fds.get(id)

@@ -54,6 +54,13 @@ from launcher.status import LOG
 from launcher.uidpool import UidPool
 
 KIND = "lsi"
+RAM_MAPPINGS = 64
+"""Guest RAM counted this many times in the remote's address space limit.
+The remote maps the RAM anew on each SYNC_SYSMEM and unmaps the old
+mapping only after an RCU grace period, and firmware and the guest kernel
+change the memory map in bursts: a 256 MiB guest's remote peaked at 7.9 GB
+of address space (VmPeak) while the guest booted, some 30 mappings at once.
+The limit is address space, not memory: the mappings share the same pages."""
 
 
 class RemoteSlot:
@@ -174,7 +181,7 @@ class RemoteSlot:
         try:
             remote = await RemoteProcess.start(
                 self.controller.id, list(self.images.values()), uid, uid,
-                self.spec.vm.memory, self.spec.vm.sandbox)
+                self.spec.vm.memory * RAM_MAPPINGS, self.spec.vm.sandbox)
         except BaseException:
             self.uids.give_back(uid)
             raise
@@ -260,16 +267,14 @@ class RemoteSlot:
             self._restart_requested.clear()
             return Ending(ExitReason.REQUESTED_RESTART, "requested through management",
                           await self._reap(remote)), seen_ns
-        judged: Judgement = (verdict.result() if verdict.done()
-                             else ProtocolBroken(f"mpqemu link: {fault.result()}"))
-        if isinstance(judged, ProtocolBroken):  # usually dying: let its exit be seen
+        judged = verdict.result() if verdict.done() else None
+        why = judged.reason if judged is not None else f"its mpqemu link: {fault.result()}"
+        if not isinstance(judged, NoReply):  # usually dying: let its exit be seen
             await asyncio.wait({remote.exited}, timeout=EXIT_GRACE_S)
         if remote.exited.done():
             status = remote.exited.result()
-            return Ending(ExitReason.CRASHED, judged.reason if status == 0 else "",
-                          status), seen_ns
-        return Ending(ExitReason.KILLED_HUNG, judged.reason, await self._reap(remote),
-                      judged), seen_ns
+            return Ending(ExitReason.CRASHED, why if status == 0 else "", status), seen_ns
+        return Ending(ExitReason.KILLED_HUNG, why, await self._reap(remote), judged), seen_ns
 
     @staticmethod
     async def _reap(remote: RemoteProcess) -> int:
@@ -354,11 +359,13 @@ class RemoteSlot:
     def disk(self, disk_id: str) -> DiskSpec | None:
         return next((d for d in self.disks[self.controller.id] if d.id == disk_id), None)
 
+    def disk_changes_refused(self, what: str) -> str | None:
+        return (f"emulator {self.id} is of kind \"{KIND}\": {what} is not supported for it "
+                "(an LSI53C895A's disks are fixed when its remote process starts); change "
+                "the spec and start the VM again")
+
     def _refuse(self, what: str) -> DiskChangeError:
-        return DiskChangeError(
-            f"emulator {self.id} is of kind \"{KIND}\": {what} is not supported for it "
-            "(an LSI53C895A's disks are fixed when its remote process starts); change "
-            "the spec and start the VM again")
+        return DiskChangeError(self.disk_changes_refused(what))
 
     async def add_disk(self, disk: DiskSpec, opened: int | None = None) -> None:
         raise self._refuse("disk-add")
