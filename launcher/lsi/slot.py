@@ -54,6 +54,16 @@ from launcher.status import LOG
 from launcher.uidpool import UidPool
 
 KIND = "lsi"
+ANNOUNCE_RESET = True
+"""After a restart, make the new controller report a SCSI bus reset
+(`RemoteSlot._announce_reset`); without it the guest finds out by command
+timeouts (30 s by default, then 5 s per failed abort and device reset)."""
+COMMAND_TIMEOUT = 5.0
+BAR_WAIT_S = 1.0
+SCNTL1 = 0x01
+"""SCSI control 1, and its bit that asserts the bus's RST line (53C895A)."""
+SCNTL1_RST = 0x08
+LSI_VENDOR = 0x1000
 RAM_MAPPINGS = 64
 """Guest RAM counted this many times in the remote's address space limit.
 The remote maps the RAM anew on each SYNC_SYSMEM and unmaps the old
@@ -61,6 +71,21 @@ mapping only after an RCU grace period, and firmware and the guest kernel
 change the memory map in bursts: a 256 MiB guest's remote peaked at 7.9 GB
 of address space (VmPeak) while the guest booted, some 30 mappings at once.
 The limit is address space, not memory: the mappings share the same pages."""
+
+
+async def _io_bar(remote: RemoteProcess) -> int | None:
+    """The I/O port the guest gave the controller's registers (BAR 0), as
+    the remote sees it after the replay; None before the firmware set it."""
+    buses = await remote.qmp.execute("query-pci")
+    for bus in buses if isinstance(buses, list) else []:
+        for device in bus.get("devices", []):
+            if device.get("id", {}).get("vendor") != LSI_VENDOR:
+                continue
+            for region in device.get("regions", []):
+                if region.get("bar") == 0 and region.get("type") == "io":
+                    address = int(region.get("address", 0))
+                    return address if 0 < address < 0xFFFF else None
+    return None
 
 
 class RemoteSlot:
@@ -353,6 +378,34 @@ class RemoteSlot:
         })
         LOG.info("emulator %s restarted (pid %d, cold start) %.1f ms after its end", self.id,
                  remote.pid, stall_ms)
+        if ANNOUNCE_RESET:
+            await self._announce_reset(remote)
+
+    async def _announce_reset(self, remote: RemoteProcess) -> None:
+        """Make the new controller report a SCSI bus reset, as a real one
+        would after the bus lost power: the guest's driver then starts the
+        chip again at its next interrupt (or poll) and requeues what the old
+        process lost, instead of waiting for each command's timeout. Best
+        effort: a controller the firmware has not set up yet (no I/O BAR)
+        needs nothing, and a failure here is logged, never fatal."""
+        try:
+            # The relay's replay (the BARs and command register) and this
+            # monitor reach the remote's main loop by different sockets: wait
+            # until the replay mapped the registers, or give up (none to map).
+            deadline = now_ns() + int(BAR_WAIT_S * 1e9)
+            while (port := await asyncio.wait_for(_io_bar(remote), COMMAND_TIMEOUT)) is None:
+                if now_ns() > deadline:
+                    LOG.debug("emulator %s: no I/O BAR mapped; no reset to announce", self.id)
+                    return
+                await asyncio.sleep(0.01)
+            for value in (SCNTL1_RST, 0):  # assert, then release, the bus's RST line
+                await asyncio.wait_for(remote.qmp.execute("human-monitor-command", {
+                    "command-line": f"o /b {port + SCNTL1:#x} {value:#x}"}), COMMAND_TIMEOUT)
+        except Exception as e:  # a timeout, a broken monitor, qemu.qmp's own errors
+            LOG.warning("emulator %s: could not announce the controller's reset: %s", self.id, e)
+            return
+        LOG.info("emulator %s: SCSI bus reset announced to the guest (I/O port %#x)",
+                 self.id, port)
 
     # -- disks: fixed for this kind
 
