@@ -230,3 +230,62 @@ def test_remote_killed_frozen_and_restarted_during_guest_io(tmp_path: Path) -> N
     assert chaos_guest.compare_images(ledger, [(DATA_SIZE, vm.image("d0"))]) == []
     assert [r["event"] for r in results] == ["SIGKILL", "SIGSTOP", "emulator-restart"]
     m.assert_nothing_left(vm.run_dir)
+
+
+def test_remote_killed_at_random_moments_from_firmware_to_io(tmp_path: Path) -> None:
+    """SIGKILL of the remote at random moments: while the firmware probes
+    the controller, while the guest's driver starts, and during I/O. The
+    guest still boots, sees its disks and runs its loop with nothing lost.
+    MPL_LSI_SEED replays a run's moments (the seed is printed)."""
+    import random
+
+    seed = int(os.environ.get("MPL_LSI_SEED", str(random.randrange(1 << 30))))
+    rng = random.Random(seed)
+    print(f"\nMPL_LSI_SEED={seed}")
+    vm = VmDef(tmp_path, "lsi-random", workload="shell")
+    vm.emulators = {"lsi-a": {"kind": "lsi", "heartbeat_ms": 100, "hang_timeout_ms": 1000,
+                              "restart_burst": 100, "restart_window_s": 1}}
+    vm.controllers = {"lsi0": ("lsi-a", 1)}
+    vm.disks = [DiskDef("d0", "lsi0", 0, size=DATA_SIZE),
+                DiskDef("script", "lsi0", 1, size=chaos_guest.SCRIPT_DISK_SIZE, readonly=True)]
+    vm.vm_extra = {"uid_range": "64860-64869"}
+    chaos_guest.script_image(vm.image("script"), script(seed=seed % 30000))
+    vm.extra_append = shell_cmd(chaos_guest.loader())
+    m = Mplaunch(vm.write(), console=vm.console)
+    watch = Watch(m, vm)
+    kills: list[tuple[float, str]] = []
+    try:
+        m.wait_stderr(r"QEMU started", timeout=120)
+        started = time.monotonic()
+        # Early: the firmware and the driver's probe (the first seconds under TCG).
+        for at in sorted(rng.uniform(0.2, 8.0) for _ in range(3)):
+            time.sleep(max(0.0, started + at - time.monotonic()))
+            pid = serving_pid(vm)
+            os.kill(pid, signal.SIGKILL)
+            kills.append((round(time.monotonic() - started, 1), "early"))
+            serving_pid(vm, not_pid=pid)
+        m.wait_console(r"^MPL READY", timeout=240)
+        n, _ = watch.until_progress(0, 120, "after the early kills")
+        for _ in range(3):
+            time.sleep(rng.uniform(0.0, 3.0))
+            pid = serving_pid(vm)
+            os.kill(pid, signal.SIGKILL)
+            kills.append((round(time.monotonic() - started, 1), "io"))
+            serving_pid(vm, not_pid=pid)
+            n, _ = watch.until_progress(n, RESUME_S, "after a kill during I/O")
+        chaos_guest.stop_boot(vm.image("script"), 1)
+        rc = m.wait(240)
+    finally:
+        if m.proc.poll() is None:
+            m.kill_all()
+    text = vm.console.read_text(errors="replace")
+    print(f"kills (s after QEMU started): {kills}")
+    print("guest: " + " ".join(f"{k}={v}" for k, v in lines_of(vm.console, "END")[0].items())
+          if lines_of(vm.console, "END") else "guest: no END")
+    print("\n".join(line for line in text.splitlines() if line.startswith("MPL KLOG")))
+    assert rc == 0, m.stderr + text[-3000:]
+    [end] = lines_of(vm.console, "END")
+    assert end["bad"] == "0" and end["errs"] == "0", text[-3000:]
+    assert chaos_guest.compare_images(chaos_guest.ledger(text),
+                                      [(DATA_SIZE, vm.image("d0"))]) == []
+    m.assert_nothing_left(vm.run_dir)
