@@ -185,10 +185,11 @@ def emulator_argv(config: EmulatorConfig, sandbox: SandboxMode = SandboxMode.ON)
     return [sys.executable, "-I", "-m", "emulators", config.to_json(), sandbox.value]
 
 
-async def _reaped(process: asyncio.subprocess.Process, relay: asyncio.Task[None]) -> int:
+async def reaped(process: asyncio.subprocess.Process, relay: asyncio.Task[None]) -> int:
     """The wait status, once the process is reaped and its output pipe read to
     the end (at once: only the emulator, which cannot fork, holds its write
-    end), so that the pipe is closed by the time anyone sees the exit."""
+    end; the same for QEMU's remote, which cannot fork either), so that the
+    pipe is closed by the time anyone sees the exit."""
     status = await process.wait()
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.shield(relay), RELAY_DRAIN)
@@ -277,7 +278,7 @@ async def start(
         os.close(output_w)
     faultplan.PLAN.given(env, process.pid)
     relay = asyncio.create_task(relay_output(f"{res.spec.id} {process.pid}", output))
-    proc = EmulatorProcess(res.spec.id, process, asyncio.create_task(_reaped(process, relay)),
+    proc = EmulatorProcess(res.spec.id, process, asyncio.create_task(reaped(process, relay)),
                            relay)
     proc.exited.add_done_callback(proc.report_exit)
     if res.sandbox is SandboxMode.OFF:

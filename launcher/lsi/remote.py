@@ -48,7 +48,8 @@ from dataclasses import dataclass
 
 from qemu.qmp import QMPClient
 
-from launcher.emulators import output_pipe, relay_output
+from launcher.emulators import output_pipe, reaped, relay_output
+from launcher.qemu import QUIT_TIMEOUT, TERM_TIMEOUT
 from launcher.sandbox import check
 from launcher.sandbox.jail import JailSpec
 from launcher.spec import SandboxMode
@@ -63,15 +64,19 @@ workers): RLIMIT_NPROC, which counts threads. No process: stage 1 refuses it."""
 TB_SIZE_MIB = 16
 """TCG's translation buffer: the remote runs no guest code, and the default
 (1 GiB) would only take address space under RLIMIT_AS."""
-ADDRESS_SPACE_HEADROOM = 3 << 30
+RAM_MAPPINGS = 64
+"""Guest RAM counted this many times in the remote's address space limit.
+The remote maps the RAM anew on each SYNC_SYSMEM and unmaps the old
+mapping only after an RCU grace period, and firmware and the guest kernel
+change the memory map in bursts: a 256 MiB guest's remote peaked at 7.9 GB
+of address space (VmPeak) while the guest booted, some 30 mappings at once.
+The limit is address space, not memory: the mappings share the same pages."""
+REMOTE_HEADROOM = 3 << 30
 """Address space beyond the guest RAM the remote maps (SYNC_SYSMEM): QEMU
 itself (about 360 MiB at start), thread stacks (8 MiB each) and malloc
 arenas (64 MiB each, reserved); a thread QEMU cannot create aborts it."""
 START_TIMEOUT = 15.0
 """How long the monitor's greeting may take once the process is confined."""
-QUIT_TIMEOUT = 3.0
-TERM_TIMEOUT = 3.0
-RELAY_DRAIN = 1.0
 _QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,30}")
 
 
@@ -213,16 +218,8 @@ def remote_jail(uid: int, gid: int, keep_fds: Sequence[int], guest_memory: int) 
     threads, an address space for the guest RAM it maps and itself, and no
     new process (stage 1 with ``no_spawn``)."""
     return JailSpec(uid=uid, gid=gid, keep_fds=tuple(keep_fds),
-                    address_space=guest_memory + ADDRESS_SPACE_HEADROOM,
+                    address_space=guest_memory * RAM_MAPPINGS + REMOTE_HEADROOM,
                     nproc=REMOTE_NPROC, dev=QEMU_DEVICES, view=QEMU_VIEW, no_spawn=True)
-
-
-async def _reaped(process: asyncio.subprocess.Process, relay: asyncio.Task[None]) -> int:
-    """The wait status, once its output pipe is read to the end too."""
-    status = await process.wait()
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.shield(relay), RELAY_DRAIN)
-    return status
 
 
 class RemoteProcess:
@@ -242,7 +239,7 @@ class RemoteProcess:
         self.monitor = monitor
         self.uid = uid
         self.relay = relay
-        self.exited: asyncio.Task[int] = asyncio.create_task(_reaped(process, relay))
+        self.exited: asyncio.Task[int] = asyncio.create_task(reaped(process, relay))
         self.qmp = QMPClient(f"lsi-{controller_id}")
 
     @property

@@ -64,13 +64,6 @@ SCNTL1 = 0x01
 """SCSI control 1, and its bit that asserts the bus's RST line (53C895A)."""
 SCNTL1_RST = 0x08
 LSI_VENDOR = 0x1000
-RAM_MAPPINGS = 64
-"""Guest RAM counted this many times in the remote's address space limit.
-The remote maps the RAM anew on each SYNC_SYSMEM and unmaps the old
-mapping only after an RCU grace period, and firmware and the guest kernel
-change the memory map in bursts: a 256 MiB guest's remote peaked at 7.9 GB
-of address space (VmPeak) while the guest booted, some 30 mappings at once.
-The limit is address space, not memory: the mappings share the same pages."""
 
 
 async def _io_bar(remote: RemoteProcess) -> int | None:
@@ -206,7 +199,7 @@ class RemoteSlot:
         try:
             remote = await RemoteProcess.start(
                 self.controller.id, list(self.images.values()), uid, uid,
-                self.spec.vm.memory * RAM_MAPPINGS, self.spec.vm.sandbox)
+                self.spec.vm.memory, self.spec.vm.sandbox)
         except BaseException:
             self.uids.give_back(uid)
             raise

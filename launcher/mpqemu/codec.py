@@ -49,7 +49,7 @@ HEADER: Final = struct.Struct("=i4xQ")
 HEADER_SIZE: Final = HEADER.size
 MAX_PAYLOAD: Final = 192
 """sizeof the payload union: SYNC_SYSMEM's three arrays of 8 u64."""
-MAX_FDS: Final = 7
+MAX_MESSAGE_FDS: Final = 7
 """QEMU's remote refuses a message with 8 (REMOTE_MAX_FDS) or more fds."""
 MAX_REGIONS: Final = 8
 CONFIG_SPACE: Final = 256
@@ -141,8 +141,8 @@ class SyncSysmem:
     command: ClassVar[Command] = Command.SYNC_SYSMEM
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.regions) <= MAX_FDS:
-            raise LocalProtocolError(f"{len(self.regions)} regions, 1 to {MAX_FDS} allowed")
+        if not 1 <= len(self.regions) <= MAX_MESSAGE_FDS:
+            raise LocalProtocolError(f"{len(self.regions)} regions, 1 to {MAX_MESSAGE_FDS} allowed")
         if len(self.fds) != len(self.regions):
             raise LocalProtocolError(f"{len(self.fds)} fds for {len(self.regions)} regions")
 
@@ -503,8 +503,8 @@ class Decoder:
         while self._batches and self._batches[0][0] < end:
             fds.extend(self._batches.pop(0)[1])
         try:
-            if len(fds) > MAX_FDS:
-                raise RemoteProtocolError(f"{len(fds)} fds, at most {MAX_FDS}", command)
+            if len(fds) > MAX_MESSAGE_FDS:
+                raise RemoteProtocolError(f"{len(fds)} fds, at most {MAX_MESSAGE_FDS}", command)
             message = _parse(command, bytes(self._buf[HEADER_SIZE:total]), fds, reply_to)
         except RemoteProtocolError:
             self._close_all(fds)

@@ -45,7 +45,7 @@ from launcher.status import LOG
 
 from .codec import (
     CONNECTION_CLOSED,
-    MAX_FDS,
+    MAX_MESSAGE_FDS,
     REQUEST_TYPES,
     Command,
     Decoder,
@@ -61,8 +61,8 @@ from .codec import (
 )
 from .record import Record
 
-RECV_BYTES = 4096
-RECV_MAX_FDS = MAX_FDS + 1
+RELAY_RECV_BYTES = 4096
+RECV_MAX_FDS = MAX_MESSAGE_FDS + 1
 """One more than a message may carry, so that too many is seen, not truncated."""
 
 
@@ -217,7 +217,7 @@ class MpqemuRelay:
 
     def _on_proxy_readable(self) -> None:
         try:
-            data, fds, flags, _ = socket.recv_fds(self._proxy, RECV_BYTES, RECV_MAX_FDS)
+            data, fds, flags, _ = socket.recv_fds(self._proxy, RELAY_RECV_BYTES, RECV_MAX_FDS)
         except BlockingIOError:
             return
         except OSError as e:
@@ -305,7 +305,7 @@ class MpqemuRelay:
         if remote is None or decoder is None:
             return
         try:
-            data, fds, flags, _ = socket.recv_fds(remote, RECV_BYTES, RECV_MAX_FDS)
+            data, fds, flags, _ = socket.recv_fds(remote, RELAY_RECV_BYTES, RECV_MAX_FDS)
         except BlockingIOError:
             return
         except OSError:

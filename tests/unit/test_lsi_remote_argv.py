@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from launcher.lsi.remote import (
-    ADDRESS_SPACE_HEADROOM,
+    RAM_MAPPINGS,
+    REMOTE_HEADROOM,
     RemoteDisk,
     fdset_id,
     node_name,
@@ -77,5 +78,5 @@ def test_the_jail_is_the_vmm_qemus_with_threads_an_address_space_and_no_processe
     assert (jail.uid, jail.gid, jail.keep_fds) == (64001, 64001, (5, 6, 10, 11))
     assert jail.view == QEMU_VIEW and "kvm" not in jail.dev
     assert jail.no_spawn and 0 < jail.nproc <= 256
-    assert jail.address_space == (512 << 20) + ADDRESS_SPACE_HEADROOM
+    assert jail.address_space == (512 << 20) * RAM_MAPPINGS + REMOTE_HEADROOM
     assert not jail.new_root

@@ -15,7 +15,7 @@ import pytest
 from launcher.mpqemu.codec import (
     CONNECTION_CLOSED,
     HEADER,
-    MAX_FDS,
+    MAX_MESSAGE_FDS,
     NEED_DATA,
     BarRead,
     BarWrite,
@@ -278,7 +278,7 @@ def test_sync_sysmem_fds() -> None:
     assert "came with 3 fds" in refused(two, 3)
     eight = raw(0, sysmem_body([(i * GIB, GIB, i * GIB) for i in range(8)]))
     assert "8 fds, at most 7" in refused(eight, 8)
-    assert MAX_FDS == 7
+    assert MAX_MESSAGE_FDS == 7
 
 
 def test_sync_sysmem_regions() -> None:
