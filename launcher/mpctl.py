@@ -79,9 +79,10 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
 
 EMULATOR_COLUMNS = (
-    ("ID", "id"), ("PID", "pid"), ("UID", "uid"), ("STATE", "state"), ("UPTIME", "uptime"),
-    ("RESTARTS", "restarts"), ("LAST EXIT", "last_exit"), ("CONTROLLERS", "controllers"),
-    ("DISKS", "disks"), ("RTT MS", "heartbeat_rtt_ms"), ("INFLIGHT", "inflight"),
+    ("ID", "id"), ("KIND", "kind"), ("PID", "pid"), ("UID", "uid"), ("STATE", "state"),
+    ("UPTIME", "uptime"), ("RESTARTS", "restarts"), ("LAST EXIT", "last_exit"),
+    ("CONTROLLERS", "controllers"), ("DISKS", "disks"), ("RTT MS", "heartbeat_rtt_ms"),
+    ("INFLIGHT", "inflight"),
 )
 DISK_COLUMNS = (
     ("ID", "id"), ("CONTROLLER", "controller"), ("LUN", "lun"), ("SIZE", "size"),
