@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from launcher.holder import protocol as p
-from launcher.holder.main import recv, send
+from launcher.holder.wire import recv, send
 
 
 class Refused(p.HolderError):

@@ -21,35 +21,15 @@ import time
 from dataclasses import dataclass, field
 
 from launcher.holder import protocol as p
+from launcher.holder.child import setup as child_setup
+from launcher.holder.wire import recv, send
 
 LOG = logging.getLogger("mplaunch.holder")
-PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG = 1  # cleared for the holder itself: the launcher may die
 PR_SET_CHILD_SUBREAPER = 36
 #: With no launcher attached and no child for this long, the holder exits.
 IDLE_EXIT_S = 60.0
 _libc = ctypes.CDLL(None, use_errno=True)
-_CMSG = socket.CMSG_SPACE(p.MAX_FDS * 4)
-
-
-def recv(sock: socket.socket) -> tuple[bytes, list[int]] | None:
-    """One datagram and its fds; None at EOF. Truncation is a protocol error."""
-    data, anc, flags, _ = sock.recvmsg(p.MAX_MESSAGE + 1, _CMSG, socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4]))
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        for fd in fds:
-            os.close(fd)
-        raise p.ProtocolError("message or its fds truncated")
-    if not data and not fds:
-        return None
-    return data, fds
-
-
-def send(sock: socket.socket, msg: p.Message, fds: list[int] = ()) -> None:  # type: ignore[assignment]
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
-    sock.sendmsg([p.encode(msg)], anc)
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -192,7 +172,7 @@ class Holder:
         if pid == 0:  # pragma: no cover (the child; it only ever leaves by exec or _exit)
             try:
                 os.close(rd)
-                _child_setup(me, sources, wr)
+                wr = child_setup(me, sources, wr)
                 os.execve(msg.argv[0], list(msg.argv), dict(msg.env))
             except BaseException as e:  # noqa: BLE001 (report anything, then leave)
                 os.write(wr, str(e).encode()[:512])
@@ -231,6 +211,14 @@ class Holder:
             if not self.children:
                 self.idle_since = time.monotonic()
 
+    def kill_orphans(self) -> None:
+        """A process that came to us as subreaper has nobody to supervise it:
+        SIGKILL it (the jail lets no confined child fork, so this is rare)."""
+        for pid in _my_children() - set(self.children):
+            LOG.warning("holder: killing pid %d, an orphan nobody supervises", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def kill_all(self) -> None:
         """SIGKILL every child (and every orphan that came to us), reap them all."""
         while True:
@@ -251,42 +239,6 @@ def _my_children() -> set[int]:
         with open(f"/proc/self/task/{tid}/children") as f:
             found.update(int(x) for x in f.read().split())
     return found
-
-
-def _child_setup(parent: int, sources: list[tuple[int, int]], keep: int) -> None:
-    """In the forked child: die with the holder, own session, fds in place."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the holder died before the line above
-        os._exit(127)
-    os.setsid()
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
-    high = max([t for _, t in sources] + [keep, 2]) + 1
-    moved = [(os.dup(fd) if fd >= high else _dup_above(fd, high), t) for fd, t in sources]
-    for fd, target in moved:
-        os.dup2(fd, target, inheritable=True)
-    wanted = {t for _, t in moved} | {keep}
-    for fd in range(0, 3):
-        if fd not in wanted:
-            _to_null(fd)
-    start = 3
-    for fd in sorted(wanted):
-        if fd >= start:
-            os.closerange(start, fd)
-            start = fd + 1
-    os.closerange(start, os.sysconf("SC_OPEN_MAX"))
-
-
-def _dup_above(fd: int, low: int) -> int:
-    import fcntl
-    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
-
-
-def _to_null(fd: int) -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, fd)
-    os.close(null)
 
 
 def serve(path: str, idle_exit: float = IDLE_EXIT_S) -> int:
@@ -331,6 +283,7 @@ def serve(path: str, idle_exit: float = IDLE_EXIT_S) -> int:
                     conn = key.fileobj
                     assert isinstance(conn, socket.socket)
                     holder.readable(sel, conn)
+            holder.kill_orphans()
             if (holder.attached is None and not holder.children
                     and time.monotonic() - holder.idle_since > idle_exit):
                 LOG.info("holder: no launcher and no child for %.0f s, exiting", idle_exit)

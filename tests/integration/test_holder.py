@@ -106,6 +106,47 @@ async def _sigkill_of_the_holder_kills_its_children(tmp_path: Path) -> None:
     client.close()
 
 
+def test_an_orphan_that_comes_to_the_holder_is_killed(tmp_path: Path) -> None:
+    asyncio.run(_an_orphan_that_comes_to_the_holder_is_killed(tmp_path))
+
+
+async def _an_orphan_that_comes_to_the_holder_is_killed(tmp_path: Path) -> None:
+    path = str(tmp_path / "holder.sock")
+    holder = await start_holder(path)
+    client, _ = await HolderClient.connect(path)
+    r, w = os.pipe()
+    forker = [sys.executable, "-c",
+              "import os,time\nif os.fork()==0: os.write(3, str(os.getpid()).encode()); "
+              "time.sleep(600)\n"]
+    await client.spawn("forker", forker, passed=[w], fds=[p.Placement(3, 0)])
+    os.close(w)
+    orphan = int(os.read(r, 16))
+    os.close(r)
+    await wait_gone([orphan])
+    await client.shutdown()
+    await holder.wait()
+
+
+def test_version_mismatch_is_refused(tmp_path: Path) -> None:
+    asyncio.run(_version_mismatch_is_refused(tmp_path))
+
+
+async def _version_mismatch_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "holder.sock")
+    holder = await start_holder(path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    s.send(p.encode(p.Hello(p.VERSION + 1)))
+    answer = p.decode(s.recv(4096), 0)
+    assert answer == p.Refused(f"holder speaks protocol version {p.VERSION}, "
+                               f"launcher speaks {p.VERSION + 1}")
+    assert s.recv(4096) == b""
+    s.close()
+    holder.send_signal(signal.SIGTERM)
+    await holder.wait()
+    assert not os.path.exists(path)
+
+
 def test_shutdown_leaves_nothing(tmp_path: Path) -> None:
     asyncio.run(_shutdown_leaves_nothing(tmp_path))
 
