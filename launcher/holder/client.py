@@ -51,8 +51,7 @@ async def start_holder(path: str, idle_exit: float | None = None) -> asyncio.sub
     if idle_exit is not None:
         argv.append(str(idle_exit))
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
     for _ in range(500):
         if os.path.exists(path):
             return proc
