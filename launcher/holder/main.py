@@ -29,6 +29,8 @@ PR_SET_PDEATHSIG = 1  # cleared for the holder itself: the launcher may die
 PR_SET_CHILD_SUBREAPER = 36
 #: With no launcher attached and no child for this long, the holder exits.
 IDLE_EXIT_S = 60.0
+#: A launcher that does not take a message for this long is dropped.
+SEND_TIMEOUT_S = 5.0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -58,6 +60,7 @@ class Holder:
             LOG.warning("holder: refused a connection from pid %d uid %d (root only)", pid, uid)
             conn.close()
             return
+        conn.settimeout(SEND_TIMEOUT_S)  # a stalled launcher must not stall reaping
         sel.register(conn, selectors.EVENT_READ, "conn")
 
     def close(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:

@@ -147,6 +147,45 @@ async def _version_mismatch_is_refused(tmp_path: Path) -> None:
     assert not os.path.exists(path)
 
 
+def test_fds_land_at_their_targets(tmp_path: Path) -> None:
+    asyncio.run(_fds_land_at_their_targets(tmp_path))
+
+
+async def _fds_land_at_their_targets(tmp_path: Path) -> None:
+    path = str(tmp_path / "holder.sock")
+    holder = await start_holder(path)
+    client, _ = await HolderClient.connect(path)
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    await client.put("two", "pipes", [w2, w1])  # crossed on purpose
+    os.close(w1)
+    os.close(w2)
+    writer = [sys.executable, "-c", "import os; os.write(3, b'three'); os.write(4, b'four'); "
+              "os.write(0, b'zero')"]
+    r0, w0 = os.pipe()
+    pid, pidfd = await client.spawn("w", writer, passed=[w0], fds=[
+        p.Placement(3, 1, "two"), p.Placement(4, 0, "two"), p.Placement(0, 0)])
+    os.close(w0)
+    assert (os.read(r1, 16), os.read(r2, 16), os.read(r0, 16)) == (b"three", b"four", b"zero")
+    exit_event = await asyncio.wait_for(client.events().__anext__(), 5)
+    assert (exit_event.pid, exit_event.status) == (pid, 0)
+    for fd in (r0, r1, r2, pidfd):
+        os.close(fd)
+    await client.shutdown()
+    await holder.wait()
+
+
+def test_idle_holder_exits(tmp_path: Path) -> None:
+    asyncio.run(_idle_holder_exits(tmp_path))
+
+
+async def _idle_holder_exits(tmp_path: Path) -> None:
+    path = str(tmp_path / "holder.sock")
+    holder = await start_holder(path, idle_exit=0.2)
+    assert await asyncio.wait_for(holder.wait(), 5) == 0
+    assert not os.path.exists(path)
+
+
 def test_shutdown_leaves_nothing(tmp_path: Path) -> None:
     asyncio.run(_shutdown_leaves_nothing(tmp_path))
 
