@@ -15,9 +15,12 @@ import pytest
 
 from launcher.holder import protocol as p
 from launcher.holder.client import HolderClient, Refused, start_holder
+from launcher.sandbox.jail import UNLIMITED, JailSpec
+from launcher.vmm import QEMU_VIEW
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the holder serves root only")
 
+JAIL_UID = 59990  # outside the default uid pool (64000-64999); only a sleep runs under it
 HOLDS_FD = "import os,time; os.write(5, b'child'); time.sleep(600)"
 
 
@@ -184,6 +187,31 @@ async def _idle_holder_exits(tmp_path: Path) -> None:
     holder = await start_holder(path, idle_exit=0.2)
     assert await asyncio.wait_for(holder.wait(), 5) == 0
     assert not os.path.exists(path)
+
+
+def test_a_jailed_child_dies_with_the_holder(tmp_path: Path) -> None:
+    """The jail changes uid (which clears a parent-death signal) and sets
+    SIGKILL again; it execs in place, so the holder is still the parent."""
+    asyncio.run(_a_jailed_child_dies_with_the_holder(tmp_path))
+
+
+async def _a_jailed_child_dies_with_the_holder(tmp_path: Path) -> None:
+    path = str(tmp_path / "holder.sock")
+    holder = await start_holder(path)
+    client, _ = await HolderClient.connect(path)
+    argv = JailSpec(JAIL_UID, JAIL_UID, (), UNLIMITED, nproc=1, view=QEMU_VIEW, dev=("null",),
+                    no_spawn=True).argv(["/usr/bin/sleep", "600"])
+    pid, pidfd = await client.spawn("jailed", argv, passed=[2], fds=[p.Placement(2, 0)])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/status").read_text().count(f"Uid:\t{JAIL_UID}\t") == 0:
+        assert time.monotonic() < deadline and alive(pid)
+        await asyncio.sleep(0.05)
+    assert Path(f"/proc/{pid}/stat").read_text().split()[3] == str(holder.pid)
+    holder.send_signal(signal.SIGKILL)
+    await holder.wait()
+    await wait_gone([pid])
+    os.close(pidfd)
+    client.close()
 
 
 def test_shutdown_leaves_nothing(tmp_path: Path) -> None:
