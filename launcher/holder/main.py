@@ -79,8 +79,8 @@ class Holder:
                 return self.close(sel, conn)
             data, fds = got
             msg = p.decode(data, len(fds))
-            reply, out = self.handle(conn, msg, fds)
-            fds = []  # handle() took them
+            taken, fds = fds, []
+            reply, out = self.handle(conn, msg, taken)  # closes or keeps `taken`, always
         except (p.ProtocolError, OSError) as e:
             LOG.warning("holder: closing a connection: %s", e)
             for fd in fds:
@@ -100,6 +100,9 @@ class Holder:
 
     def handle(self, conn: socket.socket, msg: p.Message,
                fds: list[int]) -> tuple[p.Message | None, list[int]]:
+        if conn is not self.attached or not isinstance(msg, (p.Put, p.Spawn)):
+            for fd in fds:  # fds that no request here takes
+                os.close(fd)
         if conn is not self.attached:
             if not isinstance(msg, p.Hello):
                 raise p.ProtocolError(f"{msg.TYPE} before hello")
@@ -130,7 +133,10 @@ class Holder:
         if isinstance(msg, p.Signal):
             if msg.pid not in self.children:
                 return p.Failed(f"pid {msg.pid} is not a live child of the holder"), []
-            os.kill(msg.pid, msg.sig)
+            try:
+                os.kill(msg.pid, msg.sig)
+            except OSError as e:
+                return p.Failed(f"signal {msg.sig} to pid {msg.pid}: {e.strerror}"), []
             return p.Ok(), []
         if isinstance(msg, p.Shutdown):
             LOG.info("holder: shutdown asked by the launcher")

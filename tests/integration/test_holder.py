@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from launcher.holder import protocol as p
-from launcher.holder.client import HolderClient, Refused, start_holder
+from launcher.holder.client import HolderClient, Refused, RequestFailed, start_holder
+from launcher.holder.wire import send
 from launcher.sandbox.jail import UNLIMITED, JailSpec
 from launcher.vmm import QEMU_VIEW
 
@@ -212,6 +213,38 @@ async def _a_jailed_child_dies_with_the_holder(tmp_path: Path) -> None:
     await wait_gone([pid])
     os.close(pidfd)
     client.close()
+
+
+def test_bad_requests_fail_and_bad_peers_are_closed(tmp_path: Path) -> None:
+    asyncio.run(_bad_requests_fail_and_bad_peers_are_closed(tmp_path))
+
+
+async def _bad_requests_fail_and_bad_peers_are_closed(tmp_path: Path) -> None:
+    path = str(tmp_path / "holder.sock")
+    holder = await start_holder(path)
+    r, w = os.pipe()
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    raw.connect(path)
+    send(raw, p.Put("early", "pipe", 1), [r])  # a request before hello
+    assert raw.recv(4096) == b""
+    raw.close()
+    client, attached = await HolderClient.connect(path)
+    assert attached.welcome.inventory == ()  # nothing of the refused put was kept
+    await client.put("pipe", "pipe", [r])
+    with pytest.raises(RequestFailed, match="already held"):
+        await client.put("pipe", "pipe", [w])
+    with pytest.raises(RequestFailed, match="not held"):
+        await client.drop("nothing")
+    with pytest.raises(RequestFailed, match="not a live child"):
+        await client.signal(1, signal.SIGTERM)
+    with pytest.raises(RequestFailed, match="No such file"):
+        await client.spawn("x", ["/nonexistent"])
+    with pytest.raises(RequestFailed, match="holds no fd 3"):
+        await client.spawn("x", ["/bin/true"], fds=[p.Placement(3, 3, "pipe")])
+    await client.shutdown()
+    await holder.wait()
+    os.close(r)
+    os.close(w)
 
 
 def test_shutdown_leaves_nothing(tmp_path: Path) -> None:
