@@ -39,6 +39,9 @@ class FakeSlot:
     def disk(self, disk_id: str) -> DiskSpec | None:
         return next((d for d in self.disks["c0"] if d.id == disk_id), None)
 
+    def disk_changes_refused(self, what: str) -> str | None:
+        return None  # a scsi emulator's slot: every disk change may be tried
+
     async def add_disk(self, disk: DiskSpec, opened: int | None = None) -> None:
         assert opened is not None
         self.added.append((disk, Path(os.readlink(f"/proc/self/fd/{opened}"))))

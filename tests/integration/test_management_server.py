@@ -348,8 +348,8 @@ def test_mpctl_tables(live: Background) -> None:
     assert code == 0 and "status: running" in text and "running: yes" in text
     code, text = mpctl_run(live, "emulators", "demo")
     header, row = text.splitlines()
-    assert header.split()[:4] == ["ID", "PID", "UID", "STATE"]
-    assert row.split()[:6] == ["disk-proc", "4242", "1001", "running", "1:15", "0"]
+    assert header.split()[:5] == ["ID", "KIND", "PID", "UID", "STATE"]
+    assert row.split()[:7] == ["disk-proc", "scsi", "4242", "1001", "running", "1:15", "0"]
     code, text = mpctl_run(live, "disks", "demo")
     assert text.splitlines()[1].split() == ["d0", "scsi0", "0", "64M", "no", "512",
                                             "disk-proc", "/img/d0.img"]

@@ -23,8 +23,8 @@ class FakeVm:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.status = "running"
         self.emulators: dict[str, dict[str, Any]] = {
-            "disk-proc": {"id": "disk-proc", "pid": 4242, "uid": 1001, "state": "running",
-                          "uptime_s": 75.5, "restarts": 0, "last_exit": None,
+            "disk-proc": {"id": "disk-proc", "kind": "scsi", "pid": 4242, "uid": 1001,
+                          "state": "running", "uptime_s": 75.5, "restarts": 0, "last_exit": None,
                           "controllers": ["scsi0"], "disks": ["d0"],
                           "heartbeat_rtt_ms": 0.4, "inflight": 0},
         }
