@@ -50,8 +50,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import psutil
-
+from tests.support.processes import alive
 from tests.support.vm import Mplaunch
 
 HANDLED_TIMEOUT = 20.0
@@ -214,13 +213,6 @@ class Fleet:
             if pid not in busy and alive(pid):
                 return pid
         return None
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _gone(pid: int, deadline: float) -> bool:

@@ -18,18 +18,12 @@ from launcher.holder.client import HolderClient, Refused, RequestFailed, start_h
 from launcher.holder.wire import send
 from launcher.sandbox.jail import UNLIMITED, JailSpec
 from launcher.vmm import QEMU_VIEW
+from tests.support.processes import alive
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the holder serves root only")
 
 JAIL_UID = 59990  # outside the default uid pool (64000-64999); only a sleep runs under it
 HOLDS_FD = "import os,time; os.write(5, b'child'); time.sleep(600)"
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def wait_gone(pids: list[int], within: float = 5.0) -> None:

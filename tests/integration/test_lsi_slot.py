@@ -32,6 +32,7 @@ from launcher.slotbase import DiskChangeError
 from launcher.spec import load_spec
 from launcher.uidpool import UidPool
 from launcher.vmcontrol import SupervisorControl
+from tests.support.processes import alive
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root")]
@@ -73,14 +74,6 @@ lun = 3
 image = "d1.img"
 readonly = true
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def open_fds() -> int:

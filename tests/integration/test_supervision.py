@@ -30,6 +30,7 @@ from launcher.sessionkeeper import SessionKeeper
 from launcher.spec import load_spec
 from launcher.supervisor import EXIT_FAILED, EXIT_OK, Supervisor
 from launcher.vmcontrol import SupervisorControl
+from tests.support.processes import alive
 from tests.support.vm import DiskDef, VmDef
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root")
@@ -71,14 +72,6 @@ class Vm:
             assert time.monotonic() < deadline, "no live emulator"
             await asyncio.sleep(0.02)
         return pid
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @contextlib.asynccontextmanager
