@@ -17,12 +17,16 @@ Errors::
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from launcher.occupant import now_ns
+from launcher.restart_policy import GiveUp, Nothing, PolicyAction, RestartPolicy, Start
 from launcher.spec import ControllerSpec, DiskSpec
+from launcher.status import LOG
 
 
 class DiskChangeError(Exception):
@@ -121,3 +125,60 @@ class Slot(Protocol):
     async def remove_disk(self, disk: DiskSpec) -> None: ...
 
     async def resize_disk(self, disk: DiskSpec, size: int) -> int: ...
+
+
+class PolicyDriven:
+    """What both kinds do once a process has ended: carry out the restart
+    policy's actions (start, give up, wait for a deadline) until a process
+    serves the slot again. One loop, so that a restart that fails, a give-up
+    and a backoff mean the same for every kind; each kind says how it
+    starts a process (`_restart`), what a failed start adds
+    (`_start_failed`) and whether a process serves (`_serving`)."""
+
+    id: str
+    policy: RestartPolicy
+    stats: SlotStats
+    emit: Callable[[str, dict[str, Any]], None]
+    _stopping: bool
+    _on_give_up: Callable[[GiveUp], Awaitable[None]]
+
+    async def _restart(self, ended_ns: int, old_pid: int) -> None:
+        raise NotImplementedError
+
+    def _start_failed(self, error: Exception) -> None:
+        """A start raised `error` (already logged); the policy counts it next."""
+
+    def _serving(self) -> bool:
+        raise NotImplementedError
+
+    async def _carry_out(self, actions: list[PolicyAction], ended_ns: int, old_pid: int) -> bool:
+        """Do what the policy said until a process serves again (True) or
+        the slot is done (False)."""
+        while actions:
+            action = actions.pop(0)
+            if isinstance(action, Start):
+                try:
+                    await self._restart(ended_ns, old_pid)
+                except Exception as e:  # cancellation is the VM's teardown: not caught
+                    if self._stopping:
+                        return False
+                    why = str(e) or type(e).__name__
+                    LOG.warning("emulator %s: restart failed: %s", self.id, why)
+                    self._start_failed(e)
+                    actions = self.policy.on_start_failed(now_ns(), why)
+            elif isinstance(action, GiveUp):
+                self.emit("EMULATOR_GIVE_UP", {
+                    "id": self.id, "restarts": self.stats.restarts,
+                    "action": action.action.value, "reason": action.reason,
+                })
+                await self._on_give_up(action)
+                return False
+            elif isinstance(action, Nothing):
+                deadline = self.policy.next_deadline_ns()
+                if deadline is None:
+                    return False
+                await asyncio.sleep(max(0, deadline - now_ns()) / 1e9)
+                if self._stopping:
+                    return False
+                actions = self.policy.tick(now_ns())
+        return self._serving()

@@ -45,15 +45,13 @@ from launcher.occupant import (
 from launcher.restart_policy import (
     ExitReason,
     GiveUp,
-    Nothing,
     PolicyAction,
     RestartPolicy,
-    Start,
     describe_status,
 )
 from launcher.runfolder import RunFolder
 from launcher.sessionkeeper import OneInFlight, SessionKeeper
-from launcher.slotbase import DiskChangeError, NoAnswer, SlotSnapshot, SlotStats
+from launcher.slotbase import DiskChangeError, NoAnswer, PolicyDriven, SlotSnapshot, SlotStats
 from launcher.spares import SparePool
 from launcher.spec import DiskSpec, EmulatorSpec, Spec
 from launcher.statestore import layout
@@ -75,7 +73,7 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-class EmulatorSlot:
+class EmulatorSlot(PolicyDriven):
     """One emulator of the spec, restarted as its policy says."""
 
     def __init__(
@@ -343,38 +341,12 @@ class EmulatorSlot:
                 return text
         return None
 
-    async def _carry_out(self, actions: list[PolicyAction], died_ns: int, old_pid: int) -> bool:
-        """Do what the policy said until there is an occupant again (True) or
-        the slot is done (False)."""
-        while actions:
-            action = actions.pop(0)
-            if isinstance(action, Start):
-                try:
-                    await self._restart(died_ns, old_pid)
-                except Exception as e:  # cancellation is the VM's teardown: not caught
-                    if self._stopping:
-                        return False
-                    why = str(e) or type(e).__name__
-                    LOG.warning("emulator %s: restart failed: %s", self.id, why)
-                    if isinstance(e, HandOverFailed):  # a process that was to be ours ended
-                        self.emit("EMULATOR_EXIT", exit_event(
-                            self.id, e.pid, ExitReason.START_FAILED, e.status))
-                    actions = self.policy.on_start_failed(now_ns(), why)
-            elif isinstance(action, GiveUp):
-                self.emit("EMULATOR_GIVE_UP", {
-                    "id": self.id, "restarts": self.stats.restarts,
-                    "action": action.action.value, "reason": action.reason,
-                })
-                await self._on_give_up(action)
-                return False
-            elif isinstance(action, Nothing):
-                deadline = self.policy.next_deadline_ns()
-                if deadline is None:
-                    return False
-                await asyncio.sleep(max(0, deadline - now_ns()) / 1e9)
-                if self._stopping:
-                    return False
-                actions = self.policy.tick(now_ns())
+    def _start_failed(self, error: Exception) -> None:
+        if isinstance(error, HandOverFailed):  # a process that was to be ours ended
+            self.emit("EMULATOR_EXIT", exit_event(
+                self.id, error.pid, ExitReason.START_FAILED, error.status))
+
+    def _serving(self) -> bool:
         return self.occupant is not None
 
     async def _restart(self, died_ns: int, old_pid: int) -> None:

@@ -41,14 +41,12 @@ from launcher.occupant import EXIT_GRACE_S, Ending, exit_event, hang_event, now_
 from launcher.restart_policy import (
     ExitReason,
     GiveUp,
-    Nothing,
     PolicyAction,
     RestartPolicy,
-    Start,
     describe_status,
 )
 from launcher.runfolder import RunFolder
-from launcher.slotbase import DiskChangeError, SlotSnapshot, SlotStats
+from launcher.slotbase import DiskChangeError, PolicyDriven, SlotSnapshot, SlotStats
 from launcher.spec import DiskSpec, EmulatorSpec, Spec
 from launcher.status import LOG
 from launcher.uidpool import UidPool
@@ -81,7 +79,7 @@ async def _io_bar(remote: RemoteProcess) -> int | None:
     return None
 
 
-class RemoteSlot:
+class RemoteSlot(PolicyDriven):
     """One ``lsi`` emulator of the spec: one LSI53C895A controller, served
     by a remote process restarted as its policy says."""
 
@@ -326,35 +324,7 @@ class RemoteSlot:
         self.emit("EMULATOR_EXIT", exit_event(self.id, remote.pid, reason, status))
         return self.policy.on_exit(now_ns(), status, reason, detail)
 
-    async def _carry_out(self, actions: list[PolicyAction], seen_ns: int, old_pid: int) -> bool:
-        """Do what the policy said until a remote serves again (True) or the
-        slot is done (False)."""
-        while actions:
-            action = actions.pop(0)
-            if isinstance(action, Start):
-                try:
-                    await self._restart(seen_ns, old_pid)
-                except Exception as e:  # cancellation is the VM's teardown: not caught
-                    if self._stopping:
-                        return False
-                    why = str(e) or type(e).__name__
-                    LOG.warning("emulator %s: restart failed: %s", self.id, why)
-                    actions = self.policy.on_start_failed(now_ns(), why)
-            elif isinstance(action, GiveUp):
-                self.emit("EMULATOR_GIVE_UP", {
-                    "id": self.id, "restarts": self.stats.restarts,
-                    "action": action.action.value, "reason": action.reason,
-                })
-                await self._on_give_up(action)
-                return False
-            elif isinstance(action, Nothing):
-                deadline = self.policy.next_deadline_ns()
-                if deadline is None:
-                    return False
-                await asyncio.sleep(max(0, deadline - now_ns()) / 1e9)
-                if self._stopping:
-                    return False
-                actions = self.policy.tick(now_ns())
+    def _serving(self) -> bool:
         return self.remote is not None
 
     async def _restart(self, seen_ns: int, old_pid: int) -> None:
