@@ -5,7 +5,7 @@ socket, so one message is one datagram: the kernel keeps the boundaries and
 attaches the fds (SCM_RIGHTS) to the datagram they travel with, and no length
 framing is needed. A message is a JSON object (this is a control plane of a
 few messages per VM start, not a data plane) of at most ``MAX_MESSAGE``
-bytes, with at most ``MAX_FDS`` fds. This module is pure: it turns bytes and
+bytes, with at most ``HOLDER_MAX_FDS`` fds. This module is pure: it turns bytes and
 an fd count into a message and back; the fds themselves stay with the caller.
 
 The decoder checks syntax only (type, field names, sizes, counts, names, that
@@ -47,7 +47,7 @@ VERSION = 1
 #: One datagram's JSON, at most (a welcome with a full inventory fits).
 MAX_MESSAGE = 256 * 1024
 #: Fds in one datagram (the kernel allows 253).
-MAX_FDS = 64
+HOLDER_MAX_FDS = 64
 MAX_ENTRIES = 1024     # inventory entries, children, or pending exits in a welcome
 MAX_ARGV = 256
 MAX_ARG = 4096
@@ -124,7 +124,7 @@ class Entry:
     def __post_init__(self) -> None:
         _name(self.name)
         _name(self.kind, "kind")
-        _int(self.nfds, "fd count", 1, MAX_FDS)
+        _int(self.nfds, "fd count", 1, HOLDER_MAX_FDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +150,7 @@ class Placement:
 
     def __post_init__(self) -> None:
         _int(self.target, "child fd", 0, MAX_CHILD_FD)
-        _int(self.index, "fd index", 0, MAX_FDS - 1)
+        _int(self.index, "fd index", 0, HOLDER_MAX_FDS - 1)
         if self.name is not None:
             _name(self.name)
 
@@ -196,7 +196,7 @@ class Handover:
 
     def __post_init__(self) -> None:
         _name(self.name)
-        _int(self.nfds, "fd count", 1, MAX_FDS)
+        _int(self.nfds, "fd count", 1, HOLDER_MAX_FDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,10 +250,10 @@ class Spawn:
             _check(isinstance(key, str) and _ENV_KEY.match(key) is not None,
                    f"env name {key!r} is not a valid name")
             _text(value, "env value", MAX_ARG)
-        _check(len(self.fds) <= MAX_FDS, f"more than {MAX_FDS} fd placements")
+        _check(len(self.fds) <= HOLDER_MAX_FDS, f"more than {HOLDER_MAX_FDS} fd placements")
         targets = [p.target for p in self.fds]
         _check(len(set(targets)) == len(targets), "two fds placed at one child fd")
-        _int(self.passed, "passed fd count", 0, MAX_FDS)
+        _int(self.passed, "passed fd count", 0, HOLDER_MAX_FDS)
         for p in self.fds:
             _check(p.name is not None or p.index < self.passed,
                    f"placement of passed fd {p.index} but {self.passed} passed")
@@ -379,7 +379,7 @@ def _pair(v: object) -> tuple[str, str]:
 def decode(data: bytes, nfds: int) -> Message:
     """The message in one datagram that came with `nfds` fds."""
     _check(len(data) <= MAX_MESSAGE, f"message of {len(data)} bytes > {MAX_MESSAGE}")
-    _check(0 <= nfds <= MAX_FDS, f"{nfds} fds with one message (at most {MAX_FDS})")
+    _check(0 <= nfds <= HOLDER_MAX_FDS, f"{nfds} fds with one message (at most {HOLDER_MAX_FDS})")
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
@@ -401,7 +401,7 @@ def decode(data: bytes, nfds: int) -> Message:
         elif cls is Spawn:
             args["argv"] = tuple(_list(body["argv"], "argv", MAX_ARGV))
             args["env"] = tuple(_pair(p) for p in _list(body["env"], "env", MAX_ENV))
-            args["fds"] = tuple(_placement(p) for p in _list(body["fds"], "fds", MAX_FDS))
+            args["fds"] = tuple(_placement(p) for p in _list(body["fds"], "fds", HOLDER_MAX_FDS))
         msg: Message = cls(**args)
     except TypeError as e:  # a field of the wrong shape met a check that expected another
         raise ProtocolError(f"{kind} message: {e}") from None

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from launcher.holder import protocol as p
 
-_CMSG = socket.CMSG_SPACE(p.MAX_FDS * 4)
+_CMSG = socket.CMSG_SPACE(p.HOLDER_MAX_FDS * 4)
 
 
 def recv(sock: socket.socket) -> tuple[bytes, list[int]] | None:

@@ -37,7 +37,7 @@ def test_round_trip(msg: p.Message) -> None:
 
 @pytest.mark.parametrize("data,nfds,rule", [
     (b"x" * (p.MAX_MESSAGE + 1), 0, "bytes >"),
-    (raw({"type": "ok"}), p.MAX_FDS + 1, "fds with one message"),
+    (raw({"type": "ok"}), p.HOLDER_MAX_FDS + 1, "fds with one message"),
     (b"{not json", 0, "not JSON"),
     (b"[1]", 0, "not a JSON object"),
     (raw({"type": "nope"}), 0, "unknown message type"),
