@@ -32,7 +32,9 @@ the launcher's check (:mod:`launcher.sandbox.check`) reports it.
 6. No supplementary groups; gid and uid of this process alone (this
    empties the permitted and effective sets); then no new processes
    (RLIMIT_NPROC, counted per uid; QEMU gets threads), parent-death
-   signal, umask 077.
+   signal (the uid change cleared the one the spawner set), and a check
+   that the parent is still the one the jail started under: one that died
+   before the signal was set again would leave the jail running; umask 077.
 7. no_new_privs; a check that every capability set is empty.
 8. Seccomp stage 1 (:data:`launcher.sandbox.profiles.STAGE1_DENY`; with
    ``--no-spawn`` also no new process, :data:`~launcher.sandbox.profiles.NO_SPAWN`).
@@ -87,6 +89,10 @@ if TYPE_CHECKING:
 
 EXIT_JAIL = 121
 """The jail's exit status when a step failed: the emulator never ran."""
+
+EXIT_ORPHANED = 127
+"""The jail's exit status when its parent (the launcher or the holder) died
+while the jail changed uid: nobody would supervise what it ran."""
 
 EMPTY_DIR = "/run/mplaunch/.empty"
 """The emulator's working folder; in its mount namespace an empty read-only tmpfs."""
@@ -412,12 +418,17 @@ def drop_capabilities(last: int) -> None:
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear the ambient set")
 
 
-def become(uid: int, gid: int, nproc: int = 0) -> None:
+def become(uid: int, gid: int, nproc: int = 0, parent: int | None = None) -> None:
+    """Drop to `uid`/`gid`, then die with `parent` again (the uid change
+    cleared the parent-death signal); if `parent` (the pid the jail started
+    under) died before the signal was set, it never comes: exit 127 now."""
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "set the parent-death signal")
+    if parent is not None and os.getppid() != parent:
+        os._exit(EXIT_ORPHANED)
     os.umask(0o077)
 
 
@@ -476,6 +487,7 @@ def run(spec: JailSpec, command: list[str]) -> Program | None:
     it; otherwise exec COMMAND (returns only by raising)."""
     if os.geteuid() != 0:
         raise JailError("needs root (uid change, namespaces, mounts)")
+    parent = os.getppid()  # the spawner, whose death must end this process
     # Imported now: finding libseccomp may run a helper program, which is
     # impossible once the uid may have no processes.
     # Both are needed after the view may have changed (the root pivoted).
@@ -500,7 +512,7 @@ def run(spec: JailSpec, command: list[str]) -> Program | None:
         if program is not None:
             pivot_to_empty_root()
         drop_capabilities(last_cap)
-        become(spec.uid, spec.gid, spec.nproc)
+        become(spec.uid, spec.gid, spec.nproc, parent)
         os.chdir("/" if program is not None or spec.view else spec.cwd)
         _prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
         verify_self(spec.uid, os.pread(status_fd, 1 << 16, 0).decode())
