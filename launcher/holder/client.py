@@ -2,6 +2,9 @@
 
 One request is outstanding at a time (a lock); EXIT events that arrive
 between or before replies go to a queue read by :meth:`HolderClient.events`.
+A message the socket cannot take now (its buffer full: the holder is busy
+reaping or spawning) waits for the socket to be writable; it is never lost
+and never reordered.
 
 Errors (see :mod:`launcher.holder.protocol` for the root)::
 
@@ -61,6 +64,17 @@ async def start_holder(path: str, idle_exit: float | None = None) -> asyncio.sub
     raise HolderGone(f"holder did not come up on {path}")
 
 
+def _close_reply_fds(exchange: asyncio.Future[tuple[p.Message, list[int]]]) -> None:
+    if not exchange.cancelled() and exchange.exception() is None:
+        for fd in exchange.result()[1]:
+            os.close(fd)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class HolderClient:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -68,6 +82,7 @@ class HolderClient:
         self._inbox: asyncio.Queue[tuple[p.Message, list[int]] | None] = asyncio.Queue()
         self._exits: asyncio.Queue[p.Exit | None] = asyncio.Queue()
         self._lock = asyncio.Lock()
+        self._writable: asyncio.Future[None] | None = None  # a send waiting for room
         self._loop.add_reader(sock.fileno(), self._readable)
 
     @classmethod
@@ -118,8 +133,32 @@ class HolderClient:
             raise HolderGone("connection to the holder ended")
         return got
 
+    async def _send(self, msg: p.Message, fds: list[int]) -> None:
+        """Send one message, waiting while the socket's buffer is full."""
+        while True:
+            try:
+                send(self._sock, msg, fds)
+                return
+            except BlockingIOError:
+                pass
+            if self._sock.fileno() < 0:
+                raise HolderGone("connection to the holder closed")
+            writable: asyncio.Future[None] = self._loop.create_future()
+            fd = self._sock.fileno()
+            self._loop.add_writer(fd, _wake, writable)
+            self._writable = writable
+            try:
+                await writable
+            finally:
+                self._writable = None
+                if self._sock.fileno() >= 0:
+                    self._loop.remove_writer(fd)
+
     async def _hello(self) -> Attached:
-        send(self._sock, p.Hello(p.VERSION))
+        try:
+            await self._send(p.Hello(p.VERSION), [])
+        except OSError as e:
+            raise HolderGone(f"sending hello: {e}") from None
         msg, _ = await self._next()
         if isinstance(msg, p.Refused):
             raise Refused(msg.message)
@@ -134,15 +173,26 @@ class HolderClient:
         return attached
 
     async def _request(self, msg: p.Message, fds: list[int] = ()) -> tuple[p.Message, list[int]]:  # type: ignore[assignment]
-        async with self._lock:
-            try:
-                send(self._sock, msg, list(fds))
-            except OSError as e:
-                raise HolderGone(f"sending {msg.TYPE}: {e}") from None
-            reply, rfds = await self._next()
+        """Send `msg` and take its reply. A caller cancelled meanwhile does
+        not cut the exchange short (the reply would answer the next request):
+        it runs to its end, and the fds of its reply are closed."""
+        exchange = asyncio.ensure_future(self._exchange(msg, list(fds)))
+        try:
+            reply, rfds = await asyncio.shield(exchange)
+        except asyncio.CancelledError:
+            exchange.add_done_callback(_close_reply_fds)
+            raise
         if isinstance(reply, p.Failed):
             raise RequestFailed(reply.message)
         return reply, rfds
+
+    async def _exchange(self, msg: p.Message, fds: list[int]) -> tuple[p.Message, list[int]]:
+        async with self._lock:
+            try:
+                await self._send(msg, fds)
+            except OSError as e:
+                raise HolderGone(f"sending {msg.TYPE}: {e}") from None
+            return await self._next()
 
     async def put(self, name: str, kind: str, fds: list[int]) -> None:
         await self._request(p.Put(name, kind, len(fds)), fds)
@@ -176,8 +226,18 @@ class HolderClient:
                 return
             yield x
 
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() < 0
+
     def close(self) -> None:
-        """Detach without a word (the holder keeps everything)."""
+        """Detach without a word (the holder keeps everything). A request in
+        flight fails with :class:`HolderGone` and :meth:`events` ends."""
         if self._sock.fileno() >= 0:
             self._loop.remove_reader(self._sock.fileno())
+            self._loop.remove_writer(self._sock.fileno())
             self._sock.close()
+            if self._writable is not None and not self._writable.done():
+                self._writable.set_exception(HolderGone("connection to the holder closed"))
+            self._inbox.put_nowait(None)
+            self._exits.put_nowait(None)
