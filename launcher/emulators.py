@@ -21,10 +21,11 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
-from launcher import faultplan
+from launcher import children, faultplan
 from launcher.sandbox import check
 from launcher.sandbox.jail import ADDRESS_SPACE_HEADROOM, JailSpec
 from launcher.spec import EmulatorSpec, SandboxMode, Spec
@@ -128,30 +129,51 @@ def prepare(spec: Spec, emulator: EmulatorSpec, first_start: bool = True) -> Emu
 
 @dataclass
 class EmulatorProcess:
-    """One running emulator; `exited` completes with its wait status."""
+    """One running emulator; `exited` completes with its status (asyncio's
+    convention: an exit code, or -N for signal N) once its output is read."""
 
     id: str
-    process: asyncio.subprocess.Process
-    exited: asyncio.Task[int]
-    #: Copies its output (fds 1 and 2, a pipe) to mplaunch's stderr; ends at its EOF.
-    relay: asyncio.Task[None] | None = None
+    child: children.Child
+    #: The read end of its output pipe (owned: relayed, and closed at its
+    #: end), -1 once closed or if there is none: what the caller gives the
+    #: holder to keep.
+    output_fd: int = -1
     #: The launcher signalled it (kill or stop): its death is no fault point's.
     signalled: bool = False
+    #: Copies its output (fds 1 and 2, a pipe) to mplaunch's stderr; ends at its EOF.
+    relay: asyncio.Task[None] | None = field(init=False, default=None)
+    exited: asyncio.Task[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.output_fd >= 0:
+            def closing() -> None:
+                self.output_fd = -1
+            self.relay = asyncio.create_task(
+                relay_output(f"{self.id} {self.child.pid}", self.output_fd, closing))
+        self.exited = asyncio.create_task(reaped(self.child, self.relay))
+
+    @classmethod
+    def adopt(cls, id: str, child: children.Child, output_fd: int) -> EmulatorProcess:
+        """An emulator a previous launcher started (re-attach): its output is
+        relayed again from the read end the holder kept (`output_fd`, owned
+        from now on; -1: none was kept)."""
+        return cls(id, child, output_fd)
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.child.pid
 
     def kill(self) -> None:
         self._note_signal()
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
+        self.child.kill()
 
     def _note_signal(self) -> None:
         """Remember that we signalled it, unless it was dying already (exiting,
         or a zombie not yet reaped): then its death was its own. Its sockets
         close while it exits, so the launcher may act on that before the
         process is a zombie."""
+        if self.child.exited.done():
+            return
         try:
             with open(f"/proc/{self.pid}/stat", "rb") as f:
                 fields = f.read().rpartition(b")")[2].split()
@@ -170,8 +192,7 @@ class EmulatorProcess:
             if self.exited.done():
                 break
             self._note_signal()
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(sig)
+            self.child.send_signal(sig)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.exited), timeout)
         status = await self.exited
@@ -185,14 +206,15 @@ def emulator_argv(config: EmulatorConfig, sandbox: SandboxMode = SandboxMode.ON)
     return [sys.executable, "-I", "-m", "emulators", config.to_json(), sandbox.value]
 
 
-async def reaped(process: asyncio.subprocess.Process, relay: asyncio.Task[None]) -> int:
-    """The wait status, once the process is reaped and its output pipe read to
+async def reaped(child: children.Child, relay: asyncio.Task[None] | None) -> int:
+    """The exit status, once the process is reaped and its output pipe read to
     the end (at once: only the emulator, which cannot fork, holds its write
     end; the same for QEMU's remote, which cannot fork either), so that the
     pipe is closed by the time anyone sees the exit."""
-    status = await process.wait()
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.shield(relay), RELAY_DRAIN)
+    status = await asyncio.shield(child.exited)
+    if relay is not None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(relay), RELAY_DRAIN)
     return status
 
 
@@ -208,10 +230,11 @@ def output_pipe() -> tuple[int, int]:
     return os.pipe2(os.O_CLOEXEC)
 
 
-async def relay_output(name: str, fd: int) -> None:
+async def relay_output(name: str, fd: int, closing: Callable[[], None] | None = None) -> None:
     """Copy a child's output (its fds 1 and 2: one pipe) to mplaunch's stderr,
     each line prefixed with `name` and cut at :data:`MAX_LINE`, until the
-    pipe's end; owns `fd` and closes it however it ends (cancelled too). The
+    pipe's end; owns `fd` and closes it however it ends (cancelled too),
+    calling `closing` just before (so nobody uses the number after). The
     child never holds a file mplaunch writes: a pipe cannot be seeked,
     overwritten or hole-punched (pwrite64 and fallocate fail on it)."""
     loop = asyncio.get_running_loop()
@@ -243,17 +266,22 @@ async def relay_output(name: str, fd: int) -> None:
         finally:
             loop.remove_reader(fd)
     finally:
+        if closing is not None:
+            closing()
         os.close(fd)
 
 
 async def start(
-    res: EmulatorResources, command: list[str] | None = None, quiet: bool = False
+    res: EmulatorResources, command: list[str] | None = None, quiet: bool = False,
+    tag: str | None = None,
 ) -> EmulatorProcess:
-    """Start the emulator and return once it is confined (unless the spec says
-    ``sandbox = "off"``). A sandbox that does not hold raises
+    """Start the emulator (through :func:`launcher.children.host`, tagged
+    `tag`, by default ``emulator:ID``) and return once it is confined (unless
+    the spec says ``sandbox = "off"``). A sandbox that does not hold raises
     :class:`launcher.sandbox.check.SandboxError`, with the process reaped.
     `command` replaces the emulator's own command line (a warm spare's, or a
-    test's); `quiet` logs the start as a detail, not a lifecycle event."""
+    test's); `quiet` logs the start as a detail, not a lifecycle event. The
+    read end of its output pipe is :attr:`EmulatorProcess.output_fd`."""
     argv = command or emulator_argv(res.config, res.sandbox)
     if res.sandbox is not SandboxMode.OFF:
         argv = jail_spec(res).argv(argv)
@@ -261,40 +289,31 @@ async def start(
     env = faultplan.PLAN.offer()
     output, output_w = output_pipe()
     try:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            pass_fds=res.config.all_fds(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=output_w,
-            stderr=output_w,
-            env=env,
-            start_new_session=True,
-        )
+        child = await children.host().spawn(
+            tag or f"emulator:{res.spec.id}", argv, pass_fds=res.config.all_fds(),
+            stdin=children.DEVNULL, stdout=output_w, stderr=output_w, env=env)
     except BaseException:
         os.close(output)
         faultplan.PLAN.given(env, None)
         raise
     finally:
         os.close(output_w)
-    faultplan.PLAN.given(env, process.pid)
-    relay = asyncio.create_task(relay_output(f"{res.spec.id} {process.pid}", output))
-    proc = EmulatorProcess(res.spec.id, process, asyncio.create_task(reaped(process, relay)),
-                           relay)
+    faultplan.PLAN.given(env, child.pid)
+    proc = EmulatorProcess(res.spec.id, child, output)
     proc.exited.add_done_callback(proc.report_exit)
     if res.sandbox is SandboxMode.OFF:
         LOG.warning("emulator %s started UNCONFINED (pid %d): sandbox = \"off\"",
-                    res.spec.id, process.pid)
+                    res.spec.id, child.pid)
         return proc
     try:
-        await check.wait_confined(res.spec.id, process.pid, check.Expected(res.uid, res.uid),
+        await check.wait_confined(res.spec.id, child.pid, check.Expected(res.uid, res.uid),
                                   proc.exited)
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
+        child.kill()
         await asyncio.shield(proc.exited)
         raise
     (LOG.debug if quiet else LOG.info)(
-        "emulator %s started (pid %d, uid %d, sandbox %s)", res.spec.id, process.pid,
+        "emulator %s started (pid %d, uid %d, sandbox %s)", res.spec.id, child.pid,
         res.uid, res.sandbox.value,
     )
     return proc

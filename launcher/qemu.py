@@ -22,7 +22,6 @@ import pwd
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from launcher.emulators import output_pipe, relay_output
+from launcher import children
+from launcher.emulators import output_pipe, reaped, relay_output
 from launcher.sandbox import check
 from launcher.sandbox.jail import JailSpec
 from launcher.spec import Accel, SandboxMode, Spec
@@ -41,6 +41,8 @@ from launcher.vmm import QemuFds, qemu_argv, qemu_jail
 
 QUIT_TIMEOUT = 5.0
 TERM_TIMEOUT = 5.0
+OUTPUT_HOLD = "qemu:out"
+"""The name under which the holder keeps the read end of QEMU's stderr pipe."""
 
 
 def bind_qmp_listener(path: Path) -> socket.socket:
@@ -154,15 +156,31 @@ def qemu_identity(spec: Spec, purpose: str) -> QemuIdentity:
 
 
 class Qemu:
-    """One QEMU process and our QMP connection to it."""
+    """One QEMU process and our QMP connection to it.
 
-    def __init__(self, name: str, process: asyncio.subprocess.Process, qmp_path: Path) -> None:
+    `exited` completes with its status (asyncio's convention); `relay`
+    copies its stderr (a pipe, whose read end `output_fd` is owned here, and
+    kept by the holder as :data:`OUTPUT_HOLD` while QEMU lives) to mplaunch's."""
+
+    def __init__(self, name: str, child: children.Child, qmp_path: Path,
+                 output_fd: int = -1) -> None:
         self.name = name
-        self.process = process
+        self.child = child
         self.qmp_path = qmp_path
         self.qmp = QMPClient(name)
-        self.exited: asyncio.Task[int] = asyncio.create_task(process.wait())
+        self.exited: asyncio.Task[int] = asyncio.create_task(reaped(child, None))
+        self.exited.add_done_callback(lambda _: children.host().unhold(OUTPUT_HOLD))
         self.relay: asyncio.Task[None] | None = None
+        if output_fd >= 0:
+            self.relay = asyncio.create_task(relay_output(f"qemu {child.pid}", output_fd))
+
+    @classmethod
+    def adopt(cls, name: str, child: children.Child, qmp_path: Path, output_fd: int) -> Qemu:
+        """QEMU as a previous launcher started it (re-attach): its stderr is
+        relayed again from the read end the holder kept (`output_fd`, owned
+        from now on; -1: none was kept). QMP is not connected: call
+        :meth:`connect` (QEMU takes a new client once the old one is gone)."""
+        return cls(name, child, qmp_path, output_fd)
 
     @classmethod
     async def launch(cls, spec: Spec, accel: Accel, qmp_listener: int,
@@ -197,8 +215,10 @@ class Qemu:
         cls, name: str, argv: Sequence[str], pass_fds: Sequence[int], qmp_path: Path,
         stdio: bool, jail: JailSpec | None = None,
     ) -> Qemu:
-        """Start QEMU (through the jail when `jail` is given, and then only
-        return once its confinement is checked)."""
+        """Start QEMU (through :func:`launcher.children.host`, tagged
+        ``qemu``; through the jail when `jail` is given, and then only return
+        once its confinement is checked). The read end of its stderr pipe is
+        given to the holder to keep as :data:`OUTPUT_HOLD` until QEMU is reaped."""
         LOG.debug("starting %s", " ".join(argv))
         if jail is not None:  # the jail execs a path, it does not search PATH
             binary = shutil.which(argv[0])
@@ -207,47 +227,46 @@ class Qemu:
             argv = jail.argv([binary, *argv[1:]])
         output, output_w = output_pipe()
         try:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
+            child = await children.host().spawn(
+                "qemu", argv,
                 pass_fds=tuple(pass_fds),
-                stdin=None if stdio else subprocess.DEVNULL,
-                stdout=None if stdio else subprocess.DEVNULL,
+                stdin=None if stdio else children.DEVNULL,
+                stdout=None if stdio else children.DEVNULL,
                 # A pipe mplaunch reads, never mplaunch's own stderr (a log file
                 # it could seek in and overwrite).
                 stderr=output_w,
-                # QEMU stays in mplaunch's process group when it owns the terminal (a
-                # background group would be stopped by SIGTTIN); otherwise it gets its
-                # own, so a terminal's Ctrl-C reaches only mplaunch, which stops it in
-                # order.
-                process_group=None if stdio and sys.stdin.isatty() else 0,
                 env={} if jail is not None else None,
+                # Under mplaunch, QEMU stays in its process group when it owns the
+                # terminal (a background group would be stopped by SIGTTIN);
+                # otherwise it gets a session of its own, so a terminal's Ctrl-C
+                # reaches only mplaunch, which stops it in order.
+                session=not (stdio and sys.stdin.isatty()),
             )
         except BaseException:
             os.close(output)
             raise
         finally:
             os.close(output_w)
-        qemu = cls(name, process, qmp_path)
-        qemu.relay = asyncio.create_task(relay_output(f"qemu {process.pid}", output))
+        children.host().hold(OUTPUT_HOLD, "pipe", [output])
+        qemu = cls(name, child, qmp_path, output)
         if jail is None:
             LOG.warning("QEMU started as mplaunch's own user (pid %d): sandbox = \"off\"",
-                        process.pid)
+                        child.pid)
             return qemu
         try:
-            await check.wait_confined("QEMU", process.pid,
+            await check.wait_confined("QEMU", child.pid,
                                       check.Expected(jail.uid, jail.gid, check.QEMU_STAGES),
                                       qemu.exited, what="QEMU")
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            child.kill()
             await asyncio.shield(qemu.exited)
             raise
-        LOG.debug("QEMU confined (pid %d, uid %d)", process.pid, jail.uid)
+        LOG.debug("QEMU confined (pid %d, uid %d)", child.pid, jail.uid)
         return qemu
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.child.pid
 
     async def connect(self, timeout: float = 30.0) -> None:
         """Connect QMP; fails early if QEMU exits first."""
@@ -290,8 +309,7 @@ class Qemu:
                 break
             if sig is not None:
                 LOG.debug("sending %s to QEMU (pid %d)", sig.name, self.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.send_signal(sig)
+                self.child.send_signal(sig)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.exited), timeout)
         await self.disconnect()

@@ -98,7 +98,7 @@ class SparePool:
             )
             command = [sys.executable, "-I", "-m", "emulators", "--spare",
                        str(theirs.fileno()), self.spec.vm.sandbox.value]
-            proc = await emulators.start(res, command=command, quiet=True)
+            proc = await emulators.start(res, command=command, quiet=True, tag="spare")
         except BaseException as e:
             ours.close()
             self.uids.give_back(uid)

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 from qemu.qmp import QMPClient
 
+from launcher import children
 from launcher.emulators import output_pipe, reaped, relay_output
 from launcher.qemu import QUIT_TIMEOUT, TERM_TIMEOUT
 from launcher.sandbox import check
@@ -230,21 +231,21 @@ class RemoteProcess:
     link and the monitor belong to this object: :meth:`stop` closes them.
     """
 
-    def __init__(self, controller_id: str, process: asyncio.subprocess.Process,
+    def __init__(self, controller_id: str, child: children.Child,
                  link: socket.socket, monitor: socket.socket, uid: int,
                  relay: asyncio.Task[None]) -> None:
         self.controller_id = controller_id
-        self.process = process
+        self.child = child
         self.link = link
         self.monitor = monitor
         self.uid = uid
         self.relay = relay
-        self.exited: asyncio.Task[int] = asyncio.create_task(reaped(process, relay))
+        self.exited: asyncio.Task[int] = asyncio.create_task(reaped(child, relay))
         self.qmp = QMPClient(f"lsi-{controller_id}")
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.child.pid
 
     @classmethod
     async def start(
@@ -254,7 +255,8 @@ class RemoteProcess:
     ) -> RemoteProcess:
         """Start the remote for `controller_id` with `disks` (their fds stay
         the caller's), under `uid`/`gid` (leased by the caller), and return
-        once it is confined and its monitor has greeted. Raises
+        once it is confined and its monitor has greeted. It is spawned through
+        :func:`launcher.children.host`, tagged ``remote:CONTROLLER``. Raises
         :class:`RemoteError` or :class:`launcher.sandbox.check.SandboxError`,
         with nothing left running."""
         path = shutil.which(binary)
@@ -276,9 +278,9 @@ class RemoteProcess:
             LOG.debug("starting %s", " ".join(argv))
             output, output_w = output_pipe()
             try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv, pass_fds=tuple(keep), stdin=asyncio.subprocess.DEVNULL,
-                    stdout=output_w, stderr=output_w, env={}, start_new_session=True)
+                child = await children.host().spawn(
+                    f"remote:{controller_id}", argv, pass_fds=tuple(keep),
+                    stdin=children.DEVNULL, stdout=output_w, stderr=output_w, env={})
             except OSError as e:  # a disk fd that is not open, a binary that will not run
                 os.close(output)
                 raise RemoteStartError(f"cannot spawn the LSI remote {controller_id}: "
@@ -295,8 +297,8 @@ class RemoteProcess:
         finally:
             link_remote.close()
             monitor_remote.close()
-        relay = asyncio.create_task(relay_output(f"lsi {controller_id} {process.pid}", output))
-        remote = cls(controller_id, process, link, monitor, uid if jail else os.getuid(), relay)
+        relay = asyncio.create_task(relay_output(f"lsi {controller_id} {child.pid}", output))
+        remote = cls(controller_id, child, link, monitor, uid if jail else os.getuid(), relay)
         try:
             await remote._ready(jail, timeout)
         except BaseException:
@@ -305,9 +307,9 @@ class RemoteProcess:
             raise
         if jail is None:
             LOG.warning("LSI remote %s started UNCONFINED (pid %d): sandbox = \"off\"",
-                        controller_id, process.pid)
+                        controller_id, child.pid)
         else:
-            LOG.info("LSI remote %s started (pid %d, uid %d)", controller_id, process.pid, uid)
+            LOG.info("LSI remote %s started (pid %d, uid %d)", controller_id, child.pid, uid)
         return remote
 
     async def _ready(self, jail: JailSpec | None, timeout: float) -> None:
@@ -353,8 +355,7 @@ class RemoteProcess:
     def kill(self) -> None:
         """SIGKILL now (a hung remote, or a test); :attr:`exited` tells when it is reaped."""
         if not self.exited.done():
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
+            self.child.kill()
 
     async def stop(self) -> int:
         """``quit`` over the monitor, then SIGTERM, then SIGKILL; always
@@ -370,8 +371,7 @@ class RemoteProcess:
             if self.exited.done():
                 break
             if sig is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.send_signal(sig)
+                self.child.send_signal(sig)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.exited), wait)
         return await self._close()
