@@ -37,6 +37,20 @@ protocol error is the one it ended on: `blame_pending` refuses it instead of
 re-sending it, and the supervisor does not count that end as a crash.
 (Without REPLY_ACK, messages that need no reply are recorded as they are
 sent, as before: only admission stands between them and the emulator.)
+
+Outliving the launcher. Everything above lives in the launcher's memory, so
+the keeper also writes it down (launcher.keeperrecord): `on_record` gets the
+encoded record, and the fds it references, each time it changes: the
+session, the message in flight (and whether it reached the emulator) and
+QEMU's messages not yet forwarded. A message from QEMU is in the record
+before it goes anywhere, and leaves it (committed or refused) only after
+the emulator and QEMU have had what they are owed: so a launcher killed at
+any point loses none, and at worst a successor sends one again (a message
+that needs no reply re-applies the same state). A later launcher builds a
+fresh keeper, `restore`s the record with the fds, connects it to QEMU's
+socket and `attach`es the emulator still running with `replay=False`
+(nothing is sent to it but a message it never got), or a new one with
+`replay=True`.
 """
 
 from __future__ import annotations
@@ -76,6 +90,7 @@ from emulators.vhost_user.errors import VhostUserError
 from emulators.vhost_user.messages import U64, VringState
 from emulators.vhost_user.replay import replay_messages
 from emulators.vhost_user.session import HAS_OWN_REPLY, BackendSession
+from launcher import keeperrecord
 from launcher.statestore.layout import MAX_QUEUE_SIZE
 from launcher.status import LOG
 
@@ -176,10 +191,14 @@ class SessionKeeper:
         on_refused: Callable[[Refusal], None] | None = None,
         guest_memory: int | None = None,
         in_flight: OneInFlight | None = None,
+        on_record: Callable[[bytes, list[int]], None] | None = None,
     ) -> None:
         """`on_refused` hears of every front-end message refused; `guest_memory`
         bounds what one memory table may map (the emulator's address space is
-        sized from it); `in_flight` is shared by the keepers of one emulator."""
+        sized from it); `in_flight` is shared by the keepers of one emulator;
+        `on_record` is called, synchronously, with the encoded record and the
+        fds it references whenever it changes (see the module docstring). The
+        fds stay the keeper's: the callee dups or sends them, never closes them."""
         self.controller_id = controller_id
         self.qemu: socket.socket | None = None
         self._qemu_decoder = Decoder(Role.BACKEND, close_fd=os.close)
@@ -199,6 +218,9 @@ class SessionKeeper:
         self._backend_decoder: Decoder | None = None
         self._on_qemu_closed = on_qemu_closed
         self._on_refused = on_refused
+        self._on_record = on_record
+        self._last_record: tuple[bytes, tuple[int, ...]] | None = None
+        self._fresh = True  # nothing received, attached or restored yet
         self._stopped_base: int | None = None
         self.closed = False
         self.stats = KeeperStats()
@@ -211,6 +233,10 @@ class SessionKeeper:
         listening socket in backend-only mode)."""
         if self.qemu is not None:
             raise RuntimeError(f"{self.controller_id}: QEMU is already connected")
+        self._fresh = False
+        if self.closed:  # a restored record says QEMU had hung up
+            qemu_side.close()
+            return
         self.qemu = qemu_side
         self.qemu.setblocking(False)
         self._loop.add_reader(self.qemu.fileno(), self._on_qemu_readable)
@@ -228,12 +254,84 @@ class SessionKeeper:
     def waiting_for_reply(self) -> bool:
         return self._pending is not None
 
+    # -- the record that outlives the launcher
+
+    def encode_record(self) -> tuple[bytes, list[int]]:
+        """The keeper's record now (launcher.keeperrecord) and the fds it
+        references, which stay the keeper's."""
+        if self.closed:
+            return keeperrecord.encode(keeperrecord.from_session(self.record, closed=True))
+        return keeperrecord.encode(keeperrecord.from_session(
+            self.record, pending=self._pending, delivered=self._delivered,
+            queued=tuple(self._inbox),
+        ))
+
+    def _changed(self) -> None:
+        """Tell `on_record` of the record, if it differs from the last it heard."""
+        if self._on_record is None:
+            return
+        data, fds = self.encode_record()
+        if self._last_record == (data, tuple(fds)):
+            return
+        try:
+            self._on_record(data, fds)
+        except Exception as e:  # the session goes on; the next change tries again
+            LOG.error("%s: the keeper's record could not be kept: %s", self.controller_id, e)
+            self._last_record = None
+            return
+        self._last_record = (data, tuple(fds))
+
+    def restore(self, data: bytes, fds: list[int]) -> None:
+        """Take on the record an earlier keeper of this controller wrote (its
+        `on_record`'s bytes and fds): on a fresh keeper (built with no QEMU
+        socket), before `set_frontend` and `attach`. The keeper owns `fds`
+        from the call on, whatever its outcome; KeeperRecordError (the fds
+        closed, the keeper still fresh) if the record is damaged or was made
+        for another kind of keeper. `on_record` is not called: the record is
+        the one given."""
+        try:
+            if not self._fresh or self.qemu is not None or self.attached or self.closed:
+                raise RuntimeError(f"{self.controller_id}: restore on a keeper already in use")
+            record = keeperrecord.decode(data, fds)
+            mine = (self.record.num_queues, self.record.offered_features,
+                    self.record.offered_protocol_features, self.record.max_queue_size)
+            theirs = (record.num_queues, record.offered_features,
+                      record.offered_protocol_features, record.max_queue_size)
+            if mine != theirs:
+                raise keeperrecord.KeeperRecordError(
+                    "made by a keeper with other queues, features or ring size "
+                    f"({theirs}, this one has {mine})")
+        except BaseException:
+            for fd in set(fds):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        self._last_record = (data, tuple(fds))  # a record re-encodes to its own bytes
+        # decode has fed the same messages to a session built the same way.
+        for message in record.session:
+            self.record.handle(message)
+        self._fresh = False
+        if record.closed:
+            self.close()
+        else:
+            self._inbox.extend(record.queued)
+            if record.pending is not None:
+                self._pending = record.pending
+                self._delivered = record.delivered
+                if not self._gate.take(self, self._pump_soon):
+                    LOG.error("%s: restored a message in flight while another keeper of "
+                              "the emulator has one", self.controller_id)
+
     # -- emulator side
 
     def attach(self, backend: socket.socket, replay: bool) -> None:
         """Start relaying to a (new) emulator; with `replay`, first bring it to
-        the recorded state and re-send the interrupted message."""
+        the recorded state and re-send the interrupted message. Without
+        `replay` nothing is sent but a message in flight that never reached
+        the emulator (after a `restore`): an emulator that is already serving
+        keeps all it holds."""
         self.detach()
+        self._fresh = False
         if self.closed:
             # The front-end is gone: the emulator sees this controller's
             # connection end, as it would have seen QEMU's.
@@ -254,8 +352,12 @@ class SessionKeeper:
             if self._pending is not None:
                 self.stats.resent += 1
                 self._send(self._pending, self._confirmed(self._pending))
+        elif self._pending is not None and not self._delivered:
+            self.stats.resent += 1
+            self._send(self._pending, self._confirmed(self._pending))
         backend.setblocking(False)
         self._loop.add_reader(backend.fileno(), self._on_backend_readable)
+        self._changed()
         self._pump()
 
     def detach(self) -> None:
@@ -290,7 +392,9 @@ class SessionKeeper:
                     return
                 if not isinstance(message, Message):
                     break
+                self._fresh = False
                 self._inbox.append(message)
+                self._changed()
         except VhostUserError as e:
             request = e.request.name if e.request is not None else "unknown"
             self._report(Refusal(self.controller_id, request, e.message, Answer.DISCONNECT))
@@ -321,9 +425,11 @@ class SessionKeeper:
             if reason is not None:
                 self._gate.give_back(self)
                 self._refuse(message, reason)
+                self._changed()
             elif self._qemu_wants_reply(message) or self._confirmed(message):
                 self._pending = message
                 self._send(message, self._confirmed(message))
+                self._changed()
             else:
                 self._send(message, False)
                 self._commit(message)
@@ -368,6 +474,7 @@ class SessionKeeper:
             if isinstance(effect, CloseFds):
                 for fd in effect.fds:
                     os.close(fd)
+        self._changed()
 
     def _on_backend_readable(self) -> bool:
         """Read and act on what the emulator sent; False when there was nothing."""
@@ -412,6 +519,7 @@ class SessionKeeper:
         if failed:
             # The emulator refused what admission let through: still QEMU's fault.
             self._refuse(pending, "the emulator refused it")
+            self._changed()
         else:
             answer = encode_reply(reply.request, reply.payload)
             if self._qemu_wants_reply(pending) and not self._reply_to_qemu(answer):
@@ -455,6 +563,7 @@ class SessionKeeper:
         self._pending = None
         self._gate.give_back(self)
         self._refuse(message, "an emulator ended with a protocol error on it")
+        self._changed()
         return (f"controller {self.controller_id}: the front-end's {message.request.name} "
                 "ended the emulator with a protocol error; refused, not re-sent")
 
@@ -510,3 +619,4 @@ class SessionKeeper:
         self._qemu_decoder.close()
         if self.qemu is not None:
             self.qemu.close()
+        self._changed()
