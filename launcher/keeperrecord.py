@@ -59,8 +59,8 @@ MAGIC = b"mpkeeper"
 VERSION = 1
 MAX_RECORD_BYTES = 1 << 20
 """Far above any real record (256 rings' set-up is under 100 KiB)."""
-MAX_FDS = 4096
-MAX_ENTRIES = 1 << 16
+RECORD_MAX_FDS = 4096
+RECORD_MAX_ENTRIES = 1 << 16
 
 _HEADER = struct.Struct("<8sHHHHQQIII")
 _ENTRY = struct.Struct("<BBHI")
@@ -180,7 +180,7 @@ def decode(data: bytes, fds: Sequence[int]) -> KeeperRecord:
         raise KeeperRecordError("checksum mismatch: the record is damaged")
     if flags & ~_FLAGS or reserved:
         raise KeeperRecordError(f"flags {flags:#x} or reserved {reserved:#x} set unknown bits")
-    if count > MAX_ENTRIES or nfds > MAX_FDS:
+    if count > RECORD_MAX_ENTRIES or nfds > RECORD_MAX_FDS:
         raise KeeperRecordError(f"{count} messages and {nfds} fds, beyond any record")
     if nfds != len(fds):
         raise KeeperRecordError(f"the record references {nfds} fds, {len(fds)} were given")

@@ -18,6 +18,7 @@ import datetime
 import json
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("emulators", "emulator processes and what they serve"),
                        ("disks", "the VM's disks"),
                        ("quit", "stop the VM"),
+                       ("upgrade", "hand the VM over to a new mplaunch process started "
+                                   "from the code installed now (the guest notices nothing)"),
                        ("events", "print events as they happen, until the VM stops")):
         sub.add_parser(name, help=text).add_argument("vm", help=vm_help)
     restart = sub.add_parser("restart", help="hand an emulator over to a new process")
@@ -273,7 +276,47 @@ def _render(command: str, result: Any, args: argparse.Namespace) -> str:
     return done[command] + "\n"
 
 
+UPGRADE_TIMEOUT_S = 60.0
+"""How long `mpctl upgrade` waits for the new launcher to answer."""
+
+
+async def _upgrade(sock: Path, timeout: float) -> dict[str, Any]:
+    """Ask for the hand-over, then wait for the successor on the same socket
+    (connections wait in its backlog meanwhile) and return who answers."""
+    async def ask(client: QMPClient) -> Any:
+        answer = await client.execute("upgrade")
+        # The old launcher closes every connection once it has let go; only
+        # then is whoever answers a new connection its successor.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(UPGRADE_TIMEOUT_S):
+                while client.runstate is Runstate.RUNNING:
+                    await client.runstate_changed()
+        return answer
+
+    old = await _session(sock, timeout, ask)
+    deadline = time.monotonic() + UPGRADE_TIMEOUT_S
+    while True:
+        try:
+            new = await _session(sock, timeout, _execute("query-version"))
+            status = await _session(sock, timeout, _execute("query-status"))
+            break
+        except MpctlError:
+            if time.monotonic() > deadline:
+                raise MpctlError(f"{sock}: no new launcher answered within "
+                                 f"{UPGRADE_TIMEOUT_S:.0f} s (the VM runs on; run mplaunch "
+                                 "with its spec to attach to it)") from None
+            await asyncio.sleep(0.2)
+    return {"old": old, "package": new.get("package"), "status": status.get("status")}
+
+
 async def run(args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "upgrade":
+        done = await _upgrade(socket_path(args.vm, args.run_dir), args.timeout)
+        out.write(json.dumps(done, indent=2) + "\n" if args.json else
+                  f"VM {args.vm}: handed over from {done['old'].get('package')} "
+                  f"(pid {done['old'].get('pid')}) to {done['package']}; "
+                  f"guest {done['status']}\n")
+        return EXIT_OK
     if args.command == "list":
         result: Any = await _list(args.run_dir, args.timeout)
     else:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from emulators import faults
@@ -51,6 +52,9 @@ class Occupant:
     proc: emulators.EmulatorProcess
     link: ControlLink
     uid: int
+    #: Its vhost-user sockets on the keepers' side, by controller id, once it
+    #: serves a slot (a waiting spare has none).
+    backends: dict[str, socket.socket] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from launcher import children
+from launcher import children, holdnames
 from launcher.emulators import output_pipe, reaped, relay_output
 from launcher.sandbox import check
 from launcher.sandbox.jail import JailSpec
@@ -41,8 +41,6 @@ from launcher.vmm import QemuFds, qemu_argv, qemu_jail
 
 QUIT_TIMEOUT = 5.0
 TERM_TIMEOUT = 5.0
-OUTPUT_HOLD = "qemu:out"
-"""The name under which the holder keeps the read end of QEMU's stderr pipe."""
 
 
 def bind_qmp_listener(path: Path) -> socket.socket:
@@ -160,7 +158,7 @@ class Qemu:
 
     `exited` completes with its status (asyncio's convention); `relay`
     copies its stderr (a pipe, whose read end `output_fd` is owned here, and
-    kept by the holder as :data:`OUTPUT_HOLD` while QEMU lives) to mplaunch's."""
+    kept by the holder as :data:`launcher.holdnames.QEMU_OUTPUT` while QEMU lives) to mplaunch's."""
 
     def __init__(self, name: str, child: children.Child, qmp_path: Path,
                  output_fd: int = -1) -> None:
@@ -169,8 +167,11 @@ class Qemu:
         self.qmp_path = qmp_path
         self.qmp = QMPClient(name)
         self.exited: asyncio.Task[int] = asyncio.create_task(reaped(child, None))
-        self.exited.add_done_callback(lambda _: children.host().unhold(OUTPUT_HOLD))
+        self.exited.add_done_callback(lambda _: children.host().unhold(holdnames.QEMU_OUTPUT))
         self.relay: asyncio.Task[None] | None = None
+        #: The uid it runs under when mplaunch leased one for it (None: the spec's
+        #: fixed qemu_user, or no sandbox).
+        self.uid: int | None = None
         if output_fd >= 0:
             self.relay = asyncio.create_task(relay_output(f"qemu {child.pid}", output_fd))
 
@@ -207,6 +208,7 @@ class Qemu:
             files.close()
         if who is not None:
             held = who
+            qemu.uid = who.uid if who.lease is not None else None
             qemu.exited.add_done_callback(lambda _: held.release())  # reaped: uid free
         return qemu
 
@@ -218,7 +220,8 @@ class Qemu:
         """Start QEMU (through :func:`launcher.children.host`, tagged
         ``qemu``; through the jail when `jail` is given, and then only return
         once its confinement is checked). The read end of its stderr pipe is
-        given to the holder to keep as :data:`OUTPUT_HOLD` until QEMU is reaped."""
+        given to the holder to keep as :data:`launcher.holdnames.QEMU_OUTPUT`
+        until QEMU is reaped."""
         LOG.debug("starting %s", " ".join(argv))
         if jail is not None:  # the jail execs a path, it does not search PATH
             binary = shutil.which(argv[0])
@@ -247,7 +250,7 @@ class Qemu:
             raise
         finally:
             os.close(output_w)
-        children.host().hold(OUTPUT_HOLD, "pipe", [output])
+        children.host().hold(holdnames.QEMU_OUTPUT, "pipe", [output])
         qemu = cls(name, child, qmp_path, output)
         if jail is None:
             LOG.warning("QEMU started as mplaunch's own user (pid %d): sandbox = \"off\"",

@@ -62,7 +62,7 @@ import signal
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from launcher.spec import EmulatorSpec, GiveUpAction, RestartMode
 
@@ -232,6 +232,47 @@ class RestartPolicy:
     @property
     def state(self) -> RunState:
         return self._state
+
+    def snapshot(self) -> dict[str, Any]:
+        """What decides the next restart or give-up, as JSON for vm-state.json.
+        Times are CLOCK_MONOTONIC nanoseconds, which every process of one boot
+        shares, so a re-attached launcher can take them as they are."""
+        return {
+            "state": self._state.value, "restarts": list(self._restarts),
+            "restart_at_ns": self._restart_at_ns, "pending_start": self._pending_start,
+            "last_exit_reason": (self._last_exit_reason.value
+                                 if self._last_exit_reason is not None else None),
+            "last_exit_status": self._last_exit_status, "last_decision": self._last_decision,
+            "last_now_ns": self._last_now_ns,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Take over a `snapshot`; ValueError naming the field if it is not one."""
+        def field(key: str, kinds: tuple[type, ...]) -> Any:
+            value = saved.get(key)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise ValueError(f"restart policy {key} = {value!r:.60}: not valid")
+            return value
+
+        none = type(None)
+        try:
+            state = RunState(field("state", (str,)))
+            reason = field("last_exit_reason", (str, none))
+            last_reason = ExitReason(reason) if reason is not None else None
+        except ValueError as e:
+            raise ValueError(f"restart policy: {e}") from None
+        restarts = field("restarts", (list,))
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in restarts):
+            raise ValueError(f"restart policy restarts = {restarts!r:.60}: not times")
+        restart_at = field("restart_at_ns", (int, none))
+        pending = field("pending_start", (str, none))
+        status = field("last_exit_status", (str, none))
+        decision = field("last_decision", (str, none))
+        last_now = field("last_now_ns", (int,))
+        self._state, self._restarts = state, deque(restarts)
+        self._restart_at_ns, self._pending_start = restart_at, pending
+        self._last_exit_reason, self._last_exit_status = last_reason, status
+        self._last_decision, self._last_now_ns = decision, last_now
 
     def next_deadline_ns(self) -> int | None:
         """When `tick` has something to do: the end of the backoff, if any."""

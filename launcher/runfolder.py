@@ -37,7 +37,9 @@ LOCK_NAME = "mplaunch.lock"
 MARKER_NAME = ".mplaunch-run"
 #: Every name mplaunch gives an entry of a run folder; cleanup removes only these.
 OWN_PATTERNS = (LOCK_NAME, MARKER_NAME, "*.sock", "state-*.bin",
-                ".*.sock.[0-9]*")  # the last: a socket bound under its temporary name
+                ".*.sock.[0-9]*",  # a socket bound under its temporary name
+                "vm-state.json", ".vm-state.json.tmp[0-9]*",
+                "keeper-*.rec", ".keeper-*.rec.tmp[0-9]*")
 _MARKER_HEAD = "mplaunch run folder"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -176,6 +178,50 @@ class RunFolder:
 
     def state_file(self, emulator_id: str) -> Path:
         return self.path / f"state-{emulator_id}.bin"
+
+    @property
+    def holder_sock(self) -> Path:
+        return self.path / "holder.sock"
+
+    @property
+    def vm_state_file(self) -> Path:
+        return self.path / "vm-state.json"
+
+    def keeper_record(self, emulator_id: str, controller_id: str) -> Path:
+        return self.path / f"keeper-{emulator_id}-{controller_id}.rec"
+
+    @property
+    def lock_fd(self) -> int:
+        """The fd whose flock holds the folder (the holder keeps a copy of it)."""
+        return self._lock_fd
+
+    @classmethod
+    def adopt(cls, path: Path, vm: str, lock_fd: int) -> RunFolder:
+        """The folder of a running VM whose lock `lock_fd` holds (a copy handed
+        back by the VM's holder: flock belongs to the open file, so this fd
+        is the lock). Takes `lock_fd`; RunFolderForeign if the marker does
+        not name `vm`."""
+        try:
+            dir_fd = os.open(path, _DIR_FLAGS)
+        except OSError as e:
+            os.close(lock_fd)
+            raise RunFolderForeign(path, f"cannot be opened: {e.strerror}") from None
+        marker = _read_marker(dir_fd)
+        if marker is None or marker.vm != vm:
+            os.close(lock_fd)
+            os.close(dir_fd)
+            raise RunFolderForeign(path, "its marker does not name VM " + repr(vm))
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(path, vm, marker.made_folder, False, lock_fd, dir_fd)
+
+    def release_lock_only(self) -> None:
+        """Let go of the folder and remove nothing (a launcher that hands the
+        VM on, or gives up on it, while its holder still runs)."""
+        for fd in (self._lock_fd, self._dir_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._lock_fd = self._dir_fd = -1
 
     @classmethod
     def acquire(cls, path: Path, vm: str, group: int | None = None) -> RunFolder:

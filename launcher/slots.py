@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
+import signal
 import socket
 import stat
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ from emulators import faults
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
 from emulators.limits import LUN_SLOTS, resize_problem
 from emulators.process import EXIT_PROTOCOL
-from launcher import emulators
+from launcher import children, emulators, holdnames, keeperrecord
 from launcher.heartbeat import protocol as proto
 from launcher.heartbeat.link import ControlLink, LinkClosed, control_pair
 from launcher.libvirt import backend_socket
@@ -62,6 +65,25 @@ QUEUE_SLOTS = proto.MAX_RINGS  # every ring a controller may have
 COMMAND_TIMEOUT = 5.0
 
 
+@dataclass
+class HeldSlot:
+    """One slot as a re-attaching launcher finds it: the fds the holder kept
+    and what the run folder says. `occupant` is the emulator that served
+    when the last launcher went, adopted (None if it ended meanwhile: then
+    `ended_status` is its wait status if the holder saw it end)."""
+
+    disks: dict[str, list[DiskSpec]]
+    disk_fds: dict[str, int]
+    state_fd: int
+    keeper_ends: dict[str, socket.socket]
+    records: dict[str, tuple[bytes, list[int]]]
+    stats: SlotStats
+    policy: dict[str, Any] | None = None
+    occupant: Occupant | None = None
+    ended_pid: int = 0
+    ended_status: int | None = None
+
+
 def _listen(path: Path) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -85,15 +107,25 @@ class EmulatorSlot(PolicyDriven):
         uids: UidPool,
         spares: SparePool | None = None,
         listen: bool = False,
+        held: HeldSlot | None = None,
     ) -> None:
+        """`held`: re-attach to a slot whose fds the holder kept (nothing is
+        opened or made then)."""
         self.spec = spec
         self.emulator = emulator
         self.id = emulator.id
+        self.run = run
         self.controllers = spec.controllers_of(emulator.id)
         # Disks change at run time (management); the spec's are the first ones.
         self.disks: dict[str, list[DiskSpec]] = {
             c.id: list(spec.disks_of(c.id)) for c in self.controllers
         }
+        #: Called whenever what vm-state.json says of this slot changed.
+        self.on_change: Callable[[], None] = lambda: None
+        self._held = held
+        #: Records whose fds the holder keeps (a re-attached slot starts with them).
+        self._records_held: set[str] = set() if held is None else {
+            holdnames.record(self.id, cid) for cid in held.records}
         self._commands = asyncio.Lock()
         self.policy = RestartPolicy.from_spec(emulator, log=LOG.info, log_give_up=LOG.error)
         self.stats = SlotStats()
@@ -113,10 +145,14 @@ class EmulatorSlot(PolicyDriven):
         self.state_fd = -1
         # Backend-only mode: QEMU, started by someone else, connects to these.
         self.listeners: dict[str, socket.socket] = {}
+        if held is not None:
+            self._adopt(held)
+            return
         try:
             for controller in self.controllers:
                 for disk in self.disks[controller.id]:
                     self.disk_fds[disk.id] = emulators.open_disk(str(disk.image), disk.readonly)
+                    self._hold_disk(disk.id)
                 if listen:
                     self.listeners[controller.id] = _listen(backend_socket(run.path, controller.id))
                     continue
@@ -124,11 +160,28 @@ class EmulatorSlot(PolicyDriven):
                 qemu_end.set_inheritable(True)
                 self.qemu_ends[controller.id] = qemu_end
                 self._keeper_ends[controller.id] = keeper_end
+                children.host().hold(holdnames.keeper(self.id, controller.id), "socket",
+                                     [keeper_end.fileno()])
             shape = layout.Layout(len(self.controllers), QUEUE_SLOTS, LUN_SLOTS)
             self.state_fd = layout.create(run.state_file(emulator.id), shape)
+            children.host().hold(holdnames.state(self.id), "file", [self.state_fd])
         except BaseException:
             self.close()
             raise
+
+    def _adopt(self, held: HeldSlot) -> None:
+        """Take the slot's fds and record from what a crashed (or upgraded)
+        launcher left in the holder; the holder keeps its copies."""
+        self.disks = held.disks
+        self.disk_fds = dict(held.disk_fds)
+        self.state_fd = held.state_fd
+        self._keeper_ends = dict(held.keeper_ends)
+        self.stats = held.stats
+        if held.policy is not None:
+            self.policy.restore(held.policy)
+
+    def _hold_disk(self, disk_id: str) -> None:
+        children.host().hold(holdnames.disk(self.id, disk_id), "file", [self.disk_fds[disk_id]])
 
     @property
     def proc(self) -> emulators.EmulatorProcess | None:
@@ -159,16 +212,50 @@ class EmulatorSlot(PolicyDriven):
         """Keepers hold QEMU's sessions; QEMU's ends are then QEMU's alone."""
         in_flight = OneInFlight()  # one message in flight to this emulator at a time
         for controller in self.controllers:
-            self.keepers[controller.id] = SessionKeeper(
-                controller.id,
-                self._keeper_ends.pop(controller.id, None),
+            cid = controller.id
+            keeper = SessionKeeper(
+                cid,
+                None,
                 num_queues=2 + controller.queues,
                 on_qemu_closed=on_qemu_closed,
                 on_refused=lambda r: self.emit("FRONTEND_REFUSED",
                                                {"id": self.id, **r.event_data()}),
                 guest_memory=self.spec.vm.memory,
                 in_flight=in_flight,
+                on_record=functools.partial(self._record_changed, cid),
             )
+            self.keepers[cid] = keeper
+            held = self._held
+            if held is not None and cid in held.records:
+                data, fds = held.records.pop(cid)
+                try:
+                    keeper.restore(data, fds)
+                except keeperrecord.KeeperRecordError as e:
+                    LOG.error("emulator %s, controller %s: the recorded vhost-user session "
+                              "cannot be read (%s): a restart of this emulator will not "
+                              "know the guest's rings", self.id, cid, e)
+            qemu_side = self._keeper_ends.pop(cid, None)
+            if qemu_side is not None:
+                keeper.set_frontend(qemu_side)
+        held = self._held
+        if held is not None and held.occupant is not None:
+            occupant = held.occupant
+            for cid, sock in occupant.backends.items():
+                self.keepers[cid].attach(sock, replay=False)
+            self.occupant = occupant  # adopted: its start was counted by its launcher
+
+    def _record_changed(self, cid: str, data: bytes, fds: list[int]) -> None:
+        """A keeper's record changed: on disk and in the holder before anything
+        else happens, so a launcher that dies now leaves the record behind."""
+        keeperrecord.write_atomically(self.run.keeper_record(self.id, cid), data)
+        host = children.host()
+        name = holdnames.record(self.id, cid)
+        if name in self._records_held:
+            host.unhold(name)
+            self._records_held.discard(name)
+        if fds:
+            host.hold(name, "record", fds)
+            self._records_held.add(name)
 
     async def accept_frontends(self) -> None:
         """Backend-only mode: take one QEMU connection per controller; its
@@ -238,7 +325,7 @@ class EmulatorSlot(PolicyDriven):
             for sock in theirs:
                 sock.close()
         faults.strike("cold.process_started", proc.pid)
-        occupant = Occupant(proc, ControlLink(self.id, link_ours), uid)
+        occupant = Occupant(proc, ControlLink(self.id, link_ours), uid, backends=ours)
         for cid, sock in ours.items():
             self.keepers[cid].attach(sock, replay=not first_start)
         return occupant
@@ -268,6 +355,7 @@ class EmulatorSlot(PolicyDriven):
                 sock.close()
         spare.link.name = self.id
         spare.proc.id = self.id
+        spare.backends = ours
         self.stats.spare_restarts += 1
         return spare
 
@@ -276,6 +364,12 @@ class EmulatorSlot(PolicyDriven):
         self.stats.starts += 1
         self.stats.started_ns = now_ns()
         self.policy.on_started(now_ns())
+        fds = [occupant.link.sock.fileno()]
+        fds += [occupant.backends[c.id].fileno() for c in self.controllers]
+        if occupant.proc.output_fd >= 0:
+            fds.append(occupant.proc.output_fd)
+        children.host().hold(holdnames.occupant(self.id), "occupant", fds)
+        self.on_change()
 
     async def start(self) -> None:
         """The first start, before QEMU: a failure here ends the VM."""
@@ -293,6 +387,11 @@ class EmulatorSlot(PolicyDriven):
         give-up). Every end of an occupant and every failed restart goes
         through the policy; only CancelledError (the VM's teardown) leaves
         early."""
+        held, self._held = self._held, None
+        lost = held is not None and held.occupant is None and not self._stopping
+        if lost and held is not None and not await self._ended_while_detached(
+                held.ended_pid, held.ended_status):
+            return  # its occupant ended while detached, and the policy did not restart it
         while not self._stopping and self.occupant is not None:
             occupant = self.occupant
             ending = await serve(occupant, self._restart_requested,
@@ -300,6 +399,19 @@ class EmulatorSlot(PolicyDriven):
             actions = self._ended(occupant, ending)
             if not await self._carry_out(actions, now_ns(), occupant.proc.pid):
                 return
+
+    async def _ended_while_detached(self, pid: int, status: int | None) -> bool:
+        """The occupant ended while no launcher was attached: as if it had
+        crashed now (the holder recorded its status, if it saw the end).
+        True once a process serves the slot again."""
+        text = describe_status(status) if status is not None else "status unknown"
+        self.stats.last_exit = text
+        LOG.warning("emulator %s ended while no launcher was attached (%s)", self.id, text)
+        known = status if status is not None else -signal.SIGKILL
+        self.emit("EMULATOR_EXIT", exit_event(self.id, pid, ExitReason.CRASHED, known))
+        actions = self.policy.on_exit(now_ns(), known, ExitReason.CRASHED,
+                                      "ended while no launcher was attached")
+        return await self._carry_out(actions, now_ns(), pid)
 
     def _ended(self, occupant: Occupant, ending: Ending) -> list[PolicyAction]:
         """Bookkeeping, log and events for an occupant that ended; the policy's answer."""
@@ -309,8 +421,10 @@ class EmulatorSlot(PolicyDriven):
         for keeper in self.keepers.values():
             keeper.detach()
         occupant.link.close()
+        children.host().unhold(holdnames.occupant(self.id))
         self.uids.give_back(occupant.uid)
         self.occupant = None
+        self.on_change()
         if self._stopping:
             return []
         self.stats.last_exit = describe_status(status)
@@ -447,6 +561,8 @@ class EmulatorSlot(PolicyDriven):
                 raise
             self.disk_fds[disk.id] = fd
             self.disks[disk.controller].append(disk)
+            self._hold_disk(disk.id)
+            self.on_change()
 
     async def remove_disk(self, disk: DiskSpec) -> None:
         async with self._commands:
@@ -458,6 +574,8 @@ class EmulatorSlot(PolicyDriven):
             ]
             with contextlib.suppress(OSError, KeyError):
                 os.close(self.disk_fds.pop(disk.id))
+            children.host().unhold(holdnames.disk(self.id, disk.id))
+            self.on_change()
 
     async def resize_disk(self, disk: DiskSpec, size: int) -> int:
         """Grow ``disk`` to ``size`` bytes; the guest sees the new capacity.

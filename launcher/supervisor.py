@@ -15,27 +15,34 @@ leaves a child or the run folder behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import socket
+import sys
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from launcher import children, holdnames, reattach
 from launcher.accel import AccelChoice, choose_for
 from launcher.emulators import DiskOpenError
+from launcher.holder.client import HolderClient, start_holder
 from launcher.libvirt import backend_socket
 from launcher.lsi.remote import RemoteError
 from launcher.lsi.slot import RemoteSlot
 from launcher.management.server import EventBus, ManagementServer, resolve_group
 from launcher.qemu import Qemu, QemuStartError, bind_qmp_listener
 from launcher.restart_policy import GiveUp, describe_status
-from launcher.runfolder import RunFolder
+from launcher.runfolder import RunFolder, RunFolderBusy
 from launcher.sandbox.check import SandboxError, preflight
-from launcher.sdnotify import SdNotifier, strip_environment
+from launcher.sdnotify import NOTIFY_VARS, SdNotifier, strip_environment
 from launcher.slotbase import Slot
 from launcher.slots import EmulatorSlot
 from launcher.spares import WARM_SPARE, SparePool
-from launcher.spec import EmulatorKind, GiveUpAction, Spec
+from launcher.spec import Accel, EmulatorKind, GiveUpAction, Spec
 from launcher.status import LOG
 from launcher.uidpool import UidPool
 from launcher.vmcontrol import SupervisorControl
@@ -56,6 +63,15 @@ class VmOutcome:
 
 
 CANCEL_REPORT_S = 10.0
+HANDOVER_QUIET_S = 2.0
+"""How long an upgrade waits for vhost-user exchanges in flight to finish."""
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 async def _report_stragglers(tasks: list[asyncio.Task[object]]) -> None:
@@ -92,11 +108,38 @@ class Supervisor:
         self.slots: list[Slot] = []
         self.bus = EventBus()
         self.notifier = SdNotifier.from_environment()
+        # A successor started by an upgrade is the same service: it gets them back.
+        self._notify_env = {k: os.environ[k] for k in NOTIFY_VARS if k in os.environ}
         strip_environment()  # QEMU and the emulators must not talk to systemd
+        self._upgrading = False
         self.spares: SparePool | None = None
         self._group: asyncio.TaskGroup | None = None
         self._children: list[asyncio.Task[object]] = []
         self._qmp_failed = False
+        #: When the VM started (epoch seconds): kept across re-attaches.
+        self.started = time.time()
+        self.run_folder: RunFolder | None = None
+        self._holder: HolderClient | None = None
+        self._attachment: reattach.Attachment | None = None
+        #: The spec file as it was read: a re-attaching launcher uses this one.
+        self.spec_text = _read_text(spec.path)
+
+    def upgrade_refused(self) -> str | None:
+        """Why this VM cannot be handed over to a new launcher now, or None."""
+        if self.spec.has_lsi:
+            return "a VM with lsi emulators cannot be handed over: their relay runs here"
+        if self.backends_only:
+            return "a --backends-only launcher cannot be handed over"
+        if self.qemu is None or self._stop.is_set():
+            return "the VM is starting or stopping"
+        return None
+
+    def request_upgrade(self) -> None:
+        """Stop supervising without stopping anything, then exec the installed
+        code, which re-attaches (see `_hand_over`)."""
+        LOG.info("upgrade asked for: handing VM %s over to a new launcher", self.spec.vm.name)
+        self._upgrading = True
+        self._stop.set()
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -111,15 +154,47 @@ class Supervisor:
         try:
             group = self.spec.vm.management_group
             gid = None if group is None else resolve_group(group)
-            with RunFolder.acquire(self.spec.vm.run_dir, self.spec.vm.name, gid) as run:
+            try:
+                run = RunFolder.acquire(self.spec.vm.run_dir, self.spec.vm.name, gid)
+            except RunFolderBusy as busy:
+                attachment = await reattach.connect(self.spec, busy)
+                if attachment is None:  # its holder is gone meanwhile: a stale folder
+                    run = RunFolder.acquire(self.spec.vm.run_dir, self.spec.vm.name, gid)
+                else:
+                    return await self._run_attached(attachment)
+            with run:
                 if run.stale_cleaned:
                     LOG.info("cleaned a stale run folder %s", run.path)
                 LOG.info("run folder %s", run.path)
                 LOG.info("accelerator %s (%s)", self.accel.accel, self.accel.reason)
+                await self._start_holder(run)
                 return await self._run_in(run)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+
+    async def _start_holder(self, run: RunFolder) -> None:
+        """The VM's holder (launcher.holder): the parent of every process of
+        the VM from now on, and the keeper of a copy of every long-lived fd,
+        so that this launcher may die or be replaced under the running VM."""
+        await start_holder(str(run.holder_sock))
+        client, attached = await HolderClient.connect(str(run.holder_sock))
+        self._holder = client
+        host = children.HolderHost(client, attached.welcome)
+        children.install(host)
+        host.hold(holdnames.RUN_LOCK, "lock", [run.lock_fd])
+
+    async def _run_attached(self, attachment: reattach.Attachment) -> int:
+        """Carry on with a VM whose launcher went away (crashed, killed or
+        upgraded): everything it needs is in the holder and the run folder."""
+        self._attachment = attachment
+        self._holder = attachment.client
+        self.spec = attachment.spec
+        self.spec_text = attachment.state.spec_text
+        self.accel = AccelChoice(Accel(attachment.state.accel), "as the VM was started")
+        self.started = attachment.state.started
+        with attachment.run as run:
+            return await self._run_in(run)
 
     async def _run_in(self, run: RunFolder) -> int:
         """Start-up and the VM's life in its task group, then teardown, always.
@@ -128,16 +203,28 @@ class Supervisor:
         the children handle their own failures (a slot routes them into its
         restart policy), so an exception that still reaches the group is a
         bug: it ends the VM with the error logged, never silently."""
-        listener = bind_qmp_listener(run.qemu_sock)
-        server = ManagementServer(run.mplaunch_sock, SupervisorControl(self), self.bus,
+        self.run_folder = run
+        attachment = self._attachment
+        listener = None if attachment is not None else bind_qmp_listener(run.qemu_sock)
+        control = SupervisorControl(self)
+        control.started = time.monotonic() - max(0.0, time.time() - self.started)
+        server = ManagementServer(run.mplaunch_sock, control, self.bus,
                                   group=self.spec.vm.management_group)
-        await server.start()
+        held = attachment.management if attachment is not None else None
+        await server.start(held)
+        if held is None and server.listener is not None:
+            children.host().hold(holdnames.MANAGEMENT, "socket", [server.listener.fileno()])
         code = EXIT_FAILED
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
+                self._spawn(self._watch_holder(), "holder")
                 try:
-                    code = await self._run_vm(run, listener)
+                    if attachment is not None:
+                        code = await self._resume_vm(run, attachment)
+                    else:
+                        assert listener is not None
+                        code = await self._run_vm(run, listener)
                 finally:
                     self._group = None
                     for task in self._children:
@@ -150,8 +237,42 @@ class Supervisor:
             self.outcome.emulator_died = self.outcome.emulator_died or "supervision failed"
             code = EXIT_FAILED
         finally:
+            if self._upgrading and code == EXIT_OK:
+                await self._hand_over(server)
             await self._teardown(listener, server)
         return code
+
+    async def _hand_over(self, server: ManagementServer) -> None:
+        """Leave the VM to the holder and exec the code installed now, with this
+        process's arguments: the new program finds the run folder taken by the
+        holder and re-attaches, as after a crash but with every record
+        current. Same pid, so a service manager sees no change. Returns only
+        if the exec failed (the VM then runs on under its holder; running
+        mplaunch again attaches to it)."""
+        deadline = time.monotonic() + HANDOVER_QUIET_S
+        while time.monotonic() < deadline and any(
+            keeper.waiting_for_reply for slot in self.slots if isinstance(slot, EmulatorSlot)
+            for keeper in slot.keepers.values()
+        ):
+            await asyncio.sleep(0.005)  # a vhost-user exchange in flight: let it finish
+        self.save_state()
+        if self.qemu is not None:
+            await self.qemu.disconnect()
+        await server.close(unlink=False)
+        host = children.host()
+        if isinstance(host, children.HolderHost):
+            await host.flush()
+            host.close()
+        argv = [sys.executable, *sys.orig_argv[1:]]
+        LOG.info("exec %s", " ".join(argv))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execve(sys.executable, argv, {**os.environ, **self._notify_env})
+        except OSError as e:
+            LOG.error("cannot start the new launcher (%s): the VM runs on under its holder; "
+                      "run mplaunch with the same spec to attach to it", e)
+            os._exit(EXIT_FAILED)
 
     def _spawn(self, coro: Coroutine[Any, Any, object], name: str) -> asyncio.Task[object]:
         """A child of the VM's task group: its failure ends the VM, loudly."""
@@ -161,6 +282,53 @@ class Supervisor:
         task = self._group.create_task(coro, name=name)
         self._children.append(task)
         return task
+
+    async def _watch_holder(self) -> None:
+        """The holder's death kills QEMU and every emulator (their parent-death
+        signal): the VM is gone, say so and stop."""
+        await children.host().lost
+        LOG.error("the VM's holder process died: QEMU and the emulators died with it")
+        self.outcome.emulator_died = self.outcome.emulator_died or "the holder died"
+        self._stop.set()
+
+    async def _resume_vm(self, run: RunFolder, attachment: reattach.Attachment) -> int:
+        """Re-attached: adopt the slots and QEMU, then supervise as usual."""
+        first, last = self.spec.vm.uid_range
+        uids = UidPool(first, last, owner=self.spec.vm.name)
+        scsi = self.spec.emulators_of_kind(EmulatorKind.SCSI)
+        self.spares = SparePool(self.spec, uids) if WARM_SPARE and scsi else None
+        await attachment.discard_spares()
+        for emulator in self.spec.emulators:
+            held = attachment.slot(emulator, uids)
+            adopted = EmulatorSlot(self.spec, emulator, run, self._give_up, uids, self.spares,
+                                   held=held)
+            adopted.emit = self.emit
+            adopted.on_change = self.save_state
+            self.slots.append(adopted)
+        for slot in self.slots:
+            slot.start_keepers(self._qemu_closed_session)
+        await attachment.release_leftovers()
+        qemu = attachment.qemu(run)
+        self.qemu = qemu
+        self.save_state()
+        up = time.time() - self.started
+        LOG.info("re-attached to VM %s (QEMU pid %d, up %.0f s)", self.spec.vm.name, qemu.pid, up)
+        if qemu.exited.done():
+            status = qemu.exited.result()
+            LOG.warning("QEMU ended while no launcher was attached (%s)", describe_status(status))
+            return EXIT_OK if status == 0 else EXIT_FAILED
+        return await self._supervise(qemu)
+
+    def save_state(self) -> None:
+        """What a launcher that re-attaches needs to know, in the run folder;
+        written whenever it changes."""
+        run = self.run_folder
+        if run is None:
+            return
+        try:
+            reattach.state_of(self).save(run.vm_state_file)
+        except OSError as e:
+            LOG.error("cannot write %s: %s", run.vm_state_file, e)
 
     async def _run_vm(self, run: RunFolder, listener: socket.socket) -> int:
         """Start the emulators (each confined before QEMU exists), then QEMU,
@@ -182,7 +350,10 @@ class Supervisor:
                     slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids,
                                         self.spares, listen=self.backends_only)
                 slot.emit = self.emit
+                if isinstance(slot, EmulatorSlot):
+                    slot.on_change = self.save_state
                 self.slots.append(slot)
+            self.save_state()
             for slot in self.slots:
                 slot.start_keepers(self._qemu_closed_session)
             for slot in self.slots:
@@ -208,6 +379,7 @@ class Supervisor:
         listener.close()
         for slot in self.slots:
             slot.close_qemu_ends()
+        self.save_state()
         LOG.info("QEMU started (pid %d)", qemu.pid)
         return await self._supervise(qemu)
 
@@ -219,12 +391,13 @@ class Supervisor:
             self._spawn(self.spares.run(), "warm spares")
             self.spares.replenish()
 
-    async def _teardown(self, listener: socket.socket, server: ManagementServer) -> None:
+    async def _teardown(self, listener: socket.socket | None, server: ManagementServer) -> None:
         """QEMU first (the guest stops using the disks), then the spare, then
-        the emulators, then the management socket. Runs after every child of
-        the VM's group has ended, so no restart races it."""
+        the emulators, then the management socket, then the holder. Runs
+        after every child of the VM's group has ended, so no restart races it."""
         self.notifier.stopping()
-        listener.close()
+        if listener is not None:
+            listener.close()
         if self.qemu is not None:
             status = await self.qemu.stop()
             LOG.info("QEMU exited (%s)", describe_status(status))
@@ -236,6 +409,12 @@ class Supervisor:
                 LOG.info("emulator %s exited (%s)", slot.id, describe_status(status_or_none))
             slot.close()
         await server.close()
+        host = children.host()
+        if isinstance(host, children.HolderHost):
+            with contextlib.suppress(Exception):  # gone already: its children went with it
+                await host.flush()
+                await host.shutdown()
+            children.install(None)
         LOG.info("stopped")
 
     def emit(self, name: str, data: dict[str, Any]) -> None:

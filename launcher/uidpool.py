@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher import children, holdnames
+
 DEFAULT_UID_DIR = Path("/run/mplaunch/uids")
 
 
@@ -37,9 +39,27 @@ class Lease:
     owner: str
     _fd: int = field(default=-1, repr=False)
 
+    @classmethod
+    def from_fd(cls, uid: int, owner: str, fd: int) -> Lease:
+        """A lease whose lock fd the VM's holder kept and handed back (flock
+        belongs to the open file: this fd holds the uid). The holder still
+        keeps its copy, which `release` lets go of too."""
+        return cls(uid, owner, fd)
+
     @property
     def held(self) -> bool:
         return self._fd >= 0
+
+    @property
+    def fd(self) -> int:
+        """The lock fd; -1 once released."""
+        return self._fd
+
+    def keep_in_holder(self) -> None:
+        """A copy of the lock in the VM's holder: the uid stays taken host-wide
+        while a process of the VM may run under it, even after the launcher
+        died (a no-op without a holder)."""
+        children.host().hold(holdnames.lease(self.uid), "lease", [self._fd])
 
     def release(self) -> None:
         """Give the uid back; call it only once no process runs under it. Idempotent."""
@@ -48,6 +68,7 @@ class Lease:
                 os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = -1
+            children.host().unhold(holdnames.lease(self.uid))
 
 
 class HostUids:
@@ -74,6 +95,7 @@ class HostUids:
             for uid in itertools.chain(first, rest):
                 lease = self._try(dir_fd, uid, owner)
                 if lease is not None:
+                    lease.keep_in_holder()
                     return lease
             return None
         finally:
@@ -137,6 +159,11 @@ class UidPool:
         """A uid for another confined process of this VM (e.g. "qemu"), held
         host-wide like the others; the caller releases the lease."""
         return self.host.take(f"{self.owner}/{role}")
+
+    def adopt(self, lease: Lease) -> None:
+        """A lease a re-attaching launcher got back from the holder, now this
+        pool's like one it took."""
+        self.leases[lease.uid] = lease
 
     def give_back(self, uid: int) -> None:
         lease = self.leases.pop(uid, None)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from emulators.limits import image_size_problem
 from launcher.imagepolicy import ImagePolicy, ImageRefused
-from launcher.management.commands import CommandError
+from launcher.management.commands import CommandError, mplaunch_version
 from launcher.slotbase import DiskChangeError, Slot
 from launcher.spec import DiskSpec
 from launcher.status import LOG
@@ -190,3 +190,10 @@ class SupervisorControl:
 
     async def quit(self) -> None:
         self.sv.request_stop("quit command")
+
+    async def upgrade(self) -> dict[str, Any]:
+        refused = self.sv.upgrade_refused()
+        if refused is not None:
+            raise _fail(refused)
+        self.sv.request_upgrade()
+        return {"pid": os.getpid(), "package": mplaunch_version()["package"]}

@@ -184,7 +184,8 @@ class VmState:
 
     def save(self, path: Path) -> None:
         """Replace `path` atomically: a launcher that dies mid-write leaves the
-        previous state, never half of one."""
+        previous state, never half of one. No fsync: the file has to outlive
+        the launcher, not the host (a host crash ends the VM anyway)."""
         temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         data = self.to_json().encode()
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -193,7 +194,6 @@ class VmState:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(temp, path)

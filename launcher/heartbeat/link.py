@@ -58,8 +58,16 @@ def control_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class ControlLink:
-    def __init__(self, name: str, sock: socket.socket) -> None:
+    def __init__(self, name: str, sock: socket.socket, adopted: bool = False) -> None:
+        """`adopted`: `sock` is the control channel of a running emulator that an
+        earlier launcher talked to (re-attach). What the emulator sent that
+        launcher and nobody read (PONGs to its pings, RESULTs to its commands)
+        is dropped, not judged: a PONG is stale when the clock it echoes is
+        older than this link (pings carry CLOCK_MONOTONIC, one clock for
+        every process of the host), a RESULT when it answers no command of
+        this link."""
         self.name = name
+        self._adopted_ns = time.monotonic_ns() if adopted else None
         self.sock = sock
         self.sock.setblocking(False)
         self.detector: HangDetector | None = None
@@ -196,7 +204,21 @@ class ControlLink:
             LOG.error("emulator %s broke the control protocol: %s", self.name, e)
             self._verdict(ProtocolBroken(str(e)))
 
+    def _stale(self, message: proto.Message) -> bool:
+        """Sent to the launcher this link replaced (see __init__)."""
+        if self._adopted_ns is None:
+            return False
+        if isinstance(message, proto.Pong):
+            return message.sent_ns < self._adopted_ns
+        if isinstance(message, proto.Result):
+            return message.seq not in self._results
+        return isinstance(message, proto.Ready | proto.Assigned)
+
     def _on_message(self, message: proto.Message) -> None:
+        if self._stale(message):
+            LOG.debug("emulator %s: dropped %s meant for the previous launcher",
+                      self.name, type(message).__name__)
+            return
         self.last_heard_ns = time.monotonic_ns()
         if isinstance(message, proto.Pong):
             if self.detector is not None:

@@ -308,7 +308,8 @@ def serve(path: str, idle_exit: float = IDLE_EXIT_S) -> int:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    # Its lifecycle lines are for debugging; what needs attention is a warning.
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
     if len(argv) not in (1, 2):
         print("usage: python -I -m launcher.holder SOCKET_PATH [IDLE_EXIT_S]", file=sys.stderr)
         return 2

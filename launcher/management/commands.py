@@ -85,6 +85,13 @@ class VmControl(Protocol):
         """Start stopping the VM and return: the reply goes out before the socket closes."""
         ...
 
+    async def upgrade(self) -> dict[str, Any]:
+        """Start handing the VM over to a new launcher process started from the
+        installed code and return ({"pid": ..., "package": ...} of this one):
+        the reply goes out before the socket closes; the successor answers on
+        the same path."""
+        ...
+
 
 class ArgType(Enum):
     """JSON types of arguments, named as QEMU's error messages name them."""
@@ -221,6 +228,10 @@ async def _quit(vm: VmControl, args: dict[str, Any]) -> Any:
     return {}
 
 
+async def _upgrade(vm: VmControl, args: dict[str, Any]) -> Any:
+    return await vm.upgrade()
+
+
 _ID = Arg("id", ArgType.STRING, "the emulator's id")
 _DISK_ID = Arg("id", ArgType.STRING, "the disk's id")
 
@@ -246,6 +257,9 @@ COMMANDS: tuple[Command, ...] = (
         _DISK_ID, Arg("size", ArgType.SIZE, 'new size: bytes, or a string such as "2G"'),
     ), _disk_resize),
     Command("quit", "Stop the VM and mplaunch.", (), _quit),
+    Command("upgrade", "Hand the VM over to a new mplaunch process started from the code "
+            "installed now; the guest notices nothing. The successor answers on this "
+            "socket's path.", (), _upgrade, '{"pid": int, "package": str}'),
 )
 
 

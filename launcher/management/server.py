@@ -162,13 +162,24 @@ class ManagementServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: Callable[[], None] | None = None
         self._version = mplaunch_version()
+        self._listener: socket.socket | None = None
 
     @property
     def client_count(self) -> int:
         return len(self._clients)
 
-    async def start(self) -> None:
-        sock = bind_management_socket(self.path, self._group, self._mode)
+    @property
+    def listener(self) -> socket.socket | None:
+        """The listening socket in use (the VM's holder keeps a copy)."""
+        return self._listener
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind and listen, or serve on `sock`: a listening socket a previous
+        launcher made at the same path, handed back by the VM's holder, so
+        clients find the VM where they found it before."""
+        if sock is None:
+            sock = bind_management_socket(self.path, self._group, self._mode)
+        self._listener = sock
         try:
             self._server = await asyncio.start_unix_server(self._serve, sock=sock,
                                                            limit=READ_SIZE)
@@ -182,7 +193,9 @@ class ManagementServer:
         """Same as ``bus.emit``: send an event to every negotiated client."""
         return self.bus.emit(name, data)
 
-    async def close(self) -> None:
+    async def close(self, unlink: bool = True) -> None:
+        """Disconnect every client and stop listening; `unlink` False leaves the
+        socket's path to a successor (an upgrade: the holder keeps it open)."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -199,8 +212,9 @@ class ManagementServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             self._server = None
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+            if unlink:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
 
     def _on_event(self, event: QmpEvent) -> None:
         for client in list(self._clients):
