@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.spec}: ok", file=sys.stderr)
         return 0
     status.configure(-1 if args.quiet else args.verbose, spec.vm.name)
+    from launcher.reattach import CannotReattach
     from launcher.supervisor import Supervisor
 
     accel: AccelChoice | None = None
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             LOG.warning("%s", warning)
     try:
         return asyncio.run(Supervisor(spec, accel, backends_only=args.backends_only).run())
-    except RunFolderBusy as e:
+    except (RunFolderBusy, CannotReattach) as e:
         LOG.error("%s", e)
         return 1
     except RunFolderError as e:

@@ -226,7 +226,17 @@ async def connect(spec: Spec, busy: RunFolderBusy) -> Attachment | None:
         _close_all(fds)
         client.close()
         raise busy from None
-    except (CannotReattach, VmStateError, RunFolderError, SpecError, OSError) as e:
+    except VmStateError as e:
+        # Another mplaunch's state (older or newer) or a damaged one: the VM
+        # runs on; stopping a guest because its state cannot be read here
+        # would lose more than it saves.
+        _close_all(fds)
+        client.close()
+        raise CannotReattach(
+            f"cannot re-attach to VM {spec.vm.name}: {e}; it runs on under its holder "
+            f"(pid {attached.welcome.pid}): an mplaunch that reads this state can attach, "
+            f"and `kill {attached.welcome.pid}` stops it") from None
+    except (CannotReattach, RunFolderError, SpecError, OSError) as e:
         LOG.error("cannot re-attach to VM %s: %s; stopping what is left of it",
                   spec.vm.name, e)
         _close_all(fds)

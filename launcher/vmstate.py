@@ -11,6 +11,9 @@ are adopted only if the holder names them as its live children).
 
 Parsing is strict: a field of the wrong type or out of range is a
 :class:`VmStateError` naming the field and value, never another exception.
+A field added later without changing what the others mean has a default
+and leaves `VERSION` alone, so a launcher upgraded under a running VM can
+read what its predecessor wrote; any other change raises `VERSION`.
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ class SlotState:
     last_exit: str | None = None
     last_stall_ms: float | None = None
     policy: dict[str, Any] | None = None
+    #: When its occupant started (CLOCK_MONOTONIC ns: one clock for the whole boot).
+    started_ns: int = 0
 
     @classmethod
     def of(cls, pid: int | None, uid: int | None, disks: dict[str, list[DiskSpec]],
@@ -97,19 +102,21 @@ class SlotState:
         stats = stats or SlotStats()
         return cls(pid, uid, {c: list(ds) for c, ds in disks.items()}, stats.starts,
                    stats.restarts, stats.spare_restarts, stats.last_exit,
-                   stats.last_stall_ms, policy.snapshot() if policy is not None else None)
+                   stats.last_stall_ms, policy.snapshot() if policy is not None else None,
+                   stats.started_ns)
 
     def stats(self) -> SlotStats:
         return SlotStats(starts=self.starts, restarts=self.restarts,
                          spare_restarts=self.spare_restarts, last_exit=self.last_exit,
-                         last_stall_ms=self.last_stall_ms)
+                         last_stall_ms=self.last_stall_ms, started_ns=self.started_ns)
 
     def to_json(self) -> dict[str, Any]:
         return {"pid": self.pid, "uid": self.uid,
                 "disks": {c: [_disk_to_json(d) for d in ds] for c, ds in self.disks.items()},
                 "starts": self.starts, "restarts": self.restarts,
                 "spare_restarts": self.spare_restarts, "last_exit": self.last_exit,
-                "last_stall_ms": self.last_stall_ms, "policy": self.policy}
+                "last_stall_ms": self.last_stall_ms, "policy": self.policy,
+                "started_ns": self.started_ns}
 
     @classmethod
     def from_json(cls, obj: object, where: str) -> SlotState:
@@ -133,6 +140,7 @@ class SlotState:
             last_exit=_get(obj, "last_exit", (str, type(None)), where),
             last_stall_ms=None if stall is None else float(stall),
             policy=_get(obj, "policy", (dict, type(None)), where),
+            started_ns=_ranged({"started_ns": 0, **obj}, "started_ns", where, 0, 2**63) or 0,
         )
 
 

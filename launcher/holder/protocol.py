@@ -47,7 +47,7 @@ VERSION = 1
 #: One datagram's JSON, at most (a welcome with a full inventory fits).
 MAX_MESSAGE = 256 * 1024
 #: Fds in one datagram (the kernel allows 253).
-HOLDER_MAX_FDS = 64
+HOLDER_MAX_FDS = 253  # SCM_MAX_FD: the most one message can carry (a keeper record of many rings)
 MAX_ENTRIES = 1024     # inventory entries, children, or pending exits in a welcome
 MAX_ARGV = 256
 MAX_ARG = 4096
