@@ -25,7 +25,7 @@ import signal
 import sys
 from types import FrameType
 
-from emulators import faults
+from emulators import __version__, faults
 from emulators.config import ConfigError, EmulatorConfig, checked_lun
 from emulators.control import ControlChannel
 from emulators.controller import ControllerLoop
@@ -34,6 +34,7 @@ from emulators.lockdown import LockdownError, LockdownMode, lockdown
 from emulators.scsi.lun import LogicalUnit
 from emulators.vhost_user.errors import RemoteProtocolError, SessionError
 from launcher.heartbeat import protocol as proto
+from launcher.statestore.layout import VERSION as STORE_VERSION
 from launcher.statestore.layout import StateStore, StateStoreError
 
 LOG = logging.getLogger("emulator")
@@ -96,7 +97,8 @@ class Emulator:
 
     def ready(self) -> None:
         if self.control is not None:
-            self.control.send(proto.Ready(os.getpid(), locked_down=True))
+            self.control.send(proto.Ready(os.getpid(), locked_down=True, version=__version__,
+                                          store_version=STORE_VERSION))
 
     def _sync_watches(self) -> None:
         """Watch exactly the sockets and kick fds the controllers hold now."""

@@ -83,7 +83,7 @@ EMULATOR_COLUMNS = (
     ("ID", "id"), ("KIND", "kind"), ("PID", "pid"), ("UID", "uid"), ("STATE", "state"),
     ("UPTIME", "uptime"), ("RESTARTS", "restarts"), ("LAST EXIT", "last_exit"),
     ("CONTROLLERS", "controllers"), ("DISKS", "disks"), ("RTT MS", "heartbeat_rtt_ms"),
-    ("INFLIGHT", "inflight"),
+    ("INFLIGHT", "inflight"), ("VERSION", "version"),
 )
 DISK_COLUMNS = (
     ("ID", "id"), ("CONTROLLER", "controller"), ("LUN", "lun"), ("SIZE", "size"),
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("quit", "stop the VM"),
                        ("upgrade", "hand the VM over to a new mplaunch process started "
                                    "from the code installed now (the guest notices nothing)"),
+                       ("upgrade-emulators", "hand each emulator over to a process of the "
+                                             "code installed now, one at a time"),
                        ("events", "print events as they happen, until the VM stops")):
         sub.add_parser(name, help=text).add_argument("vm", help=vm_help)
     restart = sub.add_parser("restart", help="hand an emulator over to a new process")
@@ -239,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]:
     """The QMP command and arguments a subcommand stands for."""
     simple = {"status": "query-status", "emulators": "query-emulators",
-              "disks": "query-disks", "quit": "quit"}
+              "disks": "query-disks", "quit": "quit",
+              "upgrade-emulators": "upgrade-emulators"}
     if args.command in simple:
         return simple[args.command], None
     if args.command == "restart":
@@ -263,7 +266,7 @@ def _render(command: str, result: Any, args: argparse.Namespace) -> str:
         return format_table(result, LIST_COLUMNS)
     if command == "status":
         return render_status(result)
-    if command == "emulators":
+    if command in ("emulators", "upgrade-emulators"):
         return render_emulators(result)
     if command == "disks":
         return render_disks(result)

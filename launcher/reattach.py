@@ -118,7 +118,8 @@ class Attachment:
         held = HeldSlot(disks=disks, disk_fds=disk_fds,
                         state_fd=self._one(holdnames.state(eid)),
                         keeper_ends=keeper_ends, records=records, stats=state.stats(),
-                        policy=state.policy, ended_pid=state.pid or 0)
+                        policy=state.policy, ended_pid=state.pid or 0,
+                        version=state.version or None)
         held.occupant = self._occupant(eid, state, [c.id for c in self.spec.controllers_of(eid)],
                                        uids)
         if held.occupant is None and state.pid:
@@ -306,7 +307,7 @@ def state_of(sv: Supervisor) -> VmState:
         snap = slot.snapshot()
         slots[slot.id] = SlotState.of(snap.pid, snap.uid, dict(slot.disks),
                                       getattr(slot, "stats", None),
-                                      getattr(slot, "policy", None))
+                                      getattr(slot, "policy", None), snap.version)
     return VmState(spec_path=str(sv.spec.path), spec_text=sv.spec_text,
                    accel=str(sv.accel.accel), started=sv.started,
                    backends_only=sv.backends_only,

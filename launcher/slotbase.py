@@ -72,6 +72,8 @@ class SlotSnapshot:
     kind: str = "scsi"
     #: An ``lsi`` slot's disks by SCSI target id (None for other kinds).
     targets: tuple[tuple[str, int], ...] | None = None
+    #: The package version the serving process reported (None: not known).
+    version: str | None = None
 
 
 class Slot(Protocol):

@@ -65,6 +65,15 @@ QUEUE_SLOTS = proto.MAX_RINGS  # every ring a controller may have
 COMMAND_TIMEOUT = 5.0
 
 
+def skew_problem(ready: proto.Ready) -> str | None:
+    """Why an emulator that said `ready` cannot serve this launcher's slots,
+    or None. An emulator that names no versions is of the same code."""
+    if ready.store_version and ready.store_version != layout.VERSION:
+        return (f"it reads state store layout {ready.store_version}, this launcher "
+                f"writes layout {layout.VERSION}")
+    return None
+
+
 @dataclass
 class HeldSlot:
     """One slot as a re-attaching launcher finds it: the fds the holder kept
@@ -82,6 +91,7 @@ class HeldSlot:
     occupant: Occupant | None = None
     ended_pid: int = 0
     ended_status: int | None = None
+    version: str | None = None  # what the adopted occupant reported to its launcher
 
 
 def _listen(path: Path) -> socket.socket:
@@ -123,6 +133,8 @@ class EmulatorSlot(PolicyDriven):
         #: Called whenever what vm-state.json says of this slot changed.
         self.on_change: Callable[[], None] = lambda: None
         self._held = held
+        #: (pid, version) of an adopted occupant, as the run folder said.
+        self._held_version = (held.ended_pid, held.version) if held and held.version else None
         #: Records whose fds the holder keeps (a re-attached slot starts with them).
         self._records_held: set[str] = set() if held is None else {
             holdnames.record(self.id, cid) for cid in held.records}
@@ -206,7 +218,17 @@ class EmulatorSlot(PolicyDriven):
             heartbeat_rtt_ms=detector.round_trip_ms if detector is not None else None,
             inflight=totals.in_flight if totals is not None else None,
             completed=totals.completed if totals is not None else None,
+            version=self._version(occ) if live and occ is not None else None,
         )
+
+    def _version(self, occupant: Occupant) -> str | None:
+        """What the occupant said in its READY (an adopted one said it to the
+        launcher before, which wrote it down)."""
+        ready = occupant.link.ready
+        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            return ready.result().version or None
+        held = self._held_version
+        return held[1] if held is not None and held[0] == occupant.proc.pid else None
 
     def start_keepers(self, on_qemu_closed: Callable[[str], None]) -> None:
         """Keepers hold QEMU's sessions; QEMU's ends are then QEMU's alone."""

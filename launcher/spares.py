@@ -174,6 +174,25 @@ class SparePool:
             self._taken.set_result(None)
         return spare
 
+    async def renew(self) -> None:
+        """Replace the waiting spare by one started now (from the code installed
+        now: an upgrade of the emulators starts here)."""
+        spare = self.take()
+        if spare is not None:
+            await self._discard(spare)
+        self.replenish()
+
+    async def ready_spare(self, timeout: float) -> Occupant:
+        """The waiting spare once there is one (TimeoutError after `timeout`);
+        it stays the pool's."""
+        async with asyncio.timeout(timeout):
+            while True:
+                spare = self._spare
+                if spare is not None and spare.link.ready.done() and \
+                        not spare.proc.exited.done():
+                    return spare
+                await asyncio.sleep(0.02)
+
     @property
     def spare_pid(self) -> int | None:
         return self._spare.proc.pid if self._spare else None

@@ -22,6 +22,7 @@ from emulators.limits import image_size_problem
 from launcher.imagepolicy import ImagePolicy, ImageRefused
 from launcher.management.commands import CommandError, mplaunch_version
 from launcher.slotbase import DiskChangeError, Slot
+from launcher.slots import EmulatorSlot, skew_problem
 from launcher.spec import DiskSpec
 from launcher.status import LOG
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from launcher.supervisor import Supervisor
 
 RESTART_TIMEOUT = 30.0
+SPARE_TIMEOUT = 30.0
+"""How long an emulator upgrade waits for each spare of the installed code."""
 
 
 def _fail(desc: str) -> CommandError:
@@ -72,7 +75,7 @@ class SupervisorControl:
                 "last_exit": snap.last_exit, "last_stall_ms": snap.last_stall_ms,
                 "controllers": list(snap.controllers), "disks": list(snap.disks),
                 "heartbeat_rtt_ms": snap.heartbeat_rtt_ms, "inflight": snap.inflight,
-                "completed": snap.completed, "kind": snap.kind,
+                "completed": snap.completed, "kind": snap.kind, "version": snap.version,
                 "targets": None if snap.targets is None else dict(snap.targets),
             })
         return out
@@ -190,6 +193,35 @@ class SupervisorControl:
 
     async def quit(self) -> None:
         self.sv.request_stop("quit command")
+
+    async def upgrade_emulators(self) -> list[dict[str, Any]]:
+        """Replace the spare by one of the code installed now, check that it can
+        take over (state store layout; the control protocol was checked when
+        its READY was read), then hand each scsi emulator's role to a fresh
+        spare, one at a time, each with a warm spare's stall."""
+        pool = self.sv.spares
+        if pool is None:
+            raise _fail("this VM has no warm spare to hand its emulators to "
+                        "(none of its emulators is of kind scsi)")
+        async with self._disk_changes:  # no disk change while roles move
+            await pool.renew()
+            try:
+                spare = await pool.ready_spare(SPARE_TIMEOUT)
+            except TimeoutError:
+                raise _fail(f"no spare of the installed code was ready in {SPARE_TIMEOUT:.0f} s; "
+                            "the emulators keep serving") from None
+            ready = spare.link.ready.result()
+            problem = skew_problem(ready)
+            if problem is not None:
+                raise _fail(f"the emulator code installed now cannot take over: {problem}; "
+                            "the emulators keep serving")
+            LOG.info("upgrading the emulators to %s", ready.version or "an unnamed version")
+            for slot in self.sv.slots:
+                if not isinstance(slot, EmulatorSlot):
+                    continue
+                await pool.ready_spare(SPARE_TIMEOUT)
+                await self.emulator_restart(slot.id)
+        return await self.query_emulators()
 
     async def upgrade(self) -> dict[str, Any]:
         refused = self.sv.upgrade_refused()

@@ -94,16 +94,18 @@ class SlotState:
     policy: dict[str, Any] | None = None
     #: When its occupant started (CLOCK_MONOTONIC ns: one clock for the whole boot).
     started_ns: int = 0
+    #: The package version its occupant reported ("": not known).
+    version: str = ""
 
     @classmethod
     def of(cls, pid: int | None, uid: int | None, disks: dict[str, list[DiskSpec]],
-           stats: SlotStats | None, policy: Any) -> SlotState:
+           stats: SlotStats | None, policy: Any, version: str | None = None) -> SlotState:
         """From a live slot (`policy`: its RestartPolicy, if it has one)."""
         stats = stats or SlotStats()
         return cls(pid, uid, {c: list(ds) for c, ds in disks.items()}, stats.starts,
                    stats.restarts, stats.spare_restarts, stats.last_exit,
                    stats.last_stall_ms, policy.snapshot() if policy is not None else None,
-                   stats.started_ns)
+                   stats.started_ns, version or "")
 
     def stats(self) -> SlotStats:
         return SlotStats(starts=self.starts, restarts=self.restarts,
@@ -116,7 +118,7 @@ class SlotState:
                 "starts": self.starts, "restarts": self.restarts,
                 "spare_restarts": self.spare_restarts, "last_exit": self.last_exit,
                 "last_stall_ms": self.last_stall_ms, "policy": self.policy,
-                "started_ns": self.started_ns}
+                "started_ns": self.started_ns, "version": self.version}
 
     @classmethod
     def from_json(cls, obj: object, where: str) -> SlotState:
@@ -141,6 +143,7 @@ class SlotState:
             last_stall_ms=None if stall is None else float(stall),
             policy=_get(obj, "policy", (dict, type(None)), where),
             started_ns=_ranged({"started_ns": 0, **obj}, "started_ns", where, 0, 2**63) or 0,
+            version=_get({"version": "", **obj}, "version", str, where),
         )
 
 

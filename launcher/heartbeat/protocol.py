@@ -15,7 +15,10 @@ A datagram is an 8-byte header, little-endian::
 
 followed by the payload of that type:
 
-    READY     emulator -> launcher  pid u32, flags u8 (bit 0: locked down)
+    READY     emulator -> launcher  pid u32, flags u8 (bit 0: locked down),
+                                    then optionally: state store layout
+                                    version u16, package version (ASCII,
+                                    the rest; at most 64 bytes)
     ASSIGN    launcher -> emulator  fd count u8, UTF-8 JSON config (the rest)
     ASSIGNED  emulator -> launcher  ok u8 (0 or 1), UTF-8 error text (the rest)
     PING      launcher -> emulator  sent_ns u64
@@ -88,6 +91,7 @@ it was built for: the emulator exits, and a restart does not help.
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +117,8 @@ U32_MAX: Final = 2**32 - 1
 U64_MAX: Final = 2**64 - 1
 
 _READY: Final = struct.Struct("<IB")
+_READY_VERSIONS: Final = struct.Struct("<H")
+_VERSION_TEXT: Final = re.compile(r"[\x21-\x7e]{0,64}")
 _ASSIGN_HEAD: Final = struct.Struct("<B")
 _ASSIGNED_HEAD: Final = struct.Struct("<B")
 _PING: Final = struct.Struct("<Q")
@@ -236,6 +242,10 @@ class Ready:
     pid: int
     locked_down: bool
     seq: int = 0
+    #: The emulator's package version and the state store layout it reads
+    #: ("" and 0: an emulator that does not say, the short form).
+    version: str = ""
+    store_version: int = 0
 
     def __post_init__(self) -> None:
         _check_uint("pid", self.pid, U32_MAX)
@@ -244,6 +254,9 @@ class Ready:
         if not isinstance(self.locked_down, bool):
             raise LocalControlError("locked_down must be a bool")
         _check_seq(self.seq)
+        _check_uint("store_version", self.store_version, 0xFFFF)
+        if not isinstance(self.version, str) or not _VERSION_TEXT.fullmatch(self.version):
+            raise LocalControlError(f"version {self.version!r:.80}: not 0-64 printable ASCII")
 
 
 _ASSIGN_MAX_CONFIG: Final = MAX_PAYLOAD - _ASSIGN_HEAD.size
@@ -489,8 +502,11 @@ def encode(message: Message) -> tuple[bytes, list[int]]:
     kind = message_type(message)
     fds: list[int] = []
     match message:
-        case Ready(pid=pid, locked_down=locked_down):
+        case Ready(pid=pid, locked_down=locked_down, version=version,
+                   store_version=store_version):
             payload = _READY.pack(pid, _READY_LOCKED_DOWN if locked_down else 0)
+            if version or store_version:
+                payload += _READY_VERSIONS.pack(store_version) + version.encode("ascii")
         case Assign(config=config, fds=assign_fds):
             payload = _ASSIGN_HEAD.pack(len(assign_fds)) + config.encode("utf-8")
             fds = list(assign_fds)
@@ -597,11 +613,19 @@ def _decode_payload(
 
     match kind:
         case MessageType.READY:
-            exact(_READY.size)
-            pid, flags = _READY.unpack(payload)
+            if len(payload) != _READY.size:
+                at_least(_READY.size + _READY_VERSIONS.size)
+            pid, flags = _READY.unpack_from(payload)
             if flags & ~_READY_LOCKED_DOWN:
                 raise fail(f"unknown READY flags {flags:#04x}")
-            return Ready(pid, bool(flags & _READY_LOCKED_DOWN), seq)
+            store_version, version = 0, ""
+            if len(payload) > _READY.size:
+                (store_version,) = _READY_VERSIONS.unpack_from(payload, _READY.size)
+                raw = payload[_READY.size + _READY_VERSIONS.size:]
+                version = raw.decode("ascii", "replace")
+                if not _VERSION_TEXT.fullmatch(version):
+                    raise fail(f"version {raw[:80]!r}: not 0-64 printable ASCII")
+            return Ready(pid, bool(flags & _READY_LOCKED_DOWN), seq, version, store_version)
         case MessageType.ASSIGN:
             at_least(_ASSIGN_HEAD.size)
             (declared,) = _ASSIGN_HEAD.unpack_from(payload)

@@ -18,10 +18,10 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from importlib import metadata
 from pathlib import PurePosixPath
 from typing import Any, Protocol
 
+from emulators import __version__
 from emulators.limits import BLOCK_SIZE_RULE, BLOCK_SIZES, ID_RULE, LUN_RULE, MAX_LUN, is_id
 from launcher.management.protocol import ErrorClass
 from launcher.sizes import SIZE_SYNTAX, parse_size
@@ -83,6 +83,11 @@ class VmControl(Protocol):
 
     async def quit(self) -> None:
         """Start stopping the VM and return: the reply goes out before the socket closes."""
+        ...
+
+    async def upgrade_emulators(self) -> list[dict[str, Any]]:
+        """Hand every emulator's role to a process of the code installed now,
+        one at a time, and return query-emulators' answer."""
         ...
 
     async def upgrade(self) -> dict[str, Any]:
@@ -232,6 +237,10 @@ async def _upgrade(vm: VmControl, args: dict[str, Any]) -> Any:
     return await vm.upgrade()
 
 
+async def _upgrade_emulators(vm: VmControl, args: dict[str, Any]) -> Any:
+    return await vm.upgrade_emulators()
+
+
 _ID = Arg("id", ArgType.STRING, "the emulator's id")
 _DISK_ID = Arg("id", ArgType.STRING, "the disk's id")
 
@@ -260,16 +269,16 @@ COMMANDS: tuple[Command, ...] = (
     Command("upgrade", "Hand the VM over to a new mplaunch process started from the code "
             "installed now; the guest notices nothing. The successor answers on this "
             "socket's path.", (), _upgrade, '{"pid": int, "package": str}'),
+    Command("upgrade-emulators", "Hand each emulator's role, one at a time, to a process "
+            "of the code installed now (a warm spare's stall each).", (),
+            _upgrade_emulators, "[emulator objects]"),
 )
 
 
 def mplaunch_version() -> dict[str, Any]:
     """The version object of the greeting and query-version, shaped like QEMU's
     (qmp-shell prints ``qemu.major.minor.micro``)."""
-    try:
-        text = metadata.version("mplaunch")
-    except metadata.PackageNotFoundError:
-        text = "0.0.0"
+    text = __version__  # the code running now: after an upgrade, the new one's
     parts = [int(p) if p.isdigit() else 0 for p in (text.split(".") + ["0", "0"])[:3]]
     return {"qemu": {"major": parts[0], "minor": parts[1], "micro": parts[2]},
             "package": f"mplaunch {text}"}

@@ -226,7 +226,7 @@ def test_query_commands_and_version(dispatcher: Dispatcher) -> None:
     names = {c["name"] for c in run(dispatcher, "query-commands")}
     assert names == {"qmp_capabilities", "query-commands", "query-version", "query-status",
                      "query-emulators", "query-disks", "emulator-restart", "disk-add",
-                     "disk-remove", "disk-resize", "quit", "upgrade"}
+                     "disk-remove", "disk-resize", "quit", "upgrade", "upgrade-emulators"}
     version = run(dispatcher, "query-version")
     assert version == mplaunch_version()
     assert set(version["qemu"]) == {"major", "minor", "micro"}

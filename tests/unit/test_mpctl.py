@@ -35,9 +35,10 @@ def test_emulators_and_disks_render() -> None:
                                     "state": "running",
                                     "uptime_s": 3725, "restarts": 2, "last_exit": "SIGKILL",
                                     "controllers": ["c0", "c1"], "disks": [],
-                                    "heartbeat_rtt_ms": 0.25, "inflight": 0}])
+                                    "heartbeat_rtt_ms": 0.25, "inflight": 0,
+                                    "version": "0.1.0"}])
     assert text.splitlines()[1].split() == ["e", "lsi", "1", "1001", "running", "1:02:05", "2",
-                                            "SIGKILL", "c0,c1", "-", "0.2", "0"]
+                                            "SIGKILL", "c0,c1", "-", "0.2", "0", "0.1.0"]
     disks = mpctl.render_disks([{"id": "d", "controller": "c", "lun": 1, "size": 3 << 30,
                                  "readonly": True, "block_size": 4096, "emulator": "e",
                                  "image": "/i"}])
