@@ -277,7 +277,7 @@ def write_atomically(
 def _write_in(directory: int | str | os.PathLike[str], name: str, data: bytes) -> None:
     dir_fd = directory if isinstance(directory, int) else os.open(
         directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    tmp = f".{name}.tmp"
+    tmp = f".{name}.tmp{os.getpid()}"  # a name the run folder's cleanup knows
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600, dir_fd=dir_fd)
