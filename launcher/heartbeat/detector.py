@@ -36,6 +36,12 @@ rather than waiting for the next regular beat.
 
 Once a verdict is given the detector stays hung (it reports the verdict
 once, and `verdict` keeps it) until the next `reset`.
+
+Ping seqs run 1..U32_MAX and wrap to 1, never 0: seq 0 is the barrier of a
+link taken over from an earlier launcher (`link.BARRIER_SEQ`), answered
+before any ping of this detector and never shown to it. What that earlier
+launcher's pings get back is dropped by the link too, so a detector judges
+only answers to its own pings: a stale PONG is neither progress nor an error.
 """
 
 from __future__ import annotations

@@ -12,6 +12,19 @@ future, never in an exception nobody awaits: a hang verdict, a protocol
 violation, the emulator closing its end, or an error in the heartbeat
 itself. A future the link can no longer complete (`ready`, `assigned`) gets
 `LinkClosed`, not a cancellation: CancelledError means only "we cancelled".
+
+Taking over a link (re-attach). A launcher that died leaves its emulators'
+control sockets to the next one, with whatever the emulator sent and nobody
+read: PONGs to pings the new launcher never sent, RESULTs to its commands,
+an ASSIGNED. Judged, they would kill a healthy emulator (an answer to
+nothing is a protocol violation), or worse, a late RESULT could answer a
+new command that reuses its seq. So an adopted link first sends a barrier:
+a PING with `BARRIER_SEQ`, which no detector uses, carrying the clock at
+adoption. The emulator answers messages in the order they came, on a
+socket that keeps order, so everything before the barrier's PONG answers
+the launcher before and everything after it answers this one: the first
+is dropped (logged at debug), the second judged as on any link, from seq 1
+again. No seq needs to outlive a launcher.
 """
 
 from __future__ import annotations
@@ -57,17 +70,17 @@ def control_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
+BARRIER_SEQ = 0
+"""The seq of an adopted link's barrier PING; a HangDetector's run 1..U32_MAX."""
+
+
 class ControlLink:
     def __init__(self, name: str, sock: socket.socket, adopted: bool = False) -> None:
-        """`adopted`: `sock` is the control channel of a running emulator that an
-        earlier launcher talked to (re-attach). What the emulator sent that
-        launcher and nobody read (PONGs to its pings, RESULTs to its commands)
-        is dropped, not judged: a PONG is stale when the clock it echoes is
-        older than this link (pings carry CLOCK_MONOTONIC, one clock for
-        every process of the host), a RESULT when it answers no command of
-        this link."""
+        """`adopted`: `sock` is the control channel of a running emulator that
+        an earlier launcher talked to (re-attach). Until `settled` is done,
+        what the emulator sends is dropped unseen (see the module's
+        docstring); what this link sends meanwhile is answered after it."""
         self.name = name
-        self._adopted_ns = time.monotonic_ns() if adopted else None
         self.sock = sock
         self.sock.setblocking(False)
         self.detector: HangDetector | None = None
@@ -80,14 +93,37 @@ class ControlLink:
         self.closed = False
         # The last sign of life: a PONG or an answer; the hand-over's deadline.
         self.last_heard_ns = time.monotonic_ns()
+        # An adopted link's barrier: until its PONG comes, what arrives was
+        # meant for the launcher before (see `settled`).
+        self._barrier = proto.Ping(BARRIER_SEQ, time.monotonic_ns()) if adopted else None
+        self._barrier_sent = not adopted
+        #: Done once every message meant for an earlier launcher is gone (at
+        #: once for a link that was never anyone else's); LinkClosed if the
+        #: link closes first.
+        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if adopted:
+            with contextlib.suppress(OSError):  # sent again before our first message
+                self._send_barrier()
+        else:
+            self.settled.set_result(None)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
     def send(self, message: proto.Message) -> None:
+        if not self._barrier_sent:
+            self._send_barrier()
+        self._send(message)
+
+    def _send(self, message: proto.Message) -> None:
         data, fds = proto.encode(message)
         if fds:
             socket.send_fds(self.sock, [data], fds)
         else:
             self.sock.send(data)
+
+    def _send_barrier(self) -> None:
+        assert self._barrier is not None
+        self._send(self._barrier)
+        self._barrier_sent = True
 
     def send_assign(self, config_json: str, fds: list[int]) -> asyncio.Future[proto.Assigned]:
         """Send the assignment now; the future gets the answer, or `LinkClosed`."""
@@ -204,20 +240,19 @@ class ControlLink:
             LOG.error("emulator %s broke the control protocol: %s", self.name, e)
             self._verdict(ProtocolBroken(str(e)))
 
-    def _stale(self, message: proto.Message) -> bool:
-        """Sent to the launcher this link replaced (see __init__)."""
-        if self._adopted_ns is None:
-            return False
-        if isinstance(message, proto.Pong):
-            return message.sent_ns < self._adopted_ns
-        if isinstance(message, proto.Result):
-            return message.seq not in self._results
-        return isinstance(message, proto.Ready | proto.Assigned)
-
     def _on_message(self, message: proto.Message) -> None:
-        if self._stale(message):
-            LOG.debug("emulator %s: dropped %s meant for the previous launcher",
-                      self.name, type(message).__name__)
+        barrier = self._barrier
+        if barrier is not None:
+            if not (isinstance(message, proto.Pong) and message.seq == barrier.seq
+                    and message.sent_ns == barrier.sent_ns):
+                LOG.debug("emulator %s: dropped %s (seq %d) meant for the previous launcher",
+                          self.name, type(message).__name__, getattr(message, "seq", 0))
+                return
+            LOG.debug("emulator %s: control link taken over", self.name)
+            self._barrier = None
+            self.last_heard_ns = time.monotonic_ns()
+            if not self.settled.done():
+                self.settled.set_result(None)
             return
         self.last_heard_ns = time.monotonic_ns()
         if isinstance(message, proto.Pong):
@@ -258,7 +293,7 @@ class ControlLink:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
-        for fut in (self.ready, self.assigned, *self._results.values()):
+        for fut in (self.ready, self.settled, self.assigned, *self._results.values()):
             if fut is not None and not fut.done():
                 _fail(fut, f"control link to {self.name} closed")
 
