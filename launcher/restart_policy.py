@@ -234,9 +234,15 @@ class RestartPolicy:
         return self._state
 
     def snapshot(self) -> dict[str, Any]:
-        """What decides the next restart or give-up, as JSON for vm-state.json.
-        Times are CLOCK_MONOTONIC nanoseconds, which every process of one boot
-        shares, so a re-attached launcher can take them as they are."""
+        """What decides the next restart or give-up, as JSON (vm-state.json):
+        the state, the restarts counted in the window, the backoff's end and
+        the Start it will give, and what `describe` reports.
+
+        Times are as `now_ns` gave them: time.monotonic_ns(), CLOCK_MONOTONIC,
+        one clock for every process of one boot. So a launcher that takes
+        over from one that died can `restore` them as they are: the window
+        and the backoff go on where they were (the VM does not outlive a
+        reboot, and neither does the run folder this is kept in)."""
         return {
             "state": self._state.value, "restarts": list(self._restarts),
             "restart_at_ns": self._restart_at_ns, "pending_start": self._pending_start,
@@ -247,32 +253,11 @@ class RestartPolicy:
         }
 
     def restore(self, saved: dict[str, Any]) -> None:
-        """Take over a `snapshot`; ValueError naming the field if it is not one."""
-        def field(key: str, kinds: tuple[type, ...]) -> Any:
-            value = saved.get(key)
-            if not isinstance(value, kinds) or isinstance(value, bool):
-                raise ValueError(f"restart policy {key} = {value!r:.60}: not valid")
-            return value
-
-        none = type(None)
-        try:
-            state = RunState(field("state", (str,)))
-            reason = field("last_exit_reason", (str, none))
-            last_reason = ExitReason(reason) if reason is not None else None
-        except ValueError as e:
-            raise ValueError(f"restart policy: {e}") from None
-        restarts = field("restarts", (list,))
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in restarts):
-            raise ValueError(f"restart policy restarts = {restarts!r:.60}: not times")
-        restart_at = field("restart_at_ns", (int, none))
-        pending = field("pending_start", (str, none))
-        status = field("last_exit_status", (str, none))
-        decision = field("last_decision", (str, none))
-        last_now = field("last_now_ns", (int,))
-        self._state, self._restarts = state, deque(restarts)
-        self._restart_at_ns, self._pending_start = restart_at, pending
-        self._last_exit_reason, self._last_exit_status = last_reason, status
-        self._last_decision, self._last_now_ns = decision, last_now
+        """Take over a `snapshot` (the limits stay this policy's: the spec's);
+        ValueError naming the field if it is not one, and nothing changed."""
+        (self._state, self._restarts, self._restart_at_ns, self._pending_start,
+         self._last_exit_reason, self._last_exit_status, self._last_decision,
+         self._last_now_ns) = _parse_snapshot(saved)
 
     def next_deadline_ns(self) -> int | None:
         """When `tick` has something to do: the end of the backoff, if any."""
@@ -458,3 +443,52 @@ class RestartPolicy:
         self._last_decision = action.reason
         (self._log_give_up if isinstance(action, GiveUp) else self._log)(action.reason)
         return action
+
+
+_SavedPolicy = tuple[RunState, deque[int], int | None, str | None, ExitReason | None,
+                     str | None, str | None, int]
+_MAX_SAVED_RESTARTS: Final = 1 << 16
+_MAX_TIME_NS: Final = (1 << 63) - 1
+
+
+def check_snapshot(saved: object) -> None:
+    """Raise ValueError, naming the field, unless `saved` is a valid
+    `RestartPolicy.snapshot` (so a reader of vm-state.json refuses a bad
+    one before anything is restored from it)."""
+    _parse_snapshot(saved)
+
+
+def _parse_snapshot(saved: object) -> _SavedPolicy:
+    if not isinstance(saved, dict):
+        raise ValueError(f"restart policy: {saved!r:.60} is not an object")
+
+    def field(key: str, kinds: tuple[type, ...]) -> Any:
+        if key not in saved:
+            raise ValueError(f"restart policy: no field {key!r}")
+        value = saved[key]
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise ValueError(f"restart policy {key} = {value!r:.60}: not valid")
+        if isinstance(value, int) and not 0 <= value <= _MAX_TIME_NS:
+            raise ValueError(f"restart policy {key} = {value}: not a time")
+        return value
+
+    none = type(None)
+    state_text = field("state", (str,))
+    reason_text = field("last_exit_reason", (str, none))
+    try:
+        state = RunState(state_text)
+        reason = ExitReason(reason_text) if reason_text is not None else None
+    except ValueError as e:
+        raise ValueError(f"restart policy: {e}") from None
+    restarts = field("restarts", (list,))
+    if len(restarts) > _MAX_SAVED_RESTARTS or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _MAX_TIME_NS
+        for t in restarts
+    ) or restarts != sorted(restarts):
+        raise ValueError(f"restart policy restarts = {restarts!r:.60}: not times in order")
+    restart_at = field("restart_at_ns", (int, none))
+    if state is RunState.BACKOFF and restart_at is None:
+        raise ValueError("restart policy: in backoff with no restart_at_ns")
+    return (state, deque(restarts), restart_at, field("pending_start", (str, none)), reason,
+            field("last_exit_status", (str, none)), field("last_decision", (str, none)),
+            field("last_now_ns", (int,)))

@@ -18,14 +18,18 @@ read what its predecessor wrote; any other change raises `VERSION`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.restart_policy import check_snapshot
 from launcher.slotbase import SlotStats
-from launcher.spec import DiskSpec
+from launcher.spec import DiskSpec, Spec, parse_spec
 
 VERSION = 1
 MAX_STATE_BYTES = 4 * 1024 * 1024
@@ -59,6 +63,21 @@ def _ranged(obj: dict[str, Any], key: str, where: str, low: int, high: int,
     if value is not None and not low <= value <= high:
         raise VmStateError(f"{where}.{key} = {value}: not in {low}..{high}")
     return value  # type: ignore[no-any-return]
+
+
+def _finite(obj: dict[str, Any], key: str, where: str, nullable: bool = False) -> float | None:
+    """A number JSON may spell as a float or an int, finite (Python's JSON
+    reads NaN and Infinity, and an int too large for a float)."""
+    value = _get(obj, key, (int, float, type(None)) if nullable else (int, float), where)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number < 0:
+        raise VmStateError(f"{where}.{key} = {value!r:.80}: not a finite, non-negative number")
+    return number
 
 
 def _disk_to_json(disk: DiskSpec) -> dict[str, Any]:
@@ -131,7 +150,16 @@ class SlotState:
                 raise VmStateError(f"{where}.disks.{cid}: not a list")
             disks[cid] = [_disk_from_json(d, f"{where}.disks.{cid}[{i}]")
                           for i, d in enumerate(items)]
-        stall = _get(obj, "last_stall_ms", (int, float, type(None)), where)
+            for i, disk in enumerate(disks[cid]):
+                if disk.controller != cid:
+                    raise VmStateError(f"{where}.disks.{cid}[{i}].controller = "
+                                       f"{disk.controller!r:.80}: not {cid!r:.80}")
+        policy = _get(obj, "policy", (dict, type(None)), where)
+        if policy is not None:
+            try:
+                check_snapshot(policy)
+            except ValueError as e:
+                raise VmStateError(f"{where}.policy: {e}") from None
         return cls(
             pid=_ranged(obj, "pid", where, 1, _PID_MAX, nullable=True),
             uid=_ranged(obj, "uid", where, 0, _UID_MAX, nullable=True),
@@ -140,8 +168,8 @@ class SlotState:
             restarts=_ranged(obj, "restarts", where, 0, 2**62) or 0,
             spare_restarts=_ranged(obj, "spare_restarts", where, 0, 2**62) or 0,
             last_exit=_get(obj, "last_exit", (str, type(None)), where),
-            last_stall_ms=None if stall is None else float(stall),
-            policy=_get(obj, "policy", (dict, type(None)), where),
+            last_stall_ms=_finite(obj, "last_stall_ms", where, nullable=True),
+            policy=policy,
             started_ns=_ranged({"started_ns": 0, **obj}, "started_ns", where, 0, 2**63) or 0,
             version=_get({"version": "", **obj}, "version", str, where),
         )
@@ -159,6 +187,17 @@ class VmState:
     qemu_pid: int | None = None
     qemu_uid: int | None = None
     slots: dict[str, SlotState] = field(default_factory=dict)
+
+    def spec(self) -> Spec:
+        """The spec as the VM was started, parsed again from its text (the
+        file may have been edited since: that applies at the next start).
+        VmStateError if the text is not TOML any more; SpecError if this
+        mplaunch does not accept what the one that wrote it did."""
+        try:
+            data = tomllib.loads(self.spec_text)
+        except tomllib.TOMLDecodeError as e:
+            raise VmStateError(f"vm-state.spec_text: not TOML: {e}") from None
+        return parse_spec(data, self.spec_path)
 
     def to_json(self) -> str:
         return json.dumps({
@@ -180,13 +219,14 @@ class VmState:
         version = _get(obj, "version", int, where)
         if version != VERSION:
             raise VmStateError(f"version {version}: this mplaunch reads version {VERSION}")
-        started = _get(obj, "started", (int, float), where)
+        started = _finite(obj, "started", where)
+        assert started is not None
         slots_raw = _get(obj, "slots", dict, where)
         return cls(
             spec_path=_get(obj, "spec_path", str, where),
             spec_text=_get(obj, "spec_text", str, where),
             accel=_get(obj, "accel", str, where),
-            started=float(started),
+            started=started,
             backends_only=_get(obj, "backends_only", bool, where),
             qemu_pid=_ranged(obj, "qemu_pid", where, 1, _PID_MAX, nullable=True),
             qemu_uid=_ranged(obj, "qemu_uid", where, 0, _UID_MAX, nullable=True),
@@ -199,15 +239,21 @@ class VmState:
         the launcher, not the host (a host crash ends the VM anyway)."""
         temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         data = self.to_json().encode()
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # a leftover of the same name keeps its mode
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            os.rename(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
 
     @classmethod
     def load(cls, path: Path) -> VmState:
