@@ -35,11 +35,15 @@ from types import TracebackType
 
 LOCK_NAME = "mplaunch.lock"
 MARKER_NAME = ".mplaunch-run"
+HOLDER_SOCK_NAME = "holder.sock"
+VM_STATE_NAME = "vm-state.json"
 #: Every name mplaunch gives an entry of a run folder; cleanup removes only these.
-OWN_PATTERNS = (LOCK_NAME, MARKER_NAME, "*.sock", "state-*.bin",
+OWN_PATTERNS = (LOCK_NAME, MARKER_NAME,
+                "*.sock",  # mplaunch.sock, qemu.sock, holder.sock, the emulators'
                 ".*.sock.[0-9]*",  # a socket bound under its temporary name
-                "vm-state.json", ".vm-state.json.tmp[0-9]*",
-                "keeper-*.rec", ".keeper-*.rec.tmp[0-9]*")
+                "state-*.bin",
+                VM_STATE_NAME, f".{VM_STATE_NAME}.tmp[0-9]*",  # written as .NAME.tmpPID
+                "keeper-*.rec", ".keeper-*.rec.tmp[0-9]*")  # the same (keeperrecord)
 _MARKER_HEAD = "mplaunch run folder"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -181,13 +185,17 @@ class RunFolder:
 
     @property
     def holder_sock(self) -> Path:
-        return self.path / "holder.sock"
+        """The VM's holder listens here (launcher.holder)."""
+        return self.path / HOLDER_SOCK_NAME
 
     @property
     def vm_state_file(self) -> Path:
-        return self.path / "vm-state.json"
+        """What a re-attaching launcher reads (launcher.vmstate)."""
+        return self.path / VM_STATE_NAME
 
     def keeper_record(self, emulator_id: str, controller_id: str) -> Path:
+        """A session keeper's record (launcher.keeperrecord). Spec ids are
+        [a-z0-9-], so the name is one file's, never a path."""
         return self.path / f"keeper-{emulator_id}-{controller_id}.rec"
 
     @property
@@ -197,22 +205,41 @@ class RunFolder:
 
     @classmethod
     def adopt(cls, path: Path, vm: str, lock_fd: int) -> RunFolder:
-        """The folder of a running VM whose lock `lock_fd` holds (a copy handed
-        back by the VM's holder: flock belongs to the open file, so this fd
-        is the lock). Takes `lock_fd`; RunFolderForeign if the marker does
-        not name `vm`."""
+        """The folder of a running VM whose lock `lock_fd` holds: a copy of
+        `lock_fd` handed back by the VM's holder (flock belongs to the open
+        file, not to a process, so this fd is the lock, and `acquire` would
+        find the folder busy). Takes `lock_fd`, closed if it raises
+        RunFolderForeign: the marker does not name `vm`, or `lock_fd` is not
+        the folder's lock file, or not the open file that holds the lock
+        (the folder is then left as it is). `release` then removes what
+        mplaunch made, as after `acquire`."""
         try:
             dir_fd = os.open(path, _DIR_FLAGS)
         except OSError as e:
             os.close(lock_fd)
             raise RunFolderForeign(path, f"cannot be opened: {e.strerror}") from None
-        marker = _read_marker(dir_fd)
-        if marker is None or marker.vm != vm:
+        try:
+            marker = _read_marker(dir_fd)
+            if marker is None or marker.vm != vm:
+                raise RunFolderForeign(path, "its marker does not name VM " + repr(vm))
+            try:
+                linked = os.stat(LOCK_NAME, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                linked = None
+            st = os.fstat(lock_fd)
+            if linked is None or (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):
+                raise RunFolderForeign(path, f"the fd handed back is not its {LOCK_NAME}")
+            try:  # the holder of the lock takes it again at once; anyone else cannot
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise RunFolderForeign(path, "the fd handed back does not hold its lock "
+                                             f"(mplaunch pid {_owner(path) or '?'} does)") from None
+            os.ftruncate(lock_fd, 0)
+            os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
             os.close(lock_fd)
             os.close(dir_fd)
-            raise RunFolderForeign(path, "its marker does not name VM " + repr(vm))
-        os.ftruncate(lock_fd, 0)
-        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+            raise
         return cls(path, vm, marker.made_folder, False, lock_fd, dir_fd)
 
     def release_lock_only(self) -> None:

@@ -162,7 +162,12 @@ class UidPool:
 
     def adopt(self, lease: Lease) -> None:
         """A lease a re-attaching launcher got back from the holder, now this
-        pool's like one it took."""
+        pool's like one it took (`give_back` releases it). ValueError if the
+        pool holds that uid already: two leases on one uid would be one
+        released too early."""
+        held = self.leases.get(lease.uid)
+        if held is not None and held is not lease:
+            raise ValueError(f"uid {lease.uid} is leased in this pool already")
         self.leases[lease.uid] = lease
 
     def give_back(self, uid: int) -> None:

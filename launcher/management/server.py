@@ -147,8 +147,12 @@ class _Client:
 
 
 class ManagementServer:
-    """mplaunch.sock for one VM. ``start()`` binds and listens; ``close()``
-    disconnects every client and removes the socket."""
+    """mplaunch.sock for one VM. ``start()`` binds and listens, or serves a
+    listening socket handed over (``start(sock)``: a launcher carrying on
+    with a VM keeps the path, and clients that connected meanwhile wait in
+    its backlog); ``listener`` is that socket. ``close()`` disconnects
+    every client and removes the socket, ``close(unlink=False)`` leaves its
+    path to a successor."""
 
     def __init__(self, path: Path, control: VmControl, bus: EventBus,
                  group: str | int | None = None, mode: int = SOCKET_MODE) -> None:
