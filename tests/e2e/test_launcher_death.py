@@ -6,87 +6,29 @@ mismatch and no SCSI error, and nothing may be left running."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
-from launcher.spec import load_spec
-from tests.support.vm import REPO, DiskDef, Mplaunch, VmDef, lines_of, pids_alive
+from tests.support.reattach import (
+    assert_guest_clean,
+    below,
+    emulators,
+    holder_pid,
+    io_vm,
+    mpctl,
+    vm_processes,
+    wait_gone,
+)
+from tests.support.vm import REPO, Mplaunch, pids_alive
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("guest")]
 VERSION_FILE = REPO / "emulators" / "__init__.py"
-
-
-def io_vm(folder: Path, name: str, seconds: int) -> VmDef:
-    return VmDef(folder, name, workload="io", extra_append=f"mpl.seconds={seconds} mpl.seed=5",
-                 disks=[DiskDef("d0", "c0", 0)], controllers={"c0": ("e0", 1)},
-                 emulators={"e0": {"kind": "scsi", "heartbeat_ms": 200,
-                                   "hang_timeout_ms": 3000}})
-
-
-def mpctl(vm: VmDef, *args: str) -> Any:
-    done = subprocess.run([sys.executable, "-m", "launcher.mpctl", "--json",
-                           "--timeout", "30", *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-def emulators(vm: VmDef) -> dict[str, dict[str, Any]]:
-    return {e["id"]: e for e in mpctl(vm, "emulators", str(vm.run_dir / "mplaunch.sock"))}
-
-
-def holder_pid(m: Mplaunch) -> int:
-    for p in m.descendants():
-        try:
-            if "launcher.holder" in " ".join(p.cmdline()):
-                return int(p.pid)
-        except psutil.NoSuchProcess:
-            continue
-    raise AssertionError("no holder child")
-
-
-def vm_processes(vm: VmDef) -> list[str]:
-    """Every process of this VM still running, found from /proc rather than
-    from what a launcher knew: its holder (named by its socket's path), its
-    QEMU (by -name), and anything under a uid of the spec's range (QEMU,
-    emulators, spares: no other test runs meanwhile)."""
-    first, last = load_spec(vm.spec_path).vm.uid_range
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline", "uids", "status"]):
-        if p.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        line = " ".join(p.info["cmdline"] or [])
-        uid = p.info["uids"].real if p.info["uids"] else 0
-        if str(vm.run_dir) in line or f"guest={vm.name}," in line or \
-                first <= uid <= last:
-            found.append(f"{p.info['pid']} uid {uid} {line[:100]}")
-    return found
-
-
-def assert_guest_clean(vm: VmDef) -> None:
-    rounds = lines_of(vm.console, "IO")
-    assert rounds, vm.console.read_text()
-    assert all(r["bad"] == "0" for r in rounds), [r for r in rounds if r["bad"] != "0"]
-    assert lines_of(vm.console, "KLOG") == [], "the guest saw SCSI errors"
-    assert lines_of(vm.console, "DONE") == [{"workload": "io", "rc": "0"}]
-
-
-def wait_gone(pids: list[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and pids_alive(pids):
-        time.sleep(0.1)
-    return pids_alive(pids)
 
 
 @pytest.fixture
@@ -130,10 +72,11 @@ def test_sigkill_of_the_launcher_then_the_same_command_reattaches(
     again.wait_stderr(r"emulator e0 restarted \(pid \d+")
     assert emulators(vm)["e0"]["pid"] != served_by
 
+    late = below(holder)  # the successor and the spares the re-attached launcher made
     assert again.wait(180) == 0, again.stderr
     assert_guest_clean(vm)
     assert wait_gone([qemu, holder, served_by], 10) == []
-    assert vm_processes(vm) == []
+    assert vm_processes(vm, first, again, pids=late) == []
     assert not vm.run_dir.exists()
 
 
@@ -144,6 +87,7 @@ def test_upgrade_and_upgrade_emulators_run_the_installed_code(
     launchers.append(m)
     m.wait_console(r"^MPL IO name=sda round=1 ")
     qemu = m.qemu_pid()
+    holder = holder_pid(m)
     old = emulators(vm)["e0"]
     original = VERSION_FILE.read_text()
     new_version = "0.0.1+upgrade.test"
@@ -163,9 +107,10 @@ def test_upgrade_and_upgrade_emulators_run_the_installed_code(
         assert after["e0"]["pid"] != old["pid"]
     finally:
         VERSION_FILE.write_text(original)
+    late = below(holder)
     assert m.wait(180) == 0, m.stderr
     assert_guest_clean(vm)
-    assert vm_processes(vm) == []
+    assert vm_processes(vm, m, pids=late) == []
 
 
 def test_sigkill_of_the_holder_takes_everything_and_the_next_start_is_clean(
@@ -179,7 +124,7 @@ def test_sigkill_of_the_holder_takes_everything_and_the_next_start_is_clean(
     assert first.wait(30) == 1, first.stderr
     assert "holder process died" in first.stderr
     assert wait_gone(children, 5) == []
-    assert vm_processes(vm) == []
+    assert vm_processes(vm, first) == []
     assert not vm.run_dir.exists()
 
     vm.console.unlink()
@@ -205,4 +150,4 @@ def test_sigkill_of_qemu_or_an_emulator_orphans_nothing(
         assert m.wait(180) == 0, m.stderr
         assert_guest_clean(vm)
     m.assert_nothing_left(vm.run_dir)
-    assert vm_processes(vm) == []
+    assert vm_processes(vm, m) == []
