@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +45,7 @@ from launcher.occupant import Occupant
 from launcher.qemu import Qemu
 from launcher.runfolder import RunFolder, RunFolderBusy, RunFolderError, RunFolderForeign
 from launcher.slots import HeldSlot
-from launcher.spec import EmulatorSpec, Spec, SpecError, parse_spec
+from launcher.spec import EmulatorSpec, Spec, SpecError
 from launcher.status import LOG
 from launcher.uidpool import Lease, UidPool
 from launcher.vmstate import SlotState, VmState, VmStateError
@@ -59,7 +58,14 @@ DISCARD_WAIT_S = 5.0
 
 
 class CannotReattach(Exception):
-    """The VM is running under a holder but this launcher cannot carry it on."""
+    """The VM is running under a holder but this launcher cannot carry it on;
+    it is left running (the message says how to stop it)."""
+
+
+class Unsupported(CannotReattach):
+    """A VM no launcher can carry on (a kind whose relay lived in the launcher
+    that went, or one that was still starting): it is stopped and started
+    afresh."""
 
 
 @dataclass
@@ -227,17 +233,7 @@ async def connect(spec: Spec, busy: RunFolderBusy) -> Attachment | None:
         _close_all(fds)
         client.close()
         raise busy from None
-    except VmStateError as e:
-        # Another mplaunch's state (older or newer) or a damaged one: the VM
-        # runs on; stopping a guest because its state cannot be read here
-        # would lose more than it saves.
-        _close_all(fds)
-        client.close()
-        raise CannotReattach(
-            f"cannot re-attach to VM {spec.vm.name}: {e}; it runs on under its holder "
-            f"(pid {attached.welcome.pid}): an mplaunch that reads this state can attach, "
-            f"and `kill {attached.welcome.pid}` stops it") from None
-    except (CannotReattach, RunFolderError, SpecError, OSError) as e:
+    except Unsupported as e:
         LOG.error("cannot re-attach to VM %s: %s; stopping what is left of it",
                   spec.vm.name, e)
         _close_all(fds)
@@ -248,23 +244,35 @@ async def connect(spec: Spec, busy: RunFolderBusy) -> Attachment | None:
                 break
             await asyncio.sleep(0.05)
         return None
+    except (CannotReattach, VmStateError, RunFolderError, SpecError, OSError) as e:
+        # Another mplaunch's state (older or newer), a damaged one, or a spec
+        # that no longer checks out (an image removed since): the VM runs on.
+        # Stopping a guest because this launcher cannot read its state would
+        # lose more than it saves.
+        _close_all(fds)
+        client.close()
+        why = "; ".join(e.problems) if isinstance(e, SpecError) else str(e)
+        raise CannotReattach(
+            f"cannot re-attach to VM {spec.vm.name}: {why}; it runs on under its holder "
+            f"(pid {attached.welcome.pid}): an mplaunch that can read its state may attach, "
+            f"and `kill {attached.welcome.pid}` stops it") from None
 
 
 def _adopt(spec: Spec, client: HolderClient, welcome: hp.Welcome,
            fds: dict[str, list[int]]) -> Attachment:
     lock = fds.pop(holdnames.RUN_LOCK, None)
     if not lock:
-        raise CannotReattach("the holder keeps no run folder lock")
+        raise Unsupported("the holder keeps no run folder lock")
     run = RunFolder.adopt(spec.vm.run_dir, spec.vm.name, lock[0])
     try:
         state = VmState.load(run.vm_state_file)
-        as_started = _spec_as_started(state)
+        as_started = state.spec()
         if as_started.has_lsi:
-            raise CannotReattach("its lsi emulators' relay ran in the launcher that went")
+            raise Unsupported("its lsi emulators' relay ran in the launcher that went")
         if state.backends_only:
-            raise CannotReattach("it serves backends only (--backends-only)")
+            raise Unsupported("it serves backends only (--backends-only)")
         if state.qemu_pid is None:
-            raise CannotReattach("QEMU had not started yet")
+            raise Unsupported("QEMU had not started yet")
         if _spec_text(spec.path) != state.spec_text:
             LOG.warning("%s changed since VM %s started; the spec as started applies "
                         "until the VM stops", spec.path, spec.vm.name)
@@ -282,14 +290,6 @@ def _adopt(spec: Spec, client: HolderClient, welcome: hp.Welcome,
     except BaseException:
         run.release_lock_only()
         raise
-
-
-def _spec_as_started(state: VmState) -> Spec:
-    try:
-        data = tomllib.loads(state.spec_text)
-    except tomllib.TOMLDecodeError as e:
-        raise CannotReattach(f"the spec as started does not parse: {e}") from None
-    return parse_spec(data, state.spec_path)
 
 
 def _spec_text(path: Path | str) -> str | None:

@@ -58,6 +58,12 @@ class AcceptingVm:
     async def quit(self) -> None:
         return None
 
+    async def upgrade(self) -> dict[str, Any]:
+        return {"pid": 1, "package": "mplaunch 0.0.0"}
+
+    async def upgrade_emulators(self) -> list[dict[str, Any]]:
+        return []
+
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run a coroutine that never waits (the fake VM answers at once)."""

@@ -107,6 +107,14 @@ class FakeVm:
         self._call("quit")
         self.status = "shutdown"
 
+    async def upgrade(self) -> dict[str, Any]:
+        self._call("upgrade")
+        return {"pid": 1, "package": "mplaunch 0.0.0"}
+
+    async def upgrade_emulators(self) -> list[dict[str, Any]]:
+        self._call("upgrade-emulators")
+        return []
+
 
 def run(dispatcher: Dispatcher, name: str, arguments: dict[str, Any] | None = None) -> Any:
     return asyncio.run(dispatcher.dispatch(name, arguments or {}))
