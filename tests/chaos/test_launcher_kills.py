@@ -23,13 +23,13 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.chaos import guest
 from tests.chaos.verdict import check_guest, left_running, stray_processes
 from tests.chaos.vms import DISK_SIZES, two_emulator_vm
 from tests.support.processes import alive
+from tests.support.reattach import below, holder_pid
 from tests.support.vm import Mplaunch
 
 KILLS = int(os.environ.get("MPL_LAUNCHER_KILLS", "4"))
@@ -40,21 +40,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("guest"),
               pytest.mark.timeout(240 + 30 * KILLS)]
 
 
-def holder_of(m: Mplaunch) -> int:
-    for p in m.descendants():
-        try:
-            if "launcher.holder" in " ".join(p.cmdline()):
-                return int(p.pid)
-        except psutil.NoSuchProcess:
-            continue
-    raise AssertionError("no holder child")
-
-
 def tree(pid: int) -> set[int]:
-    try:
-        return {pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))}
-    except psutil.NoSuchProcess:
-        return set()
+    return {pid} | below(pid)
 
 
 def test_guest_io_survives_repeated_launcher_kills(tmp_path: Path) -> None:
@@ -70,7 +57,7 @@ def test_guest_io_survives_repeated_launcher_kills(tmp_path: Path) -> None:
     try:
         m.wait_console(r"^MPL COUNTED boot=1", timeout=180)
         qemu = m.qemu_pid()
-        holder = holder_of(m)
+        holder = holder_pid(m)
         for kill in range(1, KILLS + 1):
             time.sleep(0 if rng.random() < 0.25 else rng.uniform(0.5, 4.0))
             assert "MPL DONE" not in vm.console.read_text(errors="replace"), \
