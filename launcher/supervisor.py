@@ -119,7 +119,6 @@ class Supervisor:
         #: When the VM started (epoch seconds): kept across re-attaches.
         self.started = time.time()
         self.run_folder: RunFolder | None = None
-        self._holder: HolderClient | None = None
         self._attachment: reattach.Attachment | None = None
         #: The spec file as it was read: a re-attaching launcher uses this one.
         self.spec_text = _read_text(spec.path)
@@ -179,7 +178,6 @@ class Supervisor:
         so that this launcher may die or be replaced under the running VM."""
         await start_holder(str(run.holder_sock))
         client, attached = await HolderClient.connect(str(run.holder_sock))
-        self._holder = client
         host = children.HolderHost(client, attached.welcome)
         children.install(host)
         host.hold(holdnames.RUN_LOCK, "lock", [run.lock_fd])
@@ -188,7 +186,6 @@ class Supervisor:
         """Carry on with a VM whose launcher went away (crashed, killed or
         upgraded): everything it needs is in the holder and the run folder."""
         self._attachment = attachment
-        self._holder = attachment.client
         self.spec = attachment.spec
         self.spec_text = attachment.state.spec_text
         self.accel = AccelChoice(Accel(attachment.state.accel), "as the VM was started")

@@ -402,6 +402,9 @@ def test_every_fault_point_once_under_guest_io(tmp_path: Path) -> None:
             assert m.proc.poll() is None, m.stderr[-6000:]
             m.descendants()
             time.sleep(0.2)
+    except BaseException:
+        print("mplaunch's stderr, last lines:\n" + m.stderr[-6000:], flush=True)
+        raise
     finally:
         m.descendants()
         m.signal(signal.SIGTERM)
