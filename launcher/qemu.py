@@ -274,15 +274,20 @@ class Qemu:
     async def connect(self, timeout: float = 30.0) -> None:
         """Connect QMP; fails early if QEMU exits first."""
         connecting = asyncio.create_task(self.qmp.connect(str(self.qmp_path)))
-        done, _ = await asyncio.wait(
-            {connecting, self.exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        try:
+            done, _ = await asyncio.wait(
+                {connecting, self.exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if not connecting.done():  # given up on, or we were cancelled: not left behind
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+            elif not connecting.cancelled():
+                connecting.exception()  # seen, whatever it was: never "never retrieved"
         if connecting in done:
             connecting.result()
             return
-        connecting.cancel()
-        with contextlib.suppress(BaseException):
-            await connecting
         if self.exited in done:
             raise RuntimeError(f"QEMU exited with status {self.exited.result()} during start-up")
         raise TimeoutError(f"QEMU's QMP did not answer within {timeout:.0f} s")

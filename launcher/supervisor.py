@@ -215,6 +215,7 @@ class Supervisor:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
+                self._spawn(self.notifier.run_watchdog(), "systemd watchdog")
                 self._spawn(self._watch_holder(), "holder")
                 try:
                     if attachment is not None:
@@ -330,7 +331,6 @@ class Supervisor:
     async def _run_vm(self, run: RunFolder, listener: socket.socket) -> int:
         """Start the emulators (each confined before QEMU exists), then QEMU,
         then supervise until the VM ends; the exit status."""
-        self._spawn(self.notifier.run_watchdog(), "systemd watchdog")
         try:
             if self.spec.emulators:
                 preflight(self.spec.vm.sandbox)  # the sandbox: fail closed, warn if weakened
