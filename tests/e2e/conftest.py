@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import psutil
 import pytest
 
-from tests.support.vm import ensure_guest_built, need_qemu
+from tests.support.vm import Mplaunch, ensure_guest_built, need_qemu, pids_alive
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +16,18 @@ def guest() -> None:
     if missing:
         pytest.skip(missing)
     ensure_guest_built()
+
+
+@pytest.fixture
+def launchers() -> Iterator[list[Mplaunch]]:
+    """Every mplaunch a test starts (append them); whatever of them, or of
+    what they were seen to start, still runs at the end is killed."""
+    started: list[Mplaunch] = []
+    yield started
+    for m in started:
+        if m.proc.poll() is None:
+            m.kill_all()
+    for m in started:
+        for pid in pids_alive(m.seen_descendants):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()

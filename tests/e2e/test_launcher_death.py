@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -25,23 +24,10 @@ from tests.support.reattach import (
     vm_processes,
     wait_gone,
 )
-from tests.support.vm import REPO, Mplaunch, pids_alive
+from tests.support.vm import REPO, Mplaunch
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("guest")]
 VERSION_FILE = REPO / "emulators" / "__init__.py"
-
-
-@pytest.fixture
-def launchers() -> Iterator[list[Mplaunch]]:
-    """Every mplaunch a test starts; anything still running at the end is killed."""
-    started: list[Mplaunch] = []
-    yield started
-    for m in started:
-        if m.proc.poll() is None:
-            m.kill_all()
-    for m in started:
-        for pid in pids_alive(m.seen_descendants):
-            psutil.Process(pid).kill()
 
 
 def test_sigkill_of_the_launcher_then_the_same_command_reattaches(

@@ -30,7 +30,6 @@ import psutil
 import pytest
 
 from tests.chaos.verdict import POWER_ON, boots_of, stray_processes
-from tests.e2e import test_launcher_death
 from tests.support.processes import alive
 from tests.support.reattach import (
     assert_guest_clean,
@@ -45,7 +44,6 @@ from tests.support.vm import Mplaunch, VmDef, lines_of, pids_alive
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("guest")]
 UIDS = "64720-64729"  # no other test's VM uses these
-launchers = test_launcher_death.launchers  # the fixture: every mplaunch is killed at the end
 
 
 def vm_of(folder: Path, name: str, seconds: int, then: str = "poweroff") -> VmDef:
