@@ -462,6 +462,26 @@ class HolderHost:
         await asyncio.wait({self._events}, timeout=LOST_GRACE_S)
         if self._burying:
             await asyncio.wait(set(self._burying))
+        await self._holder_gone(LOST_GRACE_S)
+
+    async def _holder_gone(self, timeout: float) -> None:
+        """Until the holder process itself has exited (its socket closes a
+        moment before), so that whoever runs after us finds nothing of the VM
+        still running; at most `timeout`."""
+        try:
+            fd = os.pidfd_open(self.welcome.pid)
+        except ProcessLookupError:
+            return
+        readable: asyncio.Future[None] = self._loop.create_future()
+        self._loop.add_reader(fd, _wake, readable)
+        try:
+            await asyncio.wait_for(readable, timeout)
+        except TimeoutError:
+            LOG.warning("the holder (pid %d) has not exited %.0f s after its shutdown",
+                        self.welcome.pid, timeout)
+        finally:
+            self._loop.remove_reader(fd)
+            os.close(fd)
 
     def close(self) -> None:
         """Detach from the holder (which keeps its children and fds; a new
