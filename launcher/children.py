@@ -342,8 +342,9 @@ class HolderHost:
         try:
             for fd in fds:
                 copies.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
-        except OSError as e:
-            LOG.error("cannot hold %s in the holder: fd %d: %s", name, fd, e.strerror)
+        except (OSError, ValueError) as e:  # ValueError: -1, an fd already closed
+            LOG.error("cannot hold %s in the holder: fd %d: %s", name, fd,
+                      getattr(e, "strerror", None) or e)
             for fd in copies:
                 os.close(fd)
             return

@@ -142,16 +142,18 @@ class Attachment:
     def _occupant(self, eid: str, state: SlotState, controllers: list[str],
                   uids: UidPool) -> Occupant | None:
         live = {c.pid for c in self.welcome.children}
-        fds = self.fds.pop(holdnames.occupant(eid), None)
-        if not state.pid or state.pid not in live or state.uid is None or fds is None:
-            for fd in fds or ():
-                os.close(fd)
-            return None
-        if len(fds) < 1 + len(controllers):
+        name = holdnames.occupant(eid)
+        fds = self.fds.pop(name, None)
+        usable = bool(state.pid and state.pid in live and state.uid is not None and fds)
+        if fds is not None and len(fds) < 1 + len(controllers):
             LOG.error("emulator %s: the holder kept %d of its fds, %d wanted: restarting it",
                       eid, len(fds), 1 + len(controllers))
-            for fd in fds:
+            usable = False
+        if not usable or fds is None or state.pid is None or state.uid is None:
+            for fd in fds or ():
                 os.close(fd)
+            if fds is not None:
+                self.host.unhold(name)  # its successor's go under the same name
             return None
         link = ControlLink(eid, socket.socket(fileno=fds[0]), adopted=True)
         backends = {cid: socket.socket(fileno=fd)

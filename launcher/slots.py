@@ -135,6 +135,8 @@ class EmulatorSlot(PolicyDriven):
         self._held = held
         #: (pid, version) of an adopted occupant, as the run folder said.
         self._held_version = (held.ended_pid, held.version) if held and held.version else None
+        #: Whether the holder keeps the serving occupant's fds (an adopted one's: yes).
+        self._occupant_held = held is not None
         #: Records whose fds the holder keeps (a re-attached slot starts with them).
         self._records_held: set[str] = set() if held is None else {
             holdnames.record(self.id, cid) for cid in held.records}
@@ -390,7 +392,9 @@ class EmulatorSlot(PolicyDriven):
         fds += [occupant.backends[c.id].fileno() for c in self.controllers]
         if occupant.proc.output_fd >= 0:
             fds.append(occupant.proc.output_fd)
-        children.host().hold(holdnames.occupant(self.id), "occupant", fds)
+        self._occupant_held = min(fds) >= 0  # else it is ending already: nothing to keep
+        if self._occupant_held:
+            children.host().hold(holdnames.occupant(self.id), "occupant", fds)
         self.on_change()
 
     async def start(self) -> None:
@@ -443,7 +447,9 @@ class EmulatorSlot(PolicyDriven):
         for keeper in self.keepers.values():
             keeper.detach()
         occupant.link.close()
-        children.host().unhold(holdnames.occupant(self.id))
+        if self._occupant_held:
+            children.host().unhold(holdnames.occupant(self.id))
+            self._occupant_held = False
         self.uids.give_back(occupant.uid)
         self.occupant = None
         self.on_change()
