@@ -222,12 +222,7 @@ class RunFolder:
             marker = _read_marker(dir_fd)
             if marker is None or marker.vm != vm:
                 raise RunFolderForeign(path, "its marker does not name VM " + repr(vm))
-            try:
-                linked = os.stat(LOCK_NAME, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                linked = None
-            st = os.fstat(lock_fd)
-            if linked is None or (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):
+            if not _is_lock_file(dir_fd, lock_fd):
                 raise RunFolderForeign(path, f"the fd handed back is not its {LOCK_NAME}")
             try:  # the holder of the lock takes it again at once; anyone else cannot
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -312,12 +307,7 @@ class RunFolder:
         except OSError:
             os.close(lock)
             raise RunFolderBusy(path, _owner(path)) from None
-        try:
-            linked = os.stat(LOCK_NAME, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            linked = None
-        st = os.fstat(lock)
-        if linked is None or (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):
+        if not _is_lock_file(dir_fd, lock):
             os.close(lock)  # the owner ended and unlinked it meanwhile
             return None
         stale = found is not None  # a marker without a live owner: one that died
@@ -355,6 +345,17 @@ class RunFolder:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _is_lock_file(dir_fd: int, fd: int) -> bool:
+    """Whether `fd` is the file the folder's lock name stands for now (an
+    owner that ended may have unlinked it since it was opened)."""
+    try:
+        linked = os.stat(LOCK_NAME, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    st = os.fstat(fd)
+    return (linked.st_dev, linked.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _owner(path: Path) -> str:
