@@ -165,6 +165,29 @@ class SessionHarness:
         return effects
 
 
+# -- session shapes QEMU leaves behind, for tests of what is recorded and replayed
+
+def only_init(h: SessionHarness) -> None:
+    h.qemu_init()
+
+
+def started(h: SessionHarness) -> None:
+    h.qemu_init()
+    h.qemu_start()
+
+
+def stopped(h: SessionHarness) -> None:
+    started(h)
+    h.owner.bases = {0: 3, 2: 9}
+    h.qemu_stop([0, 1, 2])
+
+
+def firmware_then_reset(h: SessionHarness) -> None:
+    h.qemu_init()
+    h.qemu_start([2])
+    h.send(Request.RESET_OWNER)
+
+
 def ring_gpas(index: int) -> tuple[int, int, int]:
     """desc, avail, used guest physical addresses of ring `index` (size 128)."""
     base = 0x10_0000 + index * 0x1_0000

@@ -25,28 +25,17 @@ from emulators.vhost_user.messages import U64, MemoryRegion, MemoryTable, VringF
 from emulators.vhost_user.replay import replay_messages
 from launcher import keeperrecord
 from launcher.keeperrecord import KeeperRecord, KeeperRecordError, decode, encode
-from tests.support.frontend_codec import RAM, UVA, FakeRingOwner, SessionHarness, ring_addr
-
-
-def only_init(h: SessionHarness) -> None:
-    h.qemu_init()
-
-
-def started(h: SessionHarness) -> None:
-    h.qemu_init()
-    h.qemu_start()
-
-
-def stopped(h: SessionHarness) -> None:
-    started(h)
-    h.owner.bases = {0: 3, 2: 9}
-    h.qemu_stop([0, 1, 2])
-
-
-def reset_after_firmware(h: SessionHarness) -> None:
-    h.qemu_init()
-    h.qemu_start([2])
-    h.send(Request.RESET_OWNER)
+from tests.support.frontend_codec import (
+    RAM,
+    UVA,
+    FakeRingOwner,
+    SessionHarness,
+    firmware_then_reset,
+    only_init,
+    ring_addr,
+    started,
+    stopped,
+)
 
 
 def no_protocol_features(h: SessionHarness) -> None:
@@ -59,7 +48,7 @@ def no_protocol_features(h: SessionHarness) -> None:
 
 
 SCENARIOS: list[Callable[[SessionHarness], None]] = [
-    lambda h: None, only_init, started, stopped, reset_after_firmware, no_protocol_features,
+    lambda h: None, only_init, started, stopped, firmware_then_reset, no_protocol_features,
 ]
 IDS = ["nothing", "init", "started", "stopped", "reset", "no-protocol-features"]
 

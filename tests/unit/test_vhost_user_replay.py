@@ -12,28 +12,17 @@ from emulators.vhost_user.effects import Reply, StartRing
 from emulators.vhost_user.messages import U64, MemoryRegion, MemoryTable, VringFd, VringState
 from emulators.vhost_user.replay import expected_snapshot, replay_messages
 from emulators.vhost_user.session import SessionSnapshot
-from tests.support.frontend_codec import RAM, UVA, FdBooks, SessionHarness, ring_addr
-
-
-def only_init(h: SessionHarness) -> None:
-    h.qemu_init()
-
-
-def started(h: SessionHarness) -> None:
-    h.qemu_init()
-    h.qemu_start()
-
-
-def stopped(h: SessionHarness) -> None:
-    started(h)
-    h.owner.bases = {0: 3, 2: 9}
-    h.qemu_stop([0, 1, 2])
-
-
-def firmware_then_reset(h: SessionHarness) -> None:
-    h.qemu_init()
-    h.qemu_start([2])
-    h.send(Request.RESET_OWNER)
+from tests.support.frontend_codec import (
+    RAM,
+    UVA,
+    FdBooks,
+    SessionHarness,
+    firmware_then_reset,
+    only_init,
+    ring_addr,
+    started,
+    stopped,
+)
 
 
 def half_enabled(h: SessionHarness) -> None:
