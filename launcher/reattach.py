@@ -81,7 +81,6 @@ class Attachment:
     spec: Spec
     management: socket.socket | None = None
     leases: dict[int, Lease] = field(default_factory=dict)
-    _known: set[int] = field(default_factory=set)
 
     # -- what the supervisor asks for, in this order
 
@@ -166,7 +165,6 @@ class Attachment:
         else:
             LOG.warning("emulator %s: uid %d was not held while no launcher was attached",
                         eid, state.uid)
-        self._known.add(state.pid)
         return Occupant(proc, link, state.uid, backends)
 
     async def release_leftovers(self) -> None:
@@ -275,7 +273,7 @@ def _adopt(spec: Spec, client: HolderClient, welcome: hp.Welcome,
             raise Unsupported("it serves backends only (--backends-only)")
         if state.qemu_pid is None:
             raise Unsupported("QEMU had not started yet")
-        if _spec_text(spec.path) != state.spec_text:
+        if spec_text(spec.path) != state.spec_text:
             LOG.warning("%s changed since VM %s started; the spec as started applies "
                         "until the VM stops", spec.path, spec.vm.name)
         host = children.HolderHost(client, welcome)
@@ -294,7 +292,8 @@ def _adopt(spec: Spec, client: HolderClient, welcome: hp.Welcome,
         raise
 
 
-def _spec_text(path: Path | str) -> str | None:
+def spec_text(path: Path | str) -> str | None:
+    """The spec file's text as it is now (None if it cannot be read)."""
     try:
         return Path(path).read_text()
     except (OSError, UnicodeDecodeError):

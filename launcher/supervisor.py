@@ -23,7 +23,6 @@ import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from launcher import children, holdnames, reattach
@@ -65,13 +64,6 @@ class VmOutcome:
 CANCEL_REPORT_S = 10.0
 HANDOVER_QUIET_S = 2.0
 """How long an upgrade waits for vhost-user exchanges in flight to finish."""
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError):
-        return ""
 
 
 async def _report_stragglers(tasks: list[asyncio.Task[object]]) -> None:
@@ -121,7 +113,7 @@ class Supervisor:
         self.run_folder: RunFolder | None = None
         self._attachment: reattach.Attachment | None = None
         #: The spec file as it was read: a re-attaching launcher uses this one.
-        self.spec_text = _read_text(spec.path)
+        self.spec_text = reattach.spec_text(spec.path) or ""
 
     def upgrade_refused(self) -> str | None:
         """Why this VM cannot be handed over to a new launcher now, or None."""
