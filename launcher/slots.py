@@ -63,6 +63,10 @@ from launcher.uidpool import UidPool
 
 QUEUE_SLOTS = proto.MAX_RINGS  # every ring a controller may have
 COMMAND_TIMEOUT = 5.0
+FRONTEND_BACKLOG = 4
+FRONTEND_RECHECK_S = 0.1
+"""Front-end connections a backend-only controller's listener queues: a new
+QEMU may connect while the emulator is still being made a fresh device."""
 
 
 def skew_problem(ready: proto.Ready) -> str | None:
@@ -97,10 +101,11 @@ class HeldSlot:
 def _listen(path: Path) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
     os.chmod(path, 0o600)
-    sock.listen(1)
+    sock.listen(FRONTEND_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -159,6 +164,14 @@ class EmulatorSlot(PolicyDriven):
         self.state_fd = -1
         # Backend-only mode: QEMU, started by someone else, connects to these.
         self.listeners: dict[str, socket.socket] = {}
+        self._on_qemu_closed: Callable[[str], None] = lambda why: None
+        #: Backend-only mode, every QEMU of the emulator has gone: its occupant
+        #: is to end and the slot to power off (`_power_off`), then the next
+        #: start is a first start. `_fresh` is clear from the one to the other.
+        self._power_off_due = False
+        self._first_start_due = False
+        self._fresh = asyncio.Event()
+        self._fresh.set()
         if held is not None:
             self._adopt(held)
             return
@@ -234,21 +247,11 @@ class EmulatorSlot(PolicyDriven):
 
     def start_keepers(self, on_qemu_closed: Callable[[str], None]) -> None:
         """Keepers hold QEMU's sessions; QEMU's ends are then QEMU's alone."""
-        in_flight = OneInFlight()  # one message in flight to this emulator at a time
+        self._on_qemu_closed = on_qemu_closed
+        self._new_keepers()
         for controller in self.controllers:
             cid = controller.id
-            keeper = SessionKeeper(
-                cid,
-                None,
-                num_queues=2 + controller.queues,
-                on_qemu_closed=on_qemu_closed,
-                on_refused=lambda r: self.emit("FRONTEND_REFUSED",
-                                               {"id": self.id, **r.event_data()}),
-                guest_memory=self.spec.vm.memory,
-                in_flight=in_flight,
-                on_record=functools.partial(self._record_changed, cid),
-            )
-            self.keepers[cid] = keeper
+            keeper = self.keepers[cid]
             held = self._held
             if held is not None and cid in held.records:
                 data, fds = held.records.pop(cid)
@@ -268,6 +271,53 @@ class EmulatorSlot(PolicyDriven):
                 self.keepers[cid].attach(sock, replay=False)
             self.occupant = occupant  # adopted: its start was counted by its launcher
 
+    def _new_keepers(self) -> None:
+        """A fresh keeper for every controller: no session, no QEMU yet."""
+        in_flight = OneInFlight()  # one message in flight to this emulator at a time
+        for controller in self.controllers:
+            cid = controller.id
+            self.keepers[cid] = SessionKeeper(
+                cid,
+                None,
+                num_queues=2 + controller.queues,
+                on_qemu_closed=self._qemu_closed,
+                on_refused=lambda r: self.emit("FRONTEND_REFUSED",
+                                               {"id": self.id, **r.event_data()}),
+                guest_memory=self.spec.vm.memory,
+                in_flight=in_flight,
+                on_record=functools.partial(self._record_changed, cid),
+            )
+
+    def _qemu_closed(self, why: str) -> None:
+        """A keeper lost its QEMU. In backend-only mode, once no QEMU is
+        connected to any controller of this emulator (each one either hung
+        up or never came), the emulator is made a fresh device for the next
+        QEMU: its occupant is ended here, and `supervise` does the rest."""
+        self._on_qemu_closed(why)
+        keepers = self.keepers.values()
+        gone = any(k.closed for k in keepers) and all(k.closed or k.qemu is None
+                                                      for k in keepers)
+        if not self.listeners or self._stopping or not self._fresh.is_set() or not gone:
+            return
+        LOG.info("QEMU closed every connection of emulator %s: it restarts as a fresh "
+                 "device", self.id)
+        self._power_off_due = True
+        self._fresh.clear()
+        self._restart_requested.set()
+
+    def _power_off(self) -> None:
+        """Backend-only mode, the occupant ended after the last QEMU of this
+        emulator went: what the next QEMU meets is a device just powered on,
+        as in a new machine: no session, no rings to resume, LUN state (unit
+        attention, sense, reservations, mode pages) as at power-on. The state
+        store is reset (nothing maps it: its occupant is dead) and the keepers
+        are new; the next start (`_restart`) is a first start."""
+        for keeper in self.keepers.values():
+            keeper.close()
+        layout.reset(self.state_fd, layout.Layout(len(self.controllers), QUEUE_SLOTS, LUN_SLOTS))
+        self._new_keepers()
+        self._fresh.set()  # a QEMU may talk to the new keepers: they queue until it runs
+
     def _record_changed(self, cid: str, data: bytes, fds: list[int]) -> None:
         """A keeper's record changed: on disk and in the holder before anything
         else happens, so a launcher that dies now leaves the record behind."""
@@ -282,15 +332,32 @@ class EmulatorSlot(PolicyDriven):
             self._records_held.add(name)
 
     async def accept_frontends(self) -> None:
-        """Backend-only mode: take one QEMU connection per controller; its
-        session then lives in the keeper like any other."""
+        """Backend-only mode: hand each QEMU connection to its controller's
+        keeper, for as long as the backend runs. A QEMU that comes while the
+        emulator is being made a fresh device waits for it; one that comes
+        while another QEMU is connected to the controller is turned away."""
         loop = asyncio.get_running_loop()
 
         async def accept(cid: str, listener: socket.socket) -> None:
-            conn, _ = await loop.sock_accept(listener)
-            listener.close()
-            self.keepers[cid].set_frontend(conn)
-            LOG.info("QEMU connected to controller %s", cid)
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                if self.keepers[cid].closed and self._fresh.is_set():
+                    LOG.info("controller %s: a QEMU connected while another still holds a "
+                             "controller of emulator %s: it waits until that one goes",
+                             cid, self.id)
+                while self.keepers[cid].closed or not self._fresh.is_set():
+                    if not self._fresh.is_set():
+                        await self._fresh.wait()
+                    else:
+                        await asyncio.sleep(FRONTEND_RECHECK_S)
+                keeper = self.keepers[cid]
+                if keeper.qemu is not None:
+                    LOG.warning("controller %s: a second QEMU connected while one is "
+                                "connected: turned away", cid)
+                    conn.close()
+                    continue
+                keeper.set_frontend(conn)
+                LOG.info("QEMU connected to controller %s", cid)
 
         await asyncio.gather(*(accept(c, s) for c, s in self.listeners.items()))
 
@@ -354,14 +421,14 @@ class EmulatorSlot(PolicyDriven):
             self.keepers[cid].attach(sock, replay=not first_start)
         return occupant
 
-    async def _launch_spare(self, spare: Occupant) -> Occupant:
+    async def _launch_spare(self, spare: Occupant, first_start: bool = False) -> Occupant:
         """Hand the assignment to a waiting spare (now ours); raises
         HandOverFailed with the spare reaped and its uid given back."""
-        config, ours, theirs = self._config(first_start=False)
+        config, ours, theirs = self._config(first_start)
 
         def replay() -> None:
             for cid, sock in ours.items():
-                self.keepers[cid].attach(sock, replay=True)
+                self.keepers[cid].attach(sock, replay=not first_start)
 
         try:
             await hand_over(spare, config, replay)
@@ -444,18 +511,17 @@ class EmulatorSlot(PolicyDriven):
         died_ns = now_ns()
         reason, detail, status = ending.reason, ending.detail, ending.status
         blame = self._blame() if status == EXIT_PROTOCOL else None  # before detach
-        for keeper in self.keepers.values():
-            keeper.detach()
-        occupant.link.close()
-        if self._occupant_held:
-            children.host().unhold(holdnames.occupant(self.id))
-            self._occupant_held = False
-        self.uids.give_back(occupant.uid)
-        self.occupant = None
-        self.on_change()
+        self._retire(occupant)
         if self._stopping:
             return []
         self.stats.last_exit = describe_status(status)
+        if self._power_off_due:
+            self._power_off_due = False
+            self._restart_requested.clear()  # it may have ended by itself first
+            self._power_off()
+            self._first_start_due = True
+            return self.policy.on_exit(died_ns, status, ExitReason.REQUESTED_RESTART,
+                                       "every QEMU of it went: it starts as a fresh device")
         if reason is ExitReason.CRASHED and status == 0:
             reason = ExitReason.EXITED_CLEAN
         if reason is ExitReason.CRASHED and blame is not None:
@@ -472,6 +538,19 @@ class EmulatorSlot(PolicyDriven):
             LOG.info("emulator %s: restart requested", self.id)
         self.emit("EMULATOR_EXIT", exit_event(self.id, occupant.proc.pid, reason, status))
         return self.policy.on_exit(died_ns, status, reason, detail)
+
+    def _retire(self, occupant: Occupant) -> None:
+        """Let go of an occupant that has ended: its sockets, its fds in the
+        holder, its uid."""
+        for keeper in self.keepers.values():
+            keeper.detach()
+        occupant.link.close()
+        if self._occupant_held:
+            children.host().unhold(holdnames.occupant(self.id))
+            self._occupant_held = False
+        self.uids.give_back(occupant.uid)
+        self.occupant = None
+        self.on_change()
 
     def _blame(self) -> str | None:
         """The front-end message an emulator was right to refuse (it exited
@@ -499,13 +578,14 @@ class EmulatorSlot(PolicyDriven):
         if self.spares is not None and not self._cold_next:
             spare = self.spares.take()
         self._cold_next = False
+        fresh = self._first_start_due  # a first start, of a device just powered on
         try:
             if spare is not None:
                 via = "warm spare"
-                occupant = await self._launch_spare(spare)
+                occupant = await self._launch_spare(spare, first_start=fresh)
             else:
                 via = "cold start"
-                occupant = await self._launch_cold(first_start=False)
+                occupant = await self._launch_cold(first_start=fresh)
         except HandOverFailed:
             self._cold_next = True
             raise
@@ -513,6 +593,11 @@ class EmulatorSlot(PolicyDriven):
             if self.spares is not None:
                 self.spares.replenish()
         self._occupy(occupant)
+        if fresh:
+            self._first_start_due = False
+            LOG.info("emulator %s is a fresh device again (pid %d, %s)", self.id,
+                     occupant.proc.pid, via)
+            return
         if via == "warm spare":
             faults.strike("handover.occupant_installed", occupant.proc.pid)
         else:

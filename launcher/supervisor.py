@@ -416,16 +416,13 @@ class Supervisor:
             self.notifier.status(f"{name.lower()} {data.get('id', '')}")
 
     def _qemu_closed_session(self, why: str) -> None:
+        """In backend-only mode the slot makes a fresh device for the next QEMU;
+        otherwise QEMU's exit, seen by its own watch, ends the VM."""
         LOG.debug("QEMU's end of a controller's link closed: %s", why)
-        if self.backends_only and all(
-            k.closed for slot in self.slots if isinstance(slot, EmulatorSlot)
-            for k in slot.keepers.values()
-        ):
-            self.request_stop("QEMU closed every vhost-user connection")
 
     async def _serve_backends(self, run: RunFolder) -> int:
-        """Backend-only mode: no QEMU of ours; serve until QEMU has come and gone,
-        or a stop signal."""
+        """Backend-only mode: no QEMU of ours; serve every QEMU that comes, one
+        after another, until a stop signal or `quit`."""
         served = [slot for slot in self.slots if isinstance(slot, EmulatorSlot)]
         for slot in served:
             for cid in slot.listeners:

@@ -175,12 +175,21 @@ def create(path: str | os.PathLike[str], layout: Layout) -> int:
     """Create the zeroed file with its header; returns an O_RDWR fd (close-on-exec)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, layout.size)
-        os.pwrite(fd, layout.header(), 0)
+        reset(fd, layout)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def reset(fd: int, layout: Layout) -> None:
+    """Make the store behind ``fd`` what `create` makes: every slot invalid, so
+    the next emulator starts as a device just powered on (no ring to resume,
+    a power-on unit attention). Only while no process maps it: a truncation
+    under a live emulator would fault its next store access."""
+    os.ftruncate(fd, 0)
+    os.ftruncate(fd, layout.size)
+    os.pwrite(fd, layout.header(), 0)
 
 
 class StateStore:
