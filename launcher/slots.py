@@ -64,9 +64,11 @@ from launcher.uidpool import UidPool
 QUEUE_SLOTS = proto.MAX_RINGS  # every ring a controller may have
 COMMAND_TIMEOUT = 5.0
 FRONTEND_BACKLOG = 4
-FRONTEND_RECHECK_S = 0.1
 """Front-end connections a backend-only controller's listener queues: a new
 QEMU may connect while the emulator is still being made a fresh device."""
+FRONTEND_RECHECK_S = 0.1
+"""How often a QEMU that connected while another QEMU still holds a
+controller of the same emulator looks again whether it may go on."""
 
 
 def skew_problem(ready: proto.Ready) -> str | None:
