@@ -18,8 +18,21 @@ folder itself). The rules:
 - any other non-empty folder is refused (``RunFolderForeign``) and left
   untouched, as is a folder another live mplaunch holds (``RunFolderBusy``).
 
-Cleanup never recurses and never follows a symlink: it unlinks entries whose
-names mplaunch uses, relative to a descriptor of the folder itself.
+Cleanup never follows a symlink: it unlinks entries whose names mplaunch
+uses, relative to a descriptor of the folder itself. It goes one level down
+in one place only: the ``vhost-user`` subfolder (``frontend_dir``), where
+it unlinks the sockets and then removes the subfolder if it is empty.
+
+Who may enter. Everything mplaunch puts in the run folder itself is 0600
+root (the management socket 0660 root:management_group), so the folder's
+own mode is the only gate that ever opens: 0700 by default, 0710 for a
+management group. The vhost-user sockets a QEMU started by someone else
+connects to live one level down; with a front-end group (``[vm]
+frontend_group``) that subfolder is root:GROUP 0710, each socket 0660, and
+the run folder becomes 0711: traversable by anyone, listable by no one, and
+every entry in it still closed to others. A member of the group reaches the
+sockets (a front-end's power, which the session keeper's admission checks)
+and nothing else.
 """
 
 from __future__ import annotations
@@ -44,8 +57,29 @@ OWN_PATTERNS = (LOCK_NAME, MARKER_NAME,
                 "state-*.bin",
                 VM_STATE_NAME, f".{VM_STATE_NAME}.tmp[0-9]*",  # written as .NAME.tmpPID
                 "keeper-*.rec", ".keeper-*.rec.tmp[0-9]*")  # the same (keeperrecord)
+#: The subfolder holding the vhost-user sockets (launcher.libvirt.backend_socket).
+FRONTEND_DIR_NAME = "vhost-user"
+#: What cleanup unlinks inside it: a socket, or one bound under a temporary name.
+FRONTEND_OWN_PATTERNS = ("*.sock", ".*.sock.[0-9]*")
+#: The run folder when a front-end group must pass through it: anyone may
+#: traverse it to the vhost-user subfolder, no one but root may list it.
+RUN_DIR_MODE_FRONTEND = 0o711
+#: A run folder mplaunch made: root only, or entered by the management group.
+RUN_DIR_MODE_PRIVATE = 0o700
+RUN_DIR_MODE_MANAGEMENT = 0o710
+#: The vhost-user subfolder: root:GROUP 0710 with a front-end group, else 0700.
+FRONTEND_DIR_MODE_GROUP = 0o710
+FRONTEND_DIR_MODE_ROOT = 0o700
+#: A vhost-user socket: root:GROUP 0660 with a front-end group, else 0600.
+FRONTEND_SOCKET_MODE_GROUP = 0o660
+FRONTEND_SOCKET_MODE_ROOT = 0o600
 _MARKER_HEAD = "mplaunch run folder"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def frontend_socket_mode(gid: int | None) -> int:
+    """The mode to give a vhost-user socket (and ``gid`` its group, if not None)."""
+    return FRONTEND_SOCKET_MODE_ROOT if gid is None else FRONTEND_SOCKET_MODE_GROUP
 
 
 class RunFolderError(Exception):
@@ -154,11 +188,36 @@ def _write_marker(dir_fd: int, marker: Marker) -> None:
 
 
 def _remove_own(dir_fd: int, keep: tuple[str, ...]) -> None:
-    """Unlink the entries mplaunch makes, except ``keep``; never recurse."""
+    """Unlink the entries mplaunch makes, except ``keep``; the vhost-user
+    subfolder is emptied of its sockets and removed; nothing else recursed into."""
     for name in os.listdir(dir_fd):
-        if is_own(name) and name not in keep:
+        if name == FRONTEND_DIR_NAME:
+            _remove_frontend_dir(dir_fd)
+        elif is_own(name) and name not in keep:
             with contextlib.suppress(OSError):  # a folder by that name is not ours
                 os.unlink(name, dir_fd=dir_fd)
+
+
+def _remove_frontend_dir(dir_fd: int) -> None:
+    """Unlink the sockets in the vhost-user subfolder, then remove it if that
+    left it empty (someone else's file there keeps it, and the run folder)."""
+    try:
+        sub = os.open(FRONTEND_DIR_NAME, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError:  # a file or a symlink by that name: unlinked like any own name
+        with contextlib.suppress(OSError):
+            os.unlink(FRONTEND_DIR_NAME, dir_fd=dir_fd)
+        return
+    try:
+        for name in os.listdir(sub):
+            if any(fnmatch.fnmatchcase(name, p) for p in FRONTEND_OWN_PATTERNS):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=sub)
+    finally:
+        os.close(sub)
+    with contextlib.suppress(OSError):
+        os.rmdir(FRONTEND_DIR_NAME, dir_fd=dir_fd)
 
 
 @dataclass
@@ -171,6 +230,9 @@ class RunFolder:
     stale_cleaned: bool = False
     _lock_fd: int = field(default=-1, repr=False)
     _dir_fd: int = field(default=-1, repr=False)
+    #: The mode of an adopted folder before ``frontend_dir`` widened it, put
+    #: back by ``release``; None if this RunFolder did not change it.
+    _mode_found: int | None = field(default=None, repr=False)
 
     @property
     def mplaunch_sock(self) -> Path:
@@ -197,6 +259,50 @@ class RunFolder:
         """A session keeper's record (launcher.keeperrecord). Spec ids are
         [a-z0-9-], so the name is one file's, never a path."""
         return self.path / f"keeper-{emulator_id}-{controller_id}.rec"
+
+    def frontend_dir(self, gid: int | None) -> Path:
+        """The vhost-user subfolder, made if missing (idempotent; call it
+        with the same ``gid`` each time): the sockets of ``--backends-only``
+        are bound in it, with ``frontend_socket_mode(gid)`` and group ``gid``.
+
+        With ``gid`` (the resolved ``[vm] frontend_group``): the subfolder is
+        root:gid mode 0710 and the run folder becomes 0711 (a folder mplaunch
+        adopted gets search permission for group and others added instead,
+        its mode put back by ``release``). Without: the subfolder is 0700,
+        the run folder unchanged. Everything goes through the folder's
+        descriptor: a symlink in the subfolder's place is refused
+        (RunFolderForeign), never followed; so is a subfolder not owned by
+        mplaunch's uid. The subfolder is locked down before the run folder
+        opens up."""
+        if self._dir_fd < 0:
+            raise RunFolderError(self.path, "the run folder was released")
+        where = self.path / FRONTEND_DIR_NAME
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(FRONTEND_DIR_NAME, FRONTEND_DIR_MODE_ROOT, dir_fd=self._dir_fd)
+        try:
+            sub = os.open(FRONTEND_DIR_NAME, _DIR_FLAGS, dir_fd=self._dir_fd)
+        except OSError as e:
+            raise RunFolderForeign(where, "exists and is not a folder" if e.errno in (
+                errno.ENOTDIR, errno.ELOOP) else f"cannot be opened: {e.strerror}") from None
+        try:
+            owner = os.fstat(sub).st_uid
+            if owner != os.geteuid():
+                raise RunFolderForeign(where, f"belongs to uid {owner}, not to mplaunch's "
+                                              f"uid {os.geteuid()}; it was left untouched")
+            os.fchmod(sub, FRONTEND_DIR_MODE_ROOT)  # closed while its group changes
+            os.fchown(sub, -1, os.getegid() if gid is None else gid)
+            if gid is not None:
+                os.fchmod(sub, FRONTEND_DIR_MODE_GROUP)
+        finally:
+            os.close(sub)
+        if gid is not None:
+            mode = os.fstat(self._dir_fd).st_mode & 0o7777
+            wanted = RUN_DIR_MODE_FRONTEND if self.made_folder else mode | 0o011
+            if wanted != mode:
+                if not self.made_folder and self._mode_found is None:
+                    self._mode_found = mode
+                os.fchmod(self._dir_fd, wanted)
+        return where
 
     @property
     def lock_fd(self) -> int:
@@ -250,12 +356,14 @@ class RunFolder:
         """Make, adopt or reclaim the run folder of VM ``vm``; RunFolderError if not.
 
         ``group``: the management socket's group, let through a folder mplaunch
-        made (mode 0710); a folder it adopted keeps the owner's choice."""
+        made (mode 0710); a folder it adopted keeps the owner's choice. A
+        folder mplaunch made, found stale, gets that mode again (0700 without
+        a group), whatever its dead owner had opened."""
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         for _ in range(5):
             made = True
             try:
-                path.mkdir(mode=0o700)
+                path.mkdir(mode=RUN_DIR_MODE_PRIVATE)
             except FileExistsError:
                 made = False
             try:
@@ -273,10 +381,12 @@ class RunFolder:
                 os.close(dir_fd)
                 raise
             if run is not None:
-                if group is not None and run.made_folder:
+                if run.made_folder:  # also undoes a dead owner's frontend_dir (0711)
                     try:
-                        os.fchown(dir_fd, -1, group)
-                        os.fchmod(dir_fd, 0o710)
+                        if group is not None:
+                            os.fchown(dir_fd, -1, group)
+                        os.fchmod(dir_fd, RUN_DIR_MODE_MANAGEMENT if group is not None
+                                  else RUN_DIR_MODE_PRIVATE)
                     except BaseException:
                         run.release()
                         raise
@@ -325,6 +435,10 @@ class RunFolder:
         if self._lock_fd < 0:
             return
         _remove_own(self._dir_fd, keep=(LOCK_NAME, MARKER_NAME))
+        if self._mode_found is not None and not self.made_folder:
+            with contextlib.suppress(OSError):
+                os.fchmod(self._dir_fd, self._mode_found)
+            self._mode_found = None
         for name in (MARKER_NAME, LOCK_NAME):
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=self._dir_fd)

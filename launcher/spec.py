@@ -47,6 +47,7 @@ from launcher.heartbeat.protocol import MAX_CONTROLLERS, MAX_REQUEST_QUEUES
 from launcher.imagepolicy import default_dirs
 from launcher.runfolder import foreign_problem
 from launcher.sizes import SIZE_SYNTAX, G, M, format_size, parse_size
+from launcher.uidpool import accounts_in, describe_accounts, host_account
 
 
 class Accel(StrEnum):
@@ -135,6 +136,10 @@ class VmConfig:
     management_group: str | None = None
     #: A fixed user for QEMU (name or number); None: a uid leased from uid_range.
     qemu_user: str | None = None
+    #: The group (name or number) that may connect to the vhost-user sockets
+    #: of ``--backends-only`` (a QEMU someone else starts runs with it); None:
+    #: root only. Unused when mplaunch runs QEMU itself.
+    frontend_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,7 +494,7 @@ class _Table:
 
 VM_FIELDS = ("name", "memory", "cpus", "accel", "kernel", "initrd", "append", "console",
              "run_dir", "uid_range", "sandbox", "image_dirs", "devices", "management_group",
-             "qemu_user")
+             "frontend_group", "qemu_user")
 EMULATOR_FIELDS = ("id", "kind", "restart", "heartbeat_ms", "hang_timeout_ms",
                    "restart_burst", "restart_window_s", "on_give_up")
 CONTROLLER_FIELDS = ("id", "emulator", "queues")
@@ -563,6 +568,19 @@ def _uid_range(t: _Table, emulator_count: int) -> tuple[int, int] | None:
         t.bad("uid_range", value, f"holds {count} uid(s) but there are {emulator_count} "
               "[[emulator]] tables; each emulator needs its own uid")
         return None
+    accounts = accounts_in(first, last)  # never leased (launcher.uidpool)
+    free = count - len(accounts)
+    if free == 0:
+        t.bad("uid_range", value, "holds no uid mplaunch may lease: each one is the uid or "
+              f"gid of a host account ({describe_accounts(accounts)}), and those are never "
+              "leased; choose a range outside the host's accounts")
+        return None
+    if free < emulator_count:
+        t.bad("uid_range", value, f"holds {free} uid(s) mplaunch may lease but there are "
+              f"{emulator_count} [[emulator]] tables; each emulator needs its own uid, and "
+              f"the uids and gids of host accounts are never leased "
+              f"({describe_accounts(accounts)})")
+        return None
     return first, last
 
 
@@ -592,24 +610,27 @@ def _path_list(t: _Table, key: str, base: Path, kind: str) -> tuple[Path, ...] |
     return tuple(out)
 
 
-def _group(t: _Table) -> str | None:
-    value = t.data.get("management_group", _ABSENT)
+def _group(t: _Table, key: str) -> str | None:
+    """A group (name or number) that exists on this host, as given; None if absent."""
+    value = t.data.get(key, _ABSENT)
     if value is _ABSENT:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
-        t.bad("management_group", value, "must be a group name or number")
+        t.bad(key, value, "must be a group name or number")
         return None
     try:
         grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(value)
     except (KeyError, OverflowError, ValueError):
-        t.bad("management_group", value, "no such group on this host")
+        t.bad(key, value, "no such group on this host")
         return None
     return str(value)
 
 
 def _qemu_user(t: _Table, uid_range: tuple[int, int] | None) -> str | None:
-    """A host user QEMU runs as instead of a leased uid: never root, and not
-    one of the uids the pool hands to emulators."""
+    """A host user QEMU runs as instead of a leased uid: never root. Its uid
+    may lie inside uid_range (the pool never leases an existing account's
+    uid); its primary gid may too if a group has it, and is refused if not:
+    an emulator could then be leased that id as its gid, QEMU's group."""
     value = t.data.get("qemu_user", _ABSENT)
     if value is _ABSENT:
         return None
@@ -624,9 +645,11 @@ def _qemu_user(t: _Table, uid_range: tuple[int, int] | None) -> str | None:
     if user.pw_uid == 0 or user.pw_gid == 0:
         t.bad("qemu_user", value, "must not be root or in group root: QEMU runs unprivileged")
         return None
-    if uid_range is not None and uid_range[0] <= user.pw_uid <= uid_range[1]:
-        t.bad("qemu_user", value, f"its uid {user.pw_uid} is inside uid_range "
-              f"{uid_range[0]}-{uid_range[1]}, which emulators take from")
+    if uid_range is not None and uid_range[0] <= user.pw_gid <= uid_range[1] \
+            and host_account(user.pw_gid) is None:
+        t.bad("qemu_user", value, f"its primary gid {user.pw_gid} is inside uid_range "
+              f"{uid_range[0]}-{uid_range[1]} and no group has it, so an emulator could "
+              "be leased it; give the user a group of its own or a range without it")
         return None
     return str(value)
 
@@ -685,7 +708,8 @@ def _parse_vm(t: _Table, base: Path, emulator_count: int) -> Fields:
     f["image_dirs"] = _path_list(t, "image_dirs", base, "folder")
     f["_image_dirs_given"] = t.has("image_dirs")
     f["devices"] = _path_list(t, "devices", base, "block device")
-    f["management_group"] = _group(t)
+    f["management_group"] = _group(t, "management_group")
+    f["frontend_group"] = _group(t, "frontend_group")
     f["qemu_user"] = _qemu_user(t, f["uid_range"])
     return f
 

@@ -14,6 +14,13 @@ flock is per open file description, so two ``HostUids`` in one process, or
 two mplaunch processes, exclude each other the same way. The spec's
 ``uid_range`` only says which uids a VM may take from; two VMs with the
 same range get disjoint uids.
+
+A uid that is an existing host account's uid, or an existing group's gid,
+is never leased: a confined process runs with uid = gid = the leased id, so
+it would otherwise act as that user, or with that group's access (Debian's
+``libvirt-qemu`` is uid and gid 64055, inside the default range, and its
+group may reach the vhost-user sockets). Accounts are looked up at each
+take, through the host's name service, so one added later is skipped too.
 """
 
 from __future__ import annotations
@@ -21,14 +28,52 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import grp
 import itertools
+import logging
 import os
+import pwd
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher import children, holdnames
 
 DEFAULT_UID_DIR = Path("/run/mplaunch/uids")
+LOG = logging.getLogger(__name__)
+
+
+def host_account(ident: int) -> str | None:
+    """The host account ``ident`` belongs to ("user NAME" or "group NAME"),
+    or None if no user has it as uid and no group as gid."""
+    try:
+        return f"user {pwd.getpwuid(ident).pw_name}"
+    except (KeyError, OverflowError):
+        pass
+    try:
+        return f"group {grp.getgrgid(ident).gr_name}"
+    except (KeyError, OverflowError):
+        return None
+
+
+def accounts_in(first: int, last: int) -> dict[int, str]:
+    """Every id in ``first``..``last`` that is a host user's uid or a host
+    group's gid, with its account (as ``host_account`` names it); one pass
+    over the account lists, so a large range costs no more than a small one."""
+    found: dict[int, str] = {}
+    for group in grp.getgrall():
+        if first <= group.gr_gid <= last:
+            found[group.gr_gid] = f"group {group.gr_name}"
+    for user in pwd.getpwall():  # a user's name wins over its group's
+        if first <= user.pw_uid <= last:
+            found[user.pw_uid] = f"user {user.pw_name}"
+    return dict(sorted(found.items()))
+
+
+def describe_accounts(accounts: dict[int, str], most: int = 3) -> str:
+    """``accounts`` for a message: "64055 (user libvirt-qemu), ... and N more"."""
+    shown = [f"{ident} ({name})" for ident, name in list(accounts.items())[:most]]
+    more = len(accounts) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 @dataclass
@@ -77,6 +122,8 @@ class HostUids:
     def __init__(self, first: int, last: int, folder: Path = DEFAULT_UID_DIR) -> None:
         self.first, self.last = first, last
         self.folder = folder
+        #: Why the last ``take`` found no uid (naming the range), or None.
+        self.shortage: str | None = None
 
     def _open_folder(self) -> int:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -85,21 +132,47 @@ class HostUids:
     def take(self, owner: str, preferred: int | None = None) -> Lease | None:
         """A lease on a free uid (``preferred`` if it is free), or None if the
         range is used up. ``owner`` (e.g. "vm1/e0") is written into the lock
-        file for a human looking at who holds what."""
+        file for a human looking at who holds what. A uid or gid of a host
+        account is skipped (no lock file is made for it). ``shortage`` then
+        says why nothing was found, naming the range; a range made only of
+        accounts' ids is logged as an error too."""
         dir_fd = self._open_folder()
+        skipped: dict[int, str] = {}
         try:
             first: list[int] = []
             if preferred is not None and self.first <= preferred <= self.last:
                 first = [preferred]
             rest = (u for u in range(self.first, self.last + 1) if u != preferred)
             for uid in itertools.chain(first, rest):
+                account = host_account(uid)
+                if account is not None:
+                    skipped[uid] = account
+                    continue
                 lease = self._try(dir_fd, uid, owner)
                 if lease is not None:
                     lease.keep_in_holder()
+                    self.shortage = None
                     return lease
-            return None
         finally:
             os.close(dir_fd)
+        self.shortage = self._shortage(skipped)
+        if len(skipped) == self.last - self.first + 1:  # a spec error, not a busy host
+            LOG.error("%s", self.shortage)
+        return None
+
+    def _shortage(self, skipped: dict[int, str]) -> str:
+        """Why the last take found nothing, naming the range."""
+        span = f"uid_range {self.first}-{self.last}"
+        total = self.last - self.first + 1
+        if not skipped:
+            return f"{span} has no uid left: all {total} are leased"
+        if len(skipped) == total:
+            return (f"{span} has no uid mplaunch may lease: every one is an existing host "
+                    f"account's uid or gid ({describe_accounts(skipped)}); choose a range "
+                    "outside the host's accounts")
+        return (f"{span} has no uid left: {total - len(skipped)} are leased and "
+                f"{len(skipped)} are existing host accounts' uids or gids, never leased "
+                f"({describe_accounts(skipped)})")
 
     @staticmethod
     def _try(dir_fd: int, uid: int, owner: str) -> Lease | None:

@@ -37,10 +37,22 @@ def test_root_unknown_and_malformed_users_are_refused(tmp_path: Path, user: obje
         parse_spec(vm(tmp_path, qemu_user=user), tmp_path / "vm.toml")
 
 
-def test_a_user_inside_uid_range_is_refused(tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Emulators take their uids from uid_range: QEMU's must be outside it."""
-    fake = pwd.struct_passwd(("tenant", "x", 64500, 64500, "", "/", "/bin/false"))
+def test_a_user_inside_uid_range_is_taken(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool never leases an existing account's uid, so QEMU's fixed uid
+    may lie inside the range emulators take from."""
+    fake = pwd.struct_passwd(("tenant", "x", 64500, 1, "", "/", "/bin/false"))
     monkeypatch.setattr(pwd, "getpwnam", lambda name: fake)
-    with pytest.raises(SpecError, match="its uid 64500 is inside uid_range 64000-64999"):
+    assert parse_spec(vm(tmp_path, qemu_user="tenant"), tmp_path / "vm.toml").vm.qemu_user \
+        == "tenant"
+
+
+def test_a_primary_gid_inside_uid_range_without_a_group_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No group has that gid, so the pool could lease it to an emulator: the
+    emulator would run with QEMU's group."""
+    fake = pwd.struct_passwd(("tenant", "x", 64500, 64501, "", "/", "/bin/false"))
+    monkeypatch.setattr(pwd, "getpwnam", lambda name: fake)
+    with pytest.raises(SpecError, match="its primary gid 64501 is inside uid_range "
+                                        "64000-64999 and no group has it"):
         parse_spec(vm(tmp_path, qemu_user="tenant"), tmp_path / "vm.toml")
