@@ -46,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument(
         "--print-libvirt-xml",
         action="store_true",
-        help="print the libvirt domain XML fragment that does the same, and exit",
+        help="print a complete libvirt domain (for virsh define) that does the same, and exit",
+    )
+    parser.add_argument(
+        "--fragment",
+        action="store_true",
+        help="with --print-libvirt-xml: print only the elements to merge into a domain of "
+        "your own (shared memory and the controllers on their PCI addresses)",
     )
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-v", "--verbose", action="count", default=0, help="more detail on stderr")
@@ -55,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fragment and not args.print_libvirt_xml:
+        parser.error("--fragment goes only with --print-libvirt-xml")
     try:
         spec = load_spec(args.spec)
     except SpecError as e:
@@ -63,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return 1
     if args.print_qemu_args or args.print_libvirt_xml:
-        return _print_attachment(spec, args.spec, args.print_qemu_args)
+        return _print_attachment(spec, args.spec, args.print_qemu_args, args.fragment)
     if args.backends_only:
         from launcher.libvirt import unattachable
 
@@ -102,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _print_attachment(spec: Spec, file: str, qemu_args: bool) -> int:
-    """``--print-qemu-args`` or ``--print-libvirt-xml``."""
+def _print_attachment(spec: Spec, file: str, qemu_args: bool, fragment: bool) -> int:
+    """``--print-qemu-args`` or ``--print-libvirt-xml`` (``--fragment``)."""
     from launcher.libvirt import (
         backend_qemu_argv,
         format_argv,
-        libvirt_xml,
+        frontend_group_warning,
+        libvirt_domain,
+        libvirt_fragment,
         proxy_note,
         unattachable,
     )
@@ -122,7 +133,16 @@ def _print_attachment(spec: Spec, file: str, qemu_args: bool) -> int:
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return 1
-    print(libvirt_xml(spec), end="")
+    warning = frontend_group_warning(spec, file)
+    if warning is not None:
+        print(warning, file=sys.stderr)
+    if fragment:  # a fragment has no domain type: the user's domain keeps its own
+        print(libvirt_fragment(spec), end="")
+        return 0
+    from launcher.accel import choose_for
+
+    # The domain type follows the accelerator mplaunch itself would pick.
+    print(libvirt_domain(spec, choose_for(spec).accel), end="")
     return 0
 
 

@@ -129,15 +129,19 @@ def vm_argv(spec: Spec, accel_args: list[str], binary: str = QEMU_BINARY,
 
 
 def controller_args(
-    controller_id: str, queues: int, socket_option: str, prefix: str = ""
+    controller_id: str, queues: int, socket_option: str, prefix: str = "",
+    address: str | None = None,
 ) -> list[str]:
-    """One vhost-user-scsi-pci device; `socket_option` is fd=N or path=P, and
-    `prefix` goes before the QEMU ids (libvirt wants its own out of the way)."""
+    """One vhost-user-scsi-pci device; `socket_option` is fd=N or path=P,
+    `prefix` goes before the QEMU ids (libvirt wants its own out of the way),
+    and `address` holds the device's bus and addr properties when it must sit
+    at a fixed PCI address (where libvirt will not put its own devices);
+    without one QEMU picks a free slot."""
     chardev = prefix + chardev_id(controller_id)
+    device = f"vhost-user-scsi-pci,id={prefix}{controller_id},chardev={chardev},num_queues={queues}"
     return [
         "-chardev", f"socket,id={chardev},{socket_option}",
-        "-device",
-        f"vhost-user-scsi-pci,id={prefix}{controller_id},chardev={chardev},num_queues={queues}",
+        "-device", device if address is None else f"{device},{address}",
     ]
 
 
