@@ -290,13 +290,16 @@ def _root(attributes: dict[str, str]) -> ET.Element:
 def _note(domain: ET.Element, spec: Spec, what: str) -> None:
     addresses = pci_addresses(len(spec.controllers))
     taken = ", ".join(f"{a} ({c.id})" for a, c in zip(addresses, spec.controllers, strict=True))
+    lines = [
+        f"mplaunch backend-only mode for {spec.vm.name}: {what},",
+        "and start it only once mplaunch runs in backend-only mode with the same spec.",
+        f"The controllers take these PCI addresses on {ROOT_BUS}; nothing else may use them:",
+        taken,
+        "The domain needs shared guest memory (memoryBacking memfd, access shared):",
+        "the emulators map the guest's RAM.",
+    ]
     # XML comments may not hold "--", so options are not spelled out.
-    domain.append(ET.Comment(
-        f" mplaunch backend-only mode for {spec.vm.name}: {what}. Start mplaunch in "
-        "backend-only mode with the same spec first. The controllers take these PCI "
-        f"addresses on {ROOT_BUS}, which nothing else in the domain may use: {taken}. "
-        "The domain needs shared guest memory (memoryBacking memfd, access shared): "
-        "the emulators map the guest's RAM. "))
+    domain.append(ET.Comment(" " + "\n       ".join(lines) + " "))
 
 
 def _text(parent: ET.Element, tag: str, text: str, **attributes: str) -> ET.Element:
