@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 def _print_attachment(spec: Spec, file: str, qemu_args: bool, fragment: bool) -> int:
     """``--print-qemu-args`` or ``--print-libvirt-xml`` (``--fragment``)."""
     from launcher.libvirt import (
+        NotAttachable,
         backend_qemu_argv,
         format_argv,
         frontend_group_warning,
@@ -133,16 +134,21 @@ def _print_attachment(spec: Spec, file: str, qemu_args: bool, fragment: bool) ->
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return 1
+    try:
+        if fragment:  # a fragment has no domain type: the user's domain keeps its own
+            xml = libvirt_fragment(spec)
+        else:
+            from launcher.accel import choose_for
+
+            # The domain type follows the accelerator mplaunch itself would pick.
+            xml = libvirt_domain(spec, choose_for(spec).accel)
+    except NotAttachable as e:
+        print(f"{file}: --print-libvirt-xml: {e}", file=sys.stderr)
+        return 1
     warning = frontend_group_warning(spec, file)
     if warning is not None:
         print(warning, file=sys.stderr)
-    if fragment:  # a fragment has no domain type: the user's domain keeps its own
-        print(libvirt_fragment(spec), end="")
-        return 0
-    from launcher.accel import choose_for
-
-    # The domain type follows the accelerator mplaunch itself would pick.
-    print(libvirt_domain(spec, choose_for(spec).accel), end="")
+    print(xml, end="")
     return 0
 
 

@@ -23,8 +23,10 @@ device directly on the root bus of a q35 machine (pcie.0) and fills that bus
 with its own root ports from slot 0x1 upward, while it may use a free slot
 of any root port, even one the domain declares. So each controller goes
 directly on pcie.0 from the top down (:func:`pci_addresses`): slot 0x1e,
-functions 0 to 7 in spec order, then slot 0x1d, and so on (slot 0x1f holds
-the ICH9 functions q35 always has).
+functions 0 to 7 in spec order, then slots 0x1d and 0x1c (slot 0x1f holds
+the ICH9 functions q35 always has). A domain of one's own must leave those
+slots free: libvirt itself puts a dmi-to-pci-bridge at 0x1e and ICH9 USB2
+controllers at 0x1d when a domain declares them.
 
 In libvirt's XML the chardev and device ids carry an ``mplaunch-``
 prefix so they cannot collide with libvirt's own aliases (``scsi0`` is the
@@ -62,8 +64,9 @@ ROOT_BUS = "pcie.0"
 """The q35 root bus, where every controller of libvirt's domain goes."""
 TOP_SLOT = 0x1E
 """The first slot controllers take (0x1f holds q35's ICH9 functions)."""
-LOWEST_SLOT = 0x10
-"""The last slot controllers may take, leaving 0x01-0x0f to libvirt's root ports."""
+LOWEST_SLOT = 0x1C
+"""The last slot controllers may take: libvirt puts an ich9 sound device at
+0x1b, its root ports from 0x01 upward."""
 SLOT_FUNCTIONS = 8
 DEBIAN_LIBVIRT_GROUP = "libvirt-qemu"
 """The group Debian's libvirt runs QEMU with."""
@@ -138,11 +141,14 @@ class PciAddress:
 
 def pci_addresses(count: int) -> list[PciAddress]:
     """Where ``count`` controllers go, in spec order: slot 0x1e, functions 0
-    to 7, then slot 0x1d, and on down to :data:`LOWEST_SLOT`."""
+    to 7, then slot 0x1d, and on down to :data:`LOWEST_SLOT`.
+
+    Raises :class:`NotAttachable` when they do not fit."""
     room = (TOP_SLOT - LOWEST_SLOT + 1) * SLOT_FUNCTIONS
     if count > room:
-        raise NotAttachable(f"{count} controllers do not fit in the {room} PCI functions "
-                            f"of slots {TOP_SLOT:#x} down to {LOWEST_SLOT:#x}")
+        raise NotAttachable(f"{count} controllers do not fit in the {room} PCI functions of "
+                            f"slots {TOP_SLOT:#x} down to {LOWEST_SLOT:#x}, where libvirt puts "
+                            "none of its own devices")
     addresses = []
     for i in range(count):
         slot, function = TOP_SLOT - i // SLOT_FUNCTIONS, i % SLOT_FUNCTIONS

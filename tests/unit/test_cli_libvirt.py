@@ -78,3 +78,23 @@ def test_fragment_alone_is_a_usage_error(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "--fragment goes only with --print-libvirt-xml" in captured.err
+
+
+def test_too_many_controllers_for_the_slots_is_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = ["[vm]", 'name = "wide"', 'accel = "tcg"', 'console = "none"', 'run_dir = "run"']
+    for e in range(2):
+        lines += ["[[emulator]]", f'id = "e{e}"']
+    for c in range(25):
+        (tmp_path / f"d{c}.img").write_bytes(bytes(4096))
+        lines += ["[[controller]]", f'id = "c{c}"', f'emulator = "e{c // 16}"',
+                  "[[disk]]", f'id = "d{c}"', f'controller = "c{c}"', "lun = 0",
+                  f'image = "d{c}.img"']
+    spec = tmp_path / "vm.toml"
+    spec.write_text("\n".join(lines) + "\n")
+    for fragment in ([], ["--fragment"]):
+        assert cli.main(["--print-libvirt-xml", *fragment, str(spec)]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        (line,) = captured.err.splitlines()
+        assert line.startswith(f"{spec}: --print-libvirt-xml: 25 controllers do not fit")
