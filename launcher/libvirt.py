@@ -211,7 +211,7 @@ def format_argv(argv: list[str]) -> str:
 
 def frontend_group_warning(spec: Spec, file: str | None = None) -> str | None:
     """The line to show when libvirt's QEMU will be refused by the sockets, or None."""
-    if getattr(spec.vm, "frontend_group", None) is not None:
+    if spec.vm.frontend_group is not None:
         return None
     return (f"{file or spec.path}: warning: [vm] frontend_group is not set, so the vhost-user "
             "sockets are root's alone and libvirt's QEMU (user libvirt-qemu on Debian) will not "

@@ -32,10 +32,11 @@ image = "d0.img"
 """
 
 
-def write(tmp_path: Path, accel: str = "kvm") -> str:
+def write(tmp_path: Path, accel: str = "kvm", extra: str = "") -> str:
     (tmp_path / "d0.img").write_bytes(bytes(4096))
     path = tmp_path / "vm.toml"
-    path.write_text(SPEC.format(accel=accel))
+    path.write_text(SPEC.format(accel=accel).replace('run_dir = "run"\n',
+                                                     f'run_dir = "run"\n{extra}'))
     return str(path)
 
 
@@ -67,6 +68,12 @@ def test_warns_once_without_a_frontend_group(
     assert line.startswith(f"{spec}: warning: [vm] frontend_group is not set")
     assert "user libvirt-qemu on Debian" in line
     assert 'frontend_group = "libvirt-qemu"' in line
+
+
+def test_quiet_with_a_frontend_group(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--print-libvirt-xml", write(tmp_path, extra="frontend_group = 0\n")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith("<domain ")
 
 
 @pytest.mark.parametrize("others", [[], ["--print-qemu-args"], ["--backends-only"]])

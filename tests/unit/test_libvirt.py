@@ -283,3 +283,4 @@ def test_warns_that_libvirts_qemu_needs_the_frontend_group(tmp_path: Path) -> No
     assert line is not None and "\n" not in line
     assert line.startswith("vm.toml: warning: [vm] frontend_group is not set")
     assert "libvirt-qemu" in line and line.endswith('set frontend_group = "libvirt-qemu"')
+    assert frontend_group_warning(make_spec(tmp_path, frontend_group=0)) is None
