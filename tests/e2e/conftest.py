@@ -31,3 +31,17 @@ def launchers() -> Iterator[list[Mplaunch]]:
         for pid in pids_alive(m.seen_descendants):
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
+
+
+@pytest.fixture(scope="session")
+def libvirtd(guest: None) -> Iterator[None]:
+    """libvirtd and virtlogd answering (started if they were not, and then
+    stopped at the end of the session); skip, naming what is missing,
+    without them."""
+    from tests.support.libvirtd import need_libvirt, running_daemons
+
+    missing = need_libvirt()
+    if missing:
+        pytest.skip(missing)
+    with running_daemons():
+        yield
