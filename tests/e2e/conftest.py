@@ -34,7 +34,7 @@ def launchers() -> Iterator[list[Mplaunch]]:
 
 
 @pytest.fixture(scope="session")
-def libvirtd(guest: None) -> Iterator[None]:
+def libvirtd() -> Iterator[None]:
     """libvirtd and virtlogd answering (started if they were not, and then
     stopped at the end of the session); skip, naming what is missing,
     without them."""
