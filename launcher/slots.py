@@ -23,7 +23,6 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from emulators import faults
@@ -52,7 +51,7 @@ from launcher.restart_policy import (
     RestartPolicy,
     describe_status,
 )
-from launcher.runfolder import RunFolder
+from launcher.runfolder import RunFolder, frontend_socket_mode
 from launcher.sessionkeeper import OneInFlight, SessionKeeper
 from launcher.slotbase import DiskChangeError, NoAnswer, PolicyDriven, SlotSnapshot, SlotStats
 from launcher.spares import SparePool
@@ -100,13 +99,19 @@ class HeldSlot:
     version: str | None = None  # what the adopted occupant reported to its launcher
 
 
-def _listen(path: Path) -> socket.socket:
+def _listen(run: RunFolder, controller_id: str, gid: int | None) -> socket.socket:
+    """The controller's vhost-user socket in the run folder's front-end
+    folder, for root and ``gid`` (the spec's frontend_group) only. Its mode
+    and group are set before it listens: until then a connect is refused."""
+    run.frontend_dir(gid)
+    path = backend_socket(run.path, controller_id)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    path.parent.mkdir(mode=0o700, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
-    os.chmod(path, 0o600)
+    if gid is not None:
+        os.chown(path, -1, gid)
+    os.chmod(path, frontend_socket_mode(gid))
     sock.listen(FRONTEND_BACKLOG)
     sock.setblocking(False)
     return sock
@@ -125,9 +130,11 @@ class EmulatorSlot(PolicyDriven):
         spares: SparePool | None = None,
         listen: bool = False,
         held: HeldSlot | None = None,
+        frontend_gid: int | None = None,
     ) -> None:
-        """`held`: re-attach to a slot whose fds the holder kept (nothing is
-        opened or made then)."""
+        """`listen`: backend-only mode, QEMU connects to sockets in the run
+        folder, open to root and `frontend_gid`. `held`: re-attach to a slot
+        whose fds the holder kept (nothing is opened or made then)."""
         self.spec = spec
         self.emulator = emulator
         self.id = emulator.id
@@ -183,7 +190,7 @@ class EmulatorSlot(PolicyDriven):
                     self.disk_fds[disk.id] = emulators.open_disk(str(disk.image), disk.readonly)
                     self._hold_disk(disk.id)
                 if listen:
-                    self.listeners[controller.id] = _listen(backend_socket(run.path, controller.id))
+                    self.listeners[controller.id] = _listen(run, controller.id, frontend_gid)
                     continue
                 qemu_end, keeper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 qemu_end.set_inheritable(True)

@@ -29,7 +29,7 @@ from launcher import children, holdnames, reattach
 from launcher.accel import AccelChoice, choose_for
 from launcher.emulators import DiskOpenError
 from launcher.holder.client import HolderClient, start_holder
-from launcher.libvirt import backend_socket
+from launcher.libvirt import backend_socket, frontend_group_warning
 from launcher.lsi.remote import RemoteError
 from launcher.lsi.slot import RemoteSlot
 from launcher.management.server import EventBus, ManagementServer, resolve_group
@@ -48,6 +48,10 @@ from launcher.vmcontrol import SupervisorControl
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+
+
+class FrontendGroupError(ValueError):
+    """The spec's frontend_group is gone from the host since it was checked."""
 
 
 @dataclass
@@ -331,13 +335,15 @@ class Supervisor:
             # A warm spare is a Python emulator: only the scsi kind can use one.
             scsi = self.spec.emulators_of_kind(EmulatorKind.SCSI)
             self.spares = SparePool(self.spec, uids) if WARM_SPARE and scsi else None
+            frontend_gid = self._frontend_gid()
             for emulator in self.spec.emulators:
                 slot: Slot
                 if emulator.kind is EmulatorKind.LSI:
                     slot = RemoteSlot(self.spec, emulator, run, self._give_up, uids)
                 else:
                     slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids,
-                                        self.spares, listen=self.backends_only)
+                                        self.spares, listen=self.backends_only,
+                                        frontend_gid=frontend_gid)
                 slot.emit = self.emit
                 if isinstance(slot, EmulatorSlot):
                     slot.on_change = self.save_state
@@ -349,8 +355,8 @@ class Supervisor:
                 if self._stop.is_set():
                     return EXIT_OK
                 await slot.start()
-        except (SandboxError, DiskOpenError, RemoteError) as e:  # not confined, or no start
-            LOG.error("%s", e)
+        except (SandboxError, DiskOpenError, RemoteError, FrontendGroupError) as e:
+            LOG.error("%s", e)  # not confined, or no start
             return EXIT_FAILED
         if self._stop.is_set():
             return EXIT_OK
@@ -371,6 +377,21 @@ class Supervisor:
         self.save_state()
         LOG.info("QEMU started (pid %d)", qemu.pid)
         return await self._supervise(qemu)
+
+    def _frontend_gid(self) -> int | None:
+        """Backend-only mode: the gid whose members' QEMU may connect to the
+        vhost-user sockets (the spec's frontend_group), or None: root only,
+        which no libvirt-run QEMU is, so say so."""
+        group = self.spec.vm.frontend_group
+        if not self.backends_only:
+            return None
+        if group is None:
+            LOG.warning("%s", frontend_group_warning(self.spec))
+            return None
+        try:
+            return resolve_group(group)
+        except ValueError as e:
+            raise FrontendGroupError(f"{self.spec.path}: [vm] frontend_group: {e}") from None
 
     def _supervise_emulators(self) -> None:
         """The slots' supervisors and the spare pool, as children of the VM."""

@@ -16,6 +16,7 @@ hostile one with the front-end that can send anything.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import struct
 import time
@@ -27,6 +28,7 @@ from qemu.qmp import QMPClient
 
 from emulators.vhost_user.constants import Request
 from emulators.vhost_user.messages import MemoryRegion, MemoryTable, VringState
+from launcher.libvirt import backend_socket
 from tests.support.emulator_harness import ControllerRig, ControllerSpec, Disk, _make_rig
 from tests.support.vhost_frontend import UVA_BASE, FrontendError
 from tests.support.vm import DiskDef, Mplaunch, VmDef
@@ -47,7 +49,7 @@ def roundtrip(rig: ControllerRig, lba: int, seed: int) -> None:
 
 def connect(run_dir: Path, cid: str, tmp: Path) -> ControllerRig:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(str(run_dir / f"vhost-{cid}.sock"))
+    sock.connect(str(backend_socket(run_dir, cid)))
     rig = _make_rig(ControllerSpec(cid, (Disk(tmp / f"{cid}.unused"),), memory_size=MEMORY), sock)
     rig.frontend.init()
     rig.start()
@@ -102,7 +104,8 @@ async def _drive(vm: VmDef, m: Mplaunch, tmp: Path) -> dict[str, Any]:
         await blocking(roundtrip, c1, 3, 3)  # the other controller goes on
         out["after"] = await client.execute("query-emulators")
         c0.close()
-        c1.close()  # QEMU's last connection gone: backend-only mplaunch ends
+        c1.close()  # QEMU's last connection gone: the emulator becomes a fresh device
+        await blocking(m.wait_stderr, r"emulator e0 is a fresh device again")
     finally:
         events.cancel()
         await client.disconnect()
@@ -118,6 +121,7 @@ def test_refused_messages_are_events_not_restarts(tmp_path: Path) -> None:
     m = Mplaunch(spec, "--backends-only")
     try:
         out = asyncio.run(_drive(vm, m, tmp_path))
+        m.signal(signal.SIGTERM)  # a backend outlives its QEMUs: it stops when told to
         rc = m.wait(30)
     finally:
         m.kill_all()
