@@ -114,7 +114,7 @@ class Daemons:
 
     def __init__(self) -> None:
         self.started: list[tuple[Daemon, subprocess.Popen[bytes], Path]] = []
-        self._logs = Path(tempfile.mkdtemp(prefix="mplaunch-libvirtd-"))
+        self._logs: Path | None = None  # made when a daemon is started
 
     def ensure(self) -> None:
         """Start what does not answer; raise with its log if it cannot start."""
@@ -123,6 +123,8 @@ class Daemons:
                 self._start(daemon)
 
     def _start(self, daemon: Daemon) -> None:
+        if self._logs is None:
+            self._logs = Path(tempfile.mkdtemp(prefix="mplaunch-libvirtd-"))
         log = self._logs / f"{daemon.program}.log"
         program = shutil.which(daemon.program)
         assert program is not None, need_libvirt()
@@ -152,7 +154,9 @@ class Daemons:
                     proc.kill()
                     proc.wait()
         self.started.clear()
-        shutil.rmtree(self._logs, ignore_errors=True)
+        if self._logs is not None:
+            shutil.rmtree(self._logs, ignore_errors=True)
+            self._logs = None
 
 
 @contextlib.contextmanager
