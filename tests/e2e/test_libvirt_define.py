@@ -4,8 +4,6 @@ around: nothing of libvirt's lands on the PCI slots the controllers take."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -16,15 +14,12 @@ from pathlib import Path
 import pytest
 
 from launcher.libvirt import QEMU_NS
+from tests.support.libvirtd import domains, virsh
 from tests.support.vm import REPO
 
-pytestmark = [pytest.mark.root]
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("libvirtd")]
 
-URI = "qemu:///system"
 TAKEN_SLOTS = {0x1E, 0x1D}
-VIRSH_TIMEOUT_S = 300
-"""libvirtd probes QEMU again (tens of seconds on a loaded host) when it
-thinks QEMU or /dev/kvm changed, and a define waits for that."""
 
 SPEC = """\
 [vm]
@@ -63,31 +58,13 @@ image = "d1.img"
 """
 
 
-def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True,
-                          check=check, timeout=VIRSH_TIMEOUT_S)
-
-
-@pytest.fixture
-def libvirtd() -> None:
-    """Skip, naming what is missing, without virsh or a running libvirtd."""
-    if os.geteuid() != 0:
-        pytest.skip(f"root is needed to define domains on {URI}")
-    if shutil.which("virsh") is None:
-        pytest.skip("virsh is not installed (Debian: libvirt-clients)")
-    probe = virsh("version", check=False)
-    if probe.returncode != 0:
-        why = (probe.stderr.strip().splitlines() or ["no message"])[-1]
-        pytest.skip(f"libvirtd is not running or not reachable on {URI}: {why}")
-
-
 @pytest.fixture
 def domain_name(libvirtd: None) -> Iterator[str]:
     """A name no other domain has; whatever the test defined under it is undefined."""
     name = f"mplaunch-define-{uuid.uuid4().hex[:12]}"
     yield name
-    if virsh("dominfo", name, check=False).returncode == 0:
-        virsh("undefine", name)
+    if name in domains():
+        virsh("undefine", name, check=False)
 
 
 def printed_domain(tmp_path: Path, name: str) -> str:
@@ -136,4 +113,4 @@ def test_virsh_defines_the_printed_domain_unchanged(tmp_path: Path, domain_name:
     assert not [a for a in on_root_bus if int(str(a[0]), 16) in TAKEN_SLOTS], on_root_bus
 
     virsh("undefine", domain_name)
-    assert virsh("dominfo", domain_name, check=False).returncode != 0
+    assert domain_name not in domains()
