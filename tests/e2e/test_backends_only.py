@@ -42,6 +42,14 @@ def _boot(argv: list[str], m: Mplaunch) -> None:
     assert m.proc.poll() is None, f"the backend stopped with its QEMU:\n{m.stderr}"
 
 
+def _wait_count(m: Mplaunch, text: str, count: int, timeout: float = 30) -> None:
+    """Until ``text`` is on mplaunch's stderr ``count`` times."""
+    deadline = time.monotonic() + timeout
+    while m.stderr.count(text) < count:
+        assert time.monotonic() < deadline, m.stderr
+        time.sleep(0.01)
+
+
 def _verified(vm: VmDef) -> None:
     assert lines_of(vm.console, "VERIFY") == [{"name": "sda", "blocks": "8", "ok": "8", "bad": "0"}]
     assert lines_of(vm.console, "DONE") == [{"workload": "verify", "rc": "0"}]
@@ -70,25 +78,16 @@ def test_qemus_started_by_hand_boot_one_after_another(tmp_path: Path) -> None:
         # A QEMU killed while it sets the device up: a failed start.
         doomed = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 30
-            while m.stderr.count("QEMU connected to controller scsi0") < 2:
-                assert time.monotonic() < deadline, m.stderr
-                time.sleep(0.01)
+            _wait_count(m, "QEMU connected to controller scsi0", 2)
         finally:
             doomed.kill()
             doomed.wait()
-        deadline = time.monotonic() + 30
-        while m.stderr.count("is a fresh device again") < 2:
-            assert time.monotonic() < deadline, m.stderr
-            time.sleep(0.05)
+        _wait_count(m, "is a fresh device again", 2)
 
         vm.console.write_text("")
         second = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 30
-            while m.stderr.count("QEMU connected to controller scsi0") < 3:
-                assert time.monotonic() < deadline, m.stderr
-                time.sleep(0.01)
+            _wait_count(m, "QEMU connected to controller scsi0", 3)
             # A second front-end while one is connected is turned away.
             intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             intruder.settimeout(10)
