@@ -47,6 +47,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.runfolder import FRONTEND_DIR_NAME
 from launcher.spec import Accel, EmulatorKind, Spec, render_value
 from launcher.vmm import (
     KVM_CPU,
@@ -114,7 +115,7 @@ def backend_socket(run_dir: Path, controller_id: str) -> Path:
     the run folder's ``vhost-user`` subfolder, which holds these sockets alone
     so that a frontend's group (``[vm] frontend_group``) can be let into it
     without reaching anything else of the run folder."""
-    return run_dir / "vhost-user" / f"{controller_id}.sock"
+    return run_dir / FRONTEND_DIR_NAME / f"{controller_id}.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +206,6 @@ def format_argv(argv: list[str]) -> str:
             lines.append(shlex.quote(argv[i]))
             i += 1
     return " \\\n    ".join(lines) + "\n"
-
-
 
 
 def frontend_group_warning(spec: Spec, file: str | None = None) -> str | None:

@@ -21,6 +21,7 @@ from tests.support.reattach import (
     holder_pid,
     io_vm,
     mpctl,
+    start_io,
     vm_processes,
     wait_gone,
 )
@@ -33,12 +34,7 @@ VERSION_FILE = REPO / "emulators" / "__init__.py"
 def test_sigkill_of_the_launcher_then_the_same_command_reattaches(
         tmp_path: Path, launchers: list[Mplaunch]) -> None:
     vm = io_vm(tmp_path, "death-reattach", seconds=40)
-    first = Mplaunch(vm.write(), console=vm.console)
-    launchers.append(first)
-    first.wait_console(r"^MPL IO name=sda round=2 ")
-    qemu = first.qemu_pid()
-    holder = holder_pid(first)
-    served_by = emulators(vm)["e0"]["pid"]
+    first, qemu, holder, served_by = start_io(vm, launchers, 2)
     first.proc.kill()  # mid-I/O
     first.wait(10)
     assert psutil.pid_exists(qemu) and psutil.pid_exists(holder)

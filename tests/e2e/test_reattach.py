@@ -35,8 +35,8 @@ from tests.support.reattach import (
     assert_guest_clean,
     below,
     emulators,
-    holder_pid,
     io_vm,
+    start_io,
     vm_processes,
     wait_gone,
 )
@@ -117,12 +117,7 @@ def assert_boot_clean(text: str) -> None:
 def test_the_guest_runs_on_without_a_launcher_and_the_reattached_one_carries_it(
         tmp_path: Path, launchers: list[Mplaunch]) -> None:
     vm = vm_of(tmp_path, "reattach-story", seconds=20, then="reboot")
-    first = Mplaunch(vm.write(), console=vm.console)
-    launchers.append(first)
-    first.wait_console(r"^MPL IO name=sda round=2 ")
-    qemu = first.qemu_pid()
-    holder = holder_pid(first)
-    served_by = emulators(vm)["e0"]["pid"]
+    first, qemu, holder, served_by = start_io(vm, launchers, 2)
     wait_until("a warm spare", lambda: bool(spares_of(holder)), 30)
     old_spares = spares_of(holder)
     seen = tree(holder)
@@ -194,12 +189,7 @@ def test_the_guest_runs_on_without_a_launcher_and_the_reattached_one_carries_it(
 def test_a_death_while_no_launcher_is_attached(
         tmp_path: Path, launchers: list[Mplaunch], victim: str) -> None:
     vm = vm_of(tmp_path, f"detached-{victim}", seconds=10)
-    first = Mplaunch(vm.write(), console=vm.console)
-    launchers.append(first)
-    first.wait_console(r"^MPL IO name=sda round=1 ")
-    qemu = first.qemu_pid()
-    holder = holder_pid(first)
-    served_by = emulators(vm)["e0"]["pid"]
+    first, qemu, holder, served_by = start_io(vm, launchers, 1)
     seen = tree(holder)
     first.proc.kill()
     first.wait(10)

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -43,6 +43,25 @@ def holder_pid(m: Mplaunch) -> int:
         except psutil.NoSuchProcess:
             continue
     raise AssertionError("no holder child")
+
+
+class FirstLauncher(NamedTuple):
+    """A VM's first launcher, its guest doing I/O, and the pids a test follows
+    across that launcher's death."""
+
+    launcher: Mplaunch
+    qemu: int
+    holder: int
+    served_by: int  # the emulator serving e0
+
+
+def start_io(vm: VmDef, launchers: list[Mplaunch], io_round: int) -> FirstLauncher:
+    """Boot ``vm`` (see `io_vm`) under a launcher the test's ``launchers``
+    cleans up, and wait until the guest reports I/O round ``io_round``."""
+    first = Mplaunch(vm.write(), console=vm.console)
+    launchers.append(first)
+    first.wait_console(rf"^MPL IO name=sda round={io_round} ")
+    return FirstLauncher(first, first.qemu_pid(), holder_pid(first), emulators(vm)["e0"]["pid"])
 
 
 def below(pid: int) -> set[int]:
