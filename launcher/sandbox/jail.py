@@ -73,6 +73,7 @@ import resource
 import signal
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import CodeType
 from typing import TYPE_CHECKING
@@ -141,6 +142,15 @@ SECUREBITS = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 5) | (1 << 6) | (1 << 7)
 CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+TRACE: Callable[[str], None] | None = None
+"""Called with each step's name as :func:`run` finishes it (bench/coldstart.py
+times the steps with it); None in production."""
+
+
+def _mark(step: str) -> None:
+    if TRACE is not None:
+        TRACE(step)
 
 
 class JailError(Exception):
@@ -475,7 +485,9 @@ def confine_in_place(program: Program) -> None:
     from launcher.sandbox import profiles, seccomp
 
     no_exec = profiles.Rule("execve", "nothing to exec: the program runs in this interpreter")
-    seccomp.load(seccomp.build_deny_list((*profiles.STAGE1_DENY, no_exec)))
+    stage1 = seccomp.build_deny_list((*profiles.STAGE1_DENY, no_exec))
+    _mark("stage 1 built")
+    seccomp.load(stage1)
     kept = _kept_environment()
     os.environ.clear()
     os.environ.update(kept)
@@ -496,8 +508,11 @@ def run(spec: JailSpec, command: list[str]) -> Program | None:
 
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last_cap = int(f.read())
+    _mark("jail set-up")
     enter_namespaces()
+    _mark("namespaces")
     program = load_program(command) if spec.new_root else None
+    _mark("program loaded")
     if program is None and spec.view:
         pivot_to_view(spec.view, spec.dev, spec.uid, spec.gid)
     elif program is None:
@@ -506,22 +521,27 @@ def run(spec: JailSpec, command: list[str]) -> Program | None:
             private_dev(spec.dev, spec.uid, spec.gid)
         empty_cwd(spec.cwd)
     close_fds(spec.keep_fds)
+    _mark("fds closed")
     status_fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
     try:
         set_limits(spec)
         if program is not None:
             pivot_to_empty_root()
+        _mark("limits, root pivoted")
         drop_capabilities(last_cap)
         become(spec.uid, spec.gid, spec.nproc, parent)
         os.chdir("/" if program is not None or spec.view else spec.cwd)
         _prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+        _mark("capabilities, uid")
         verify_self(spec.uid, os.pread(status_fd, 1 << 16, 0).decode())
+        _mark("self-check")
     finally:
         os.close(status_fd)
     if program is None:
         exec_confined(command, spec.no_spawn)
         raise JailError("exec returned")
     confine_in_place(program)
+    _mark("stage 1 loaded")
     return program
 
 
