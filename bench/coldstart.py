@@ -47,7 +47,7 @@ def inner(fd: int, spawned: float, marks: list[tuple[str, float]]) -> None:
     jail.TRACE = lambda step: marks.append((step, time.monotonic()))
     spec = jail.JailSpec(UID, UID, (fd,), 1 << 32, new_root=True)
     jail.run(spec, [sys.executable, "-I", "-m", "emulators", "--spare", "9", "on"])
-    from emulators.lockdown import profiles, seccomp
+    from launcher.sandbox import profiles, seccomp
 
     stage2 = seccomp.build_allow_list(profiles.STAGE2_ALLOW, log_only=False)
     marks.append(("stage 2 built", time.monotonic()))

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from launcher import template
 from launcher.holder import protocol as p
 from launcher.holder.child import setup as child_setup
 from launcher.holder.wire import recv, send
@@ -175,16 +176,23 @@ class Holder:
                     raise p.HolderError(f"{pl.name} holds no fd {pl.index}")
                 fd = fds[pl.index]
             sources.append((fd, pl.target))
+        forked = template.jailed_emulator(msg.argv)  # run from loaded code, no exec
         rd, wr = os.pipe2(os.O_CLOEXEC)
         me = os.getpid()
+        if forked:
+            template.before_fork()
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child; it only ever leaves by exec or _exit)
             try:
                 os.close(rd)
                 wr = child_setup(me, sources, wr)
+                if forked:
+                    os.close(wr)  # set up: the holder may answer now
+                    template.run_jail(msg.argv, dict(msg.env))
                 os.execve(msg.argv[0], list(msg.argv), dict(msg.env))
             except BaseException as e:  # noqa: BLE001 (report anything, then leave)
-                os.write(wr, str(e).encode()[:512])
+                with contextlib.suppress(OSError):
+                    os.write(wr, str(e).encode()[:512])
             os._exit(127)
         os.close(wr)
         with os.fdopen(rd, "rb") as r:
@@ -193,7 +201,8 @@ class Holder:
             os.waitpid(pid, 0)
             raise p.HolderError(why.decode(errors="replace"))
         self.children[pid] = p.Child(pid, msg.tag, time.time())
-        LOG.info("holder: started %s pid %d", msg.tag, pid)
+        LOG.info("holder: started %s pid %d (%s)", msg.tag, pid,
+                 "forked from the template" if forked else "exec")
         return pid
 
     def reap(self) -> None:
@@ -254,6 +263,7 @@ def serve(path: str, idle_exit: float = IDLE_EXIT_S) -> int:
     """Run the holder until told to stop, or idle; returns the exit code."""
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, 0)
+    template.load()  # before the socket exists: a launcher never waits behind it
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # Bound under a temporary name and renamed once listening: a launcher that
     # sees the path can connect.

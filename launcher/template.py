@@ -1,0 +1,229 @@
+"""The fork-server template: the emulator's code loaded once, each start forked from it.
+
+Theory of operation. A confined emulator used to start as a fresh
+interpreter: ``python -I -m launcher.sandbox.jail ... --new-root -- python
+-I -m emulators ...``, exec'd by the holder. About 110 of its ~120 ms
+(bench/coldstart.py) were the interpreter starting and importing the jail
+and the emulator's code; the confinement itself takes 2 to 3 ms. The holder
+therefore loads that code once (:func:`load`, at its start, before it
+listens) and, for a spawn whose command line is exactly that jail running
+the Python emulator (:func:`jailed_emulator`), forks and runs the jail's
+``main`` in the forked child (:func:`run_jail`) instead of exec'ing an
+interpreter that would load the same code again. Everything after the fork
+is what the exec'd interpreter would have done, in the same order: the
+same argument parsing, namespaces, program load (already imported: instant),
+fd closing, pivot to the empty root, capabilities, uid, no_new_privs,
+self-check, stage 1, then the emulator's ``main`` and its own stage 2; the
+launcher checks the result through /proc as before
+(:func:`launcher.sandbox.check.wait_confined`).
+
+Why in the holder and not in a template process of its own: the holder is
+already single-threaded (fork is safe and Python may run in the child), a
+subreaper, and the parent of every child, so the forked emulator is its
+direct child with no re-parenting, its exit reaches the holder's reaper, its
+pidfd and parent-death signal are the holder's as for an exec'd child, and
+nothing changes for the launcher or for a launcher that re-attaches. A
+separate template would need ``CLONE_PARENT`` or a double fork to give its
+children to the holder, one more process, and its own death handling.
+
+What the fork carries over, and what is done about it:
+
+- fds: the holder's child set-up (:func:`launcher.holder.child.setup`)
+  closes every fd but the placed ones, as before an exec; the holder's
+  socket objects still name their old numbers, so the child never returns
+  into the holder's code (every way out of :func:`run_jail` is ``os._exit``:
+  no finaliser of the holder's closes an fd that is the emulator's now);
+  Python's signal wakeup fd (the holder's pipe, a number the child may
+  reuse) is unset;
+- memory: the holder's heap. What it holds: names and fd numbers of held
+  entries, its children's tags and pids, and the spawn requests it got
+  (QEMU's and the emulators' command lines, which name run-folder paths and
+  the guest's kernel command line, which every emulator can read in the
+  guest RAM it maps anyway; environments empty under the sandbox, but for
+  a test's fault arming). No key, no file content, no image data: the
+  holder is handed fds, never what is behind them. Python's hash seed is
+  the holder's, shared by the emulators of one VM;
+- signals: a fresh interpreter's dispositions (SIGPIPE and SIGXFSZ
+  ignored, SIGINT raising KeyboardInterrupt), the mask emptied;
+- state of modules: logging's handlers (the holder's) removed, the
+  environment replaced by the spawn's, the fault arming read from it again
+  (:mod:`emulators.faults` reads it at import);
+- code: the template's. If a source file of the project changed since
+  :func:`load` (an upgrade installed new code: ``upgrade-emulators`` must
+  get it), :func:`jailed_emulator` says no and the holder execs as before.
+
+``gc.freeze()`` after loading, and again before each fork, moves every
+object to the permanent generation: the collector in a child never walks
+(and so never writes to) the template's objects, which keeps their pages
+shared between the holder and every emulator.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+LOG = logging.getLogger("mplaunch.holder")
+
+JAIL_MODULE = "launcher.sandbox.jail"
+EMULATOR_MODULE = "emulators"
+PROJECT_PACKAGES = ("launcher", "emulators")
+"""Packages whose loaded source files are watched for an upgrade."""
+
+_sources: dict[str, tuple[int, int]] = {}
+_loaded = False
+_stale_said = False
+
+
+def load() -> bool:
+    """Import the jail, the seccomp modules and the emulator's import closure;
+    freeze the collector's view of them. False (logged) if that failed:
+    every spawn then execs."""
+    global _loaded
+    try:
+        from launcher.sandbox import jail, profiles, seccomp  # noqa: F401
+
+        for name in jail.PRELOAD:
+            importlib.import_module(name)
+    except Exception as e:  # any failure: the exec path still works
+        LOG.warning("holder: no emulator template (%s: %s); emulators start by exec",
+                    type(e).__name__, e)
+        return False
+    _sources.clear()
+    _sources.update(_project_sources())
+    _loaded = True
+    gc.collect()
+    gc.freeze()
+    return True
+
+
+def _project_sources() -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of every loaded module file of the project."""
+    found: dict[str, tuple[int, int]] = {}
+    for name, module in list(sys.modules.items()):
+        if name.split(".", 1)[0] not in PROJECT_PACKAGES:
+            continue
+        path = getattr(module, "__file__", None)
+        if not path:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        found[path] = (st.st_mtime_ns, st.st_size)
+    return found
+
+
+def _current() -> bool:
+    """Whether every loaded project file is still what was loaded."""
+    global _stale_said
+    for path, seen in _sources.items():
+        try:
+            st = os.stat(path)
+            now = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            now = (-1, -1)
+        if now != seen:
+            if not _stale_said:
+                LOG.warning("holder: %s changed since the emulator template was loaded; "
+                            "emulators start by exec (new code)", path)
+                _stale_said = True
+            return False
+    return True
+
+
+def jailed_emulator(argv: Sequence[str]) -> bool:
+    """Whether `argv` is the jail running the Python emulator in process
+    (``PYTHON -I -m launcher.sandbox.jail OPTIONS --new-root ... -- PYTHON
+    -I -m emulators ...``, this interpreter both times), and the loaded
+    template is still the installed code: then a fork of this process runs
+    exactly what an exec of `argv` would."""
+    if not _loaded or len(argv) < 5 or list(argv[1:4]) != ["-I", "-m", JAIL_MODULE]:
+        return False
+    if not _same_interpreter(argv[0]):
+        return False
+    try:
+        split = list(argv).index("--")
+    except ValueError:
+        return False
+    options, command = list(argv[4:split]), list(argv[split + 1:])
+    if "--new-root" not in options or len(command) < 4:
+        return False
+    if command[1:4] != ["-I", "-m", EMULATOR_MODULE] or not _same_interpreter(command[0]):
+        return False
+    return _current()
+
+
+def _same_interpreter(path: str) -> bool:
+    try:
+        return os.path.samefile(path, sys.executable)
+    except OSError:
+        return False
+
+
+def before_fork() -> None:
+    """In the template, just before a fork: nothing buffered that the child
+    would write again, every object frozen."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    gc.freeze()
+
+
+def run_jail(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
+    """In the forked child (fds already placed): become what an exec of
+    `argv` with `env` would have started, run it, and leave with its exit
+    status, never returning into the template's code."""
+    code = 1
+    try:
+        _fresh_interpreter_state(env)
+        from launcher.sandbox import jail
+
+        code = jail.main(list(argv[4:]))
+    except SystemExit as e:
+        code = _exit_code(e.code)
+    except BaseException:  # noqa: BLE001 (as an interpreter would: the traceback, status 1)
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except BaseException:  # noqa: BLE001,S110 (leaving whatever happens)
+                pass
+        os._exit(code)
+
+
+def _exit_code(code: object) -> int:
+    """SystemExit's code as the interpreter turns it into a status."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _fresh_interpreter_state(env: Mapping[str, str]) -> None:
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+    os.environ.clear()
+    os.environ.update(env)
+    from emulators import faults
+
+    faults.arm(faults.parse(os.environ.get(faults.ENV, "")))
+    gc.enable()
