@@ -4,16 +4,30 @@ console. ``python -m launcher.guest build`` makes it; tests and the launcher
 call :func:`ensure_guest`."""
 
 from .builder import GuestBuildError, GuestImage, ensure_guest
-from .report import BASE_APPEND, GuestReport, Then, Workload, kernel_append, parse_report, reports
+from .report import (
+    BASE_APPEND,
+    FioOutput,
+    FioOutputError,
+    GuestReport,
+    Then,
+    Workload,
+    fio_output,
+    kernel_append,
+    parse_report,
+    reports,
+)
 
 __all__ = [
     "BASE_APPEND",
+    "FioOutput",
+    "FioOutputError",
     "GuestBuildError",
     "GuestImage",
     "GuestReport",
     "Then",
     "Workload",
     "ensure_guest",
+    "fio_output",
     "kernel_append",
     "parse_report",
     "reports",

@@ -22,7 +22,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sub in (build, path):
         sub.add_argument("--flavour", choices=sorted(FLAVOURS), default=DEFAULT_FLAVOUR.name,
                          help="cloud: Debian's cloud kernel (default, build/guest); lsi: the "
-                         "standard kernel with the LSI53C895A driver (build/guest-lsi)")
+                         "standard kernel with the LSI53C895A driver (build/guest-lsi); bench: "
+                         "the cloud guest with the host's fio and its libraries "
+                         "(build/guest-bench)")
         sub.add_argument("--out", type=Path, default=None,
                          help="output folder (default: build/ and the flavour's folder)")
     args = parser.parse_args(argv)

@@ -1,10 +1,15 @@
 """Builds the test guest: Debian's own kernel plus a tiny busybox initramfs.
 
-There are two flavours (:data:`FLAVOURS`), built the same way into their own
-folders: ``cloud`` (the default, ``build/guest``) from Debian's cloud kernel,
-which boots fast under TCG but has no LSI53C895A driver, and ``lsi``
+There are three flavours (:data:`FLAVOURS`), built the same way into their
+own folders: ``cloud`` (the default, ``build/guest``) from Debian's cloud
+kernel, which boots fast under TCG but has no LSI53C895A driver, ``lsi``
 (``build/guest-lsi``) from the standard kernel, whose initramfs also loads
-sym53c8xx for the guests of ``kind = "lsi"`` emulators.
+sym53c8xx for the guests of ``kind = "lsi"`` emulators, and ``bench``
+(``build/guest-bench``): the cloud guest plus the host's fio and every
+shared library it links (about 80 MiB unpacked: Debian's fio links the
+ceph, gluster, RDMA and PMEM engines' libraries directly and is linked with
+BIND_NOW, so none of them can be left out). The test guest stays small;
+only the benchmarks boot the big one.
 
 Theory of operation:
 
@@ -12,7 +17,9 @@ Theory of operation:
    package currently means, and the exact file name, size and SHA-256 of that
    .deb (``apt-get download --print-uris``). Those, with the hashes of the
    init script and of busybox, the module list and the builder version, are
-   the *inputs*. If ``manifest.json`` in the output folder records the same
+   the *inputs*, and for a flavour with programs, the path and SHA-256 of
+   each program and of each library of its closure (as ``ldd`` resolves it
+   on the host). If ``manifest.json`` in the output folder records the same
    inputs and the outputs still hash as recorded, nothing is done.
 2. Otherwise download the .deb into ``DIR/cache`` (kept, checked by hash),
    unpack it with ``dpkg -x`` into a temporary folder (nothing is installed on
@@ -20,7 +27,9 @@ Theory of operation:
    which order, from the modules' own metadata (see :mod:`.kmod`).
 3. Write the initramfs as a gzip'd newc cpio (see :mod:`.cpio`): static
    busybox with one symlink per applet, ``/init`` (``init.sh``), the modules
-   (uncompressed) and ``/lib/mpl/modules.order``. The archive is
+   (uncompressed), ``/lib/mpl/modules.order``, and a flavour's programs and
+   libraries at their host paths (so the dynamic loader and the libraries'
+   RUNPATHs find them without an ld.so.cache). The archive is
    reproducible: fixed timestamps and owners, fixed gzip header.
 
 A file lock on the output folder lets tests and the launcher call
@@ -71,6 +80,9 @@ __all__ = [
     "MODULE_PARAMS",
     "ROOT_MODULES",
     "LSI_ROOT_MODULES",
+    "BENCH_PROGRAMS",
+    "parse_ldd",
+    "program_closure",
     "assemble_initramfs",
     "default_out_dir",
     "ensure_guest",
@@ -82,6 +94,10 @@ __all__ = [
 
 #: Bump when the layout of the image or the way it is built changes.
 BUILDER_VERSION = 1
+
+#: The bench flavour's programs, copied from the host with their libraries
+#: (scripts/setup installs Debian's fio).
+BENCH_PROGRAMS: tuple[str, ...] = ("/usr/bin/fio",)
 
 #: Debian 12's meta package; it depends on the current concrete kernel.
 #: The cloud flavour: it has every driver the guest needs (virtio_scsi and
@@ -121,6 +137,8 @@ class Flavour:
     roots: tuple[str, ...]
     #: Output folder under ``build/``.
     folder: str
+    #: Absolute host paths of programs to copy in, with their shared libraries.
+    programs: tuple[str, ...] = ()
 
 
 #: ``cloud``: the default guest. ``lsi``: the standard kernel (its bzImage is
@@ -128,6 +146,8 @@ class Flavour:
 FLAVOURS: Mapping[str, Flavour] = {
     "cloud": Flavour("cloud", KERNEL_META_PACKAGE, ROOT_MODULES, "guest"),
     "lsi": Flavour("lsi", "linux-image-amd64", LSI_ROOT_MODULES, "guest-lsi"),
+    "bench": Flavour("bench", KERNEL_META_PACKAGE, ROOT_MODULES, "guest-bench",
+                     BENCH_PROGRAMS),
 }
 DEFAULT_FLAVOUR = FLAVOURS["cloud"]
 
@@ -294,17 +314,73 @@ def fetch_deb(package: KernelPackage, cache: Path, progress: _Progress) -> Path:
     return target
 
 
+# ---- programs from the host ------------------------------------------------
+
+_LDD_LINE = re.compile(r"\s*(?:(\S+)\s+=>\s+)?(\S+)\s+\(0x[0-9a-fA-F]+\)\s*")
+
+
+def parse_ldd(text: str) -> list[str]:
+    """The absolute paths of the libraries in ``ldd PROGRAM`` output, in order.
+
+    A line reads ``libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)``, or
+    for the dynamic loader ``/lib64/ld-linux-x86-64.so.2 (0x...)``; the vDSO
+    (no path) is skipped. A library ldd could not find is an error: the
+    program would not start in the guest either.
+    """
+    paths: list[str] = []
+    for line in text.splitlines():
+        if "=> not found" in line:
+            raise GuestBuildError(f"ldd: {line.split()[0]} not found on the host")
+        match = _LDD_LINE.fullmatch(line)
+        if match and match.group(2).startswith("/") and match.group(2) not in paths:
+            paths.append(match.group(2))
+    return paths
+
+
+def program_closure(programs: Sequence[str]) -> dict[str, Path]:
+    """Guest path (relative) -> host file, for each program and its libraries.
+
+    Each file goes to the path the host's loader names (``ldd``), with the
+    content of the file that path resolves to, so the guest needs no
+    symlinks and no ld.so.cache: the loader's default folders and the
+    libraries' own RUNPATHs (ceph's) find everything where the host does.
+    """
+    files: dict[str, Path] = {}
+    for program in programs:
+        path = Path(program)
+        if not path.is_absolute() or not path.is_file():
+            raise GuestBuildError(f"{program} is not installed (scripts/setup installs it)")
+        result = _run(["ldd", program])
+        if result.returncode != 0:
+            raise GuestBuildError(f"ldd {program} failed: {result.stderr.strip()}")
+        files[program.lstrip("/")] = path.resolve()
+        for library in parse_ldd(result.stdout):
+            files[library.lstrip("/")] = Path(library).resolve()
+    return dict(sorted(files.items()))
+
+
+def _closure_hashes(closure: Mapping[str, Path]) -> dict[str, str]:
+    return {name: _sha256_file(path) for name, path in closure.items()}
+
+
 # ---- inputs and manifest --------------------------------------------------
 
 def _inputs(package: Mapping[str, Any], init: bytes, busybox_sha256: str,
-            roots: Sequence[str] = ROOT_MODULES) -> dict[str, Any]:
-    return {
+            roots: Sequence[str] = ROOT_MODULES,
+            programs: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What the image is made from; ``programs`` (guest path -> SHA-256 of
+    each program and library) only for a flavour that has some, so the other
+    flavours' manifests stay as they were."""
+    inputs: dict[str, Any] = {
         "builder_version": BUILDER_VERSION,
         "kernel_package": dict(package),
         "init_sha256": hashlib.sha256(init).hexdigest(),
         "busybox_sha256": busybox_sha256,
         "modules": {"roots": list(roots), "params": dict(MODULE_PARAMS)},
     }
+    if programs:
+        inputs["programs"] = dict(sorted(programs.items()))
+    return inputs
 
 
 def inputs_match(manifest: Mapping[str, Any] | None, inputs: Mapping[str, Any],
@@ -370,12 +446,14 @@ def _kernel_release(tree: Path) -> str:
 
 def assemble_initramfs(
     tree: Path, release: str, busybox: bytes, applets: Sequence[str], init: bytes,
-    roots: Sequence[str] = ROOT_MODULES,
+    roots: Sequence[str] = ROOT_MODULES, extra: Mapping[str, bytes] | None = None,
 ) -> tuple[bytes, list[str]]:
     """The gzip'd initramfs for the kernel unpacked at ``tree``, and the load order.
 
     ``tree`` is the root of an unpacked linux-image package: it holds
-    lib/modules/RELEASE/ with the modules and modules.builtin.
+    lib/modules/RELEASE/ with the modules and modules.builtin. ``extra``
+    maps relative guest paths to the contents of further executable files
+    (a flavour's programs and libraries); their folders are made too.
     """
     moddir = tree / "lib" / "modules" / release
     files = scan_modules(moddir / "kernel")
@@ -411,6 +489,18 @@ def assemble_initramfs(
         order_lines.append(f"{name} {MODULE_PARAMS.get(name, '')}".rstrip())
     entries.append(CpioEntry(f"{_MODULE_DIR}/modules.order", EntryKind.FILE, 0o644,
                              "".join(f"{line}\n" for line in order_lines).encode()))
+    if extra:
+        made = {entry.name for entry in entries if entry.kind is EntryKind.DIRECTORY}
+        for name in sorted(extra):
+            if name.startswith("/") or ".." in name.split("/"):
+                raise GuestBuildError(f"bad guest path {name!r}")
+            parents = name.split("/")[:-1]
+            for depth in range(1, len(parents) + 1):
+                folder = "/".join(parents[:depth])
+                if folder not in made:
+                    made.add(folder)
+                    entries.append(CpioEntry(folder, EntryKind.DIRECTORY))
+            entries.append(CpioEntry(name, EntryKind.FILE, 0o755, extra[name]))
     archive = write_newc(entries)
     return gzip.compress(archive, compresslevel=9, mtime=0), order
 
@@ -431,7 +521,8 @@ def _check_busybox(busybox: Path) -> bytes:
 
 def _build(out: Path, package: KernelPackage, init: bytes, busybox: Path,
            busybox_data: bytes, inputs: Mapping[str, Any], stamp: str,
-           progress: _Progress, roots: Sequence[str]) -> GuestImage:
+           progress: _Progress, roots: Sequence[str],
+           closure: Mapping[str, Path]) -> GuestImage:
     deb = fetch_deb(package, out / "cache", progress)
     progress(f"unpacking {deb.name}")
     with tempfile.TemporaryDirectory(prefix="unpack-", dir=out / "cache") as tmp:
@@ -444,8 +535,11 @@ def _build(out: Path, package: KernelPackage, init: bytes, busybox: Path,
         if not vmlinuz.is_file():
             raise GuestBuildError(f"{deb.name} has no boot/vmlinuz-{release}")
         progress(f"writing initramfs for {release}")
+        extra = {name: path.read_bytes() for name, path in closure.items()}
+        if _closure_hashes(closure) != inputs.get("programs", {}):
+            raise GuestBuildError("a program or library changed on the host during the build")
         initrd, order = assemble_initramfs(tree, release, busybox_data,
-                                           busybox_applets(busybox), init, roots)
+                                           busybox_applets(busybox), init, roots, extra)
         _write_atomic(out / "vmlinuz", vmlinuz.read_bytes())
     _write_atomic(out / "initrd.img", initrd)
     manifest = {
@@ -479,6 +573,8 @@ def ensure_guest(out: Path | None = None, *, force: bool = False,
     init = init_script()
     busybox_data = _check_busybox(busybox)
     busybox_sha256 = hashlib.sha256(busybox_data).hexdigest()
+    closure = program_closure(flavour.programs) if flavour.programs else {}
+    programs = _closure_hashes(closure)
     with _locked(out):
         manifest = _read_manifest(out / "manifest.json")
         stamp = f"{flavour.meta_package}:{apt_stamp()}"
@@ -490,18 +586,18 @@ def ensure_guest(out: Path | None = None, *, force: bool = False,
             if manifest and not force:
                 recorded = manifest.get("inputs", {}).get("kernel_package", {})
                 if inputs_match(manifest, _inputs(recorded, init, busybox_sha256,
-                                                  flavour.roots), out):
+                                                  flavour.roots, programs), out):
                     report("apt unavailable: using the kernel already built")
                     return _image(out, manifest)
             raise
-        inputs = _inputs(package.as_json(), init, busybox_sha256, flavour.roots)
+        inputs = _inputs(package.as_json(), init, busybox_sha256, flavour.roots, programs)
         if not force and manifest is not None and inputs_match(manifest, inputs, out):
             if manifest.get("apt_stamp") != stamp:
                 manifest = {**manifest, "apt_stamp": stamp, "kernel_url": package.url}
                 _write_manifest(out, manifest)
             return _image(out, manifest)
         return _build(out, package, init, busybox, busybox_data, inputs, stamp, report,
-                      flavour.roots)
+                      flavour.roots, closure)
 
 
 def _known_package(manifest: Mapping[str, Any] | None, stamp: str) -> KernelPackage | None:

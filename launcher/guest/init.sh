@@ -12,6 +12,8 @@
 #   MPL RO name=sda write_refused=<0|1>
 #   MPL IO name=sda round=<n> ok=<n> bad=<n>
 #   MPL SHELL rc=<n>            then one "MPL OUT <line>" per output line
+#   MPL FIO state=begin         then one "MPL JSON <line>" per line of fio's
+#   MPL FIO state=end rc=<n> lines=<n>   JSON output, closed by the end line
 #   MPL KLOG <kernel log line>  SCSI/virtio/sym53c8xx errors, aborts, resets, timeouts
 #   MPL WARN <what>             something odd that did not stop the workload
 #   MPL ERROR <what>            a failure of the guest itself (bad parameter, ...)
@@ -22,11 +24,15 @@
 # stays one key=value word.
 #
 # Kernel command line (all optional):
-#   mpl.workload=boot|disks|verify|shell|io   (default boot)
+#   mpl.workload=boot|disks|verify|shell|io|fio   (default boot)
 #   mpl.disks=N      wait (at most 20 s) until N SCSI disks are present
 #   mpl.seed=N       seed of the block offsets (default 1)
 #   mpl.count=N      random 4 KiB blocks per disk for verify/io (default 16)
 #   mpl.cmd=B64      base64 of the shell command run by the shell workload
+#   mpl.fio=B64      base64 of the fio job file run by the fio workload (the
+#                    bench flavour of the guest has /usr/bin/fio); the jobs
+#                    name their disk (filename=/dev/sda). fio's own messages
+#                    come as "MPL OUT" lines before the JSON.
 #   mpl.seconds=N    io: stop after N seconds (0 or absent: until stopped)
 #   mpl.then=poweroff|reboot   what to do afterwards (default poweroff)
 #
@@ -57,6 +63,7 @@ DISKS=
 SEED=1
 COUNT=16
 CMD=
+FIO=
 SECS=0
 THEN=poweroff
 PARAM_ERRORS=0
@@ -82,6 +89,7 @@ for arg in $(cat /proc/cmdline); do
         mpl.count=*) need_number mpl.count "$value" && COUNT=$value ;;
         mpl.seconds=*) need_number mpl.seconds "$value" && SECS=$value ;;
         mpl.cmd=*) CMD=$value ;;
+        mpl.fio=*) FIO=$value ;;
         mpl.then=*) THEN=$value ;;
     esac
 done
@@ -301,6 +309,29 @@ workload_shell() {
     return $shell_rc
 }
 
+# fio runs the job file from mpl.fio with JSON output; sed prefixes every
+# line in one process (a shell loop over thousands of lines is slow under
+# TCG).
+workload_fio() {
+    workload_disks
+    if [ ! -x /usr/bin/fio ]; then
+        say "ERROR fio=missing expected=bench_flavour"
+        return 2
+    fi
+    if [ -z "$FIO" ] || ! echo "$FIO" | base64 -d >/tmp/job.fio 2>/dev/null; then
+        say "ERROR param=mpl.fio value=$FIO expected=base64"
+        return 2
+    fi
+    /usr/bin/fio --output-format=json --output=/tmp/fio.json /tmp/job.fio \
+        >/tmp/fio.out 2>&1 </dev/null
+    fio_rc=$?
+    sed 's/^/MPL OUT /' /tmp/fio.out
+    say "FIO state=begin"
+    [ -e /tmp/fio.json ] && sed 's/^/MPL JSON /' /tmp/fio.json
+    say "FIO state=end rc=$fio_rc lines=$(cat /tmp/fio.json 2>/dev/null | wc -l)"
+    return $fio_rc
+}
+
 if [ "$PARAM_ERRORS" != 0 ]; then
     rc=2
 else
@@ -310,7 +341,8 @@ else
         verify) workload_verify; rc=$? ;;
         io) workload_io; rc=$? ;;
         shell) workload_shell; rc=$? ;;
-        *) say "ERROR param=mpl.workload value=$WORKLOAD expected=boot|disks|verify|shell|io"; rc=2 ;;
+        fio) workload_fio; rc=$? ;;
+        *) say "ERROR param=mpl.workload value=$WORKLOAD expected=boot|disks|verify|shell|io|fio"; rc=2 ;;
     esac
 fi
 

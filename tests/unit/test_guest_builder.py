@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from launcher.guest import BASE_APPEND, GuestReport, Then, Workload, builder
+from launcher.guest import (
+    BASE_APPEND,
+    FioOutputError,
+    GuestReport,
+    Then,
+    Workload,
+    builder,
+    fio_output,
+)
 from launcher.guest.cpio import CpioEntry, EntryKind, write_newc
 from launcher.guest.kmod import (
     ElfError,
@@ -360,7 +368,7 @@ def test_init_script_is_shipped_and_documents_every_parameter() -> None:
     script = builder.init_script().decode()
     assert script.startswith("#!/bin/busybox sh\n")
     for parameter in ("mpl.workload", "mpl.disks", "mpl.seed", "mpl.count", "mpl.cmd",
-                      "mpl.seconds", "mpl.then"):
+                      "mpl.seconds", "mpl.then", "mpl.fio"):
         assert script.count(parameter + "=") >= 2, parameter  # documented and parsed
     assert "poweroff -f" in script and "reboot -f" in script
 
@@ -423,3 +431,94 @@ def test_lsi_flavour_adds_sym53c8xx_in_its_own_folder(tmp_path: Path,
         package, b"i", "b" * 64, cloud.roots)
     assert builder._inputs(package, b"i", "b" * 64) != builder._inputs(
         package, b"i", "b" * 64, lsi.roots)
+
+
+# ---- the bench flavour: fio and its libraries ------------------------------
+
+LDD_SAMPLE = """\
+\tlinux-vdso.so.1 (0x00007ffd3b5f2000)
+\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x00007f38c56f2000)
+\tlibceph-common.so.2 => /usr/lib/x86_64-linux-gnu/ceph/libceph-common.so.2 (0x00007f38bb200000)
+\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f38c461e000)
+\t/lib64/ld-linux-x86-64.so.2 (0x00007f38c5732000)
+\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x00007f38c56f2000)
+"""
+
+
+def test_parse_ldd_keeps_paths_in_order_without_the_vdso() -> None:
+    assert builder.parse_ldd(LDD_SAMPLE) == [
+        "/lib/x86_64-linux-gnu/libz.so.1",
+        "/usr/lib/x86_64-linux-gnu/ceph/libceph-common.so.2",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+    ]
+    with pytest.raises(builder.GuestBuildError, match="librbd.so.1 not found"):
+        builder.parse_ldd(LDD_SAMPLE + "\tlibrbd.so.1 => not found\n")
+
+
+def test_bench_flavour_is_the_cloud_guest_plus_fio_in_its_own_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cloud, bench = builder.FLAVOURS["cloud"], builder.FLAVOURS["bench"]
+    assert bench.meta_package == cloud.meta_package and bench.roots == cloud.roots
+    assert bench.programs == ("/usr/bin/fio",) and not cloud.programs
+    monkeypatch.chdir(tmp_path)
+    assert builder.default_out_dir(bench) == tmp_path / "build" / "guest-bench"
+    package = {"name": "linux-image-x", "filename": "x.deb", "size": 1, "sha256": "0" * 64}
+    plain = builder._inputs(package, b"i", "b" * 64)
+    assert "programs" not in plain, "flavours without programs keep their inputs"
+    with_fio = builder._inputs(package, b"i", "b" * 64, cloud.roots,
+                               {"usr/bin/fio": "1" * 64, "lib/libz.so.1": "2" * 64})
+    assert list(with_fio["programs"]) == ["lib/libz.so.1", "usr/bin/fio"]
+    changed = builder._inputs(package, b"i", "b" * 64, cloud.roots,
+                              {"usr/bin/fio": "1" * 64, "lib/libz.so.1": "3" * 64})
+    assert with_fio != changed, "a library's hash is an input"
+
+
+def test_assemble_initramfs_adds_programs_with_their_folders(tmp_path: Path) -> None:
+    fake_kernel_tree(tmp_path, "r")
+    extra = {"usr/bin/fio": b"\x7fELF fio", "usr/lib/x86_64-linux-gnu/ceph/libc2.so": b"ceph",
+             "lib64/ld-linux-x86-64.so.2": b"ld", "lib/x86_64-linux-gnu/libz.so.1": b"z"}
+    image, _ = builder.assemble_initramfs(tmp_path, "r", b"BB", ["busybox"], b"#!/bin/sh\n",
+                                          extra=extra)
+    members = read_newc(gzip.decompress(image))
+    names = [m[0] for m in members]
+    by_name = {m[0]: m for m in members}
+    for name, data in extra.items():
+        assert by_name[name][2] == data and by_name[name][1] & 0o111, name
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            assert stat.S_ISDIR(by_name[folder][1]), folder
+            assert names.index(folder) < names.index(name), "a folder comes before its files"
+    assert names.count("lib") == 1, "folders are made once"
+    with pytest.raises(builder.GuestBuildError, match="bad guest path"):
+        builder.assemble_initramfs(tmp_path, "r", b"BB", [], b"", extra={"a/../b": b""})
+
+
+def test_kernel_append_carries_a_fio_job_file() -> None:
+    job = "[global]\nfilename=/dev/sda\n[r]\nrw=randread\n"
+    append = kernel_append(Workload.FIO, disks=1, fio_job=job)
+    (word,) = [w for w in append.split() if w.startswith("mpl.fio=")]
+    assert base64.b64decode(word.removeprefix("mpl.fio=")).decode() == job
+    assert "mpl.workload=fio" in append.split()
+    with pytest.raises(ValueError):
+        kernel_append(Workload.FIO)
+    with pytest.raises(ValueError):
+        kernel_append(Workload.SHELL, command="true", fio_job=job)
+
+
+def test_fio_output_takes_the_json_between_the_markers() -> None:
+    console = ["MPL BOOT kernel=6.1", "MPL OUT fio: a message", "MPL FIO state=begin",
+               "MPL JSON note: both iodepth >= 1 and synchronous I/O engine are selected",
+               "MPL JSON {", 'MPL JSON   "jobs" : []', "MPL JSON }",
+               "MPL FIO state=end rc=0 lines=4", "MPL DONE workload=fio rc=0"]
+    out = fio_output(reports(console))
+    assert out.rc == 0 and out.json_text == '{\n  "jobs" : []\n}'
+    assert out.messages == ("fio: a message", "note: both iodepth >= 1 and synchronous I/O "
+                            "engine are selected")
+    with pytest.raises(FioOutputError, match="3 JSON lines"):
+        fio_output(reports(console[:5] + console[6:]))
+    with pytest.raises(FioOutputError, match="never ended"):
+        fio_output(reports(console[:6]))
+    with pytest.raises(FioOutputError, match="no complete"):
+        fio_output(reports(console[:2]))
