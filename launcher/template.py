@@ -48,6 +48,10 @@ What the fork carries over, and what is done about it:
 - state of modules: logging's handlers (the holder's) removed, the
   environment replaced by the spawn's, the fault arming read from it again
   (:mod:`emulators.faults` reads it at import);
+- its command line: the holder's, until :func:`_show_argv` points the
+  kernel's view of it (``/proc/PID/cmdline``, ``ps``, ``pgrep -f``) at the
+  spawn's argv, as an exec would have shown it (PR_SET_MM, while the child
+  still has CAP_SYS_RESOURCE);
 - code: the template's. If a source file of the project changed since
   :func:`load` (an upgrade installed new code: ``upgrade-emulators`` must
   get it), :func:`jailed_emulator` says no and the holder execs as before.
@@ -184,6 +188,7 @@ def run_jail(argv: Sequence[str], env: Mapping[str, str]) -> NoReturn:
     code = 1
     try:
         _fresh_interpreter_state(env)
+        _show_argv(argv)
         from launcher.sandbox import jail
 
         code = jail.main(list(argv[4:]))
@@ -210,6 +215,44 @@ def _exit_code(code: object) -> int:
         return code & 0xFF
     print(code, file=sys.stderr)
     return 1
+
+
+PR_SET_MM = 35
+PR_SET_MM_MAP = 14
+_argv_buffer: object = None  # the shown command line must outlive the call
+
+
+def _show_argv(argv: Sequence[str]) -> None:
+    """Make /proc/self/cmdline show `argv` (what an exec of it would show).
+
+    PR_SET_MM_MAP with every other field as it is (read from
+    /proc/self/stat and the program break); unlike the single-field
+    PR_SET_MM calls it needs no CAP_SYS_RESOURCE, which a container may
+    lack. A failure only leaves the holder's command line shown."""
+    import ctypes
+
+    global _argv_buffer
+    data = b"\0".join(os.fsencode(a) for a in argv) + b"\0"
+    buf = ctypes.create_string_buffer(data, len(data))
+    with open("/proc/self/stat", "rb") as f:
+        fields = [int(x) for x in f.read().rpartition(b")")[2].split()[1:]]
+
+    def field(n: int) -> int:  # proc(5)'s numbering: field 4 is fields[0]
+        return fields[n - 4]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.sbrk.restype = ctypes.c_void_p
+    mm = (ctypes.c_uint64 * 13)(  # struct prctl_mm_map: 11 addresses, auxv, two u32
+        field(26), field(27), field(45), field(46), field(47), libc.sbrk(0) or 0,
+        field(28), ctypes.addressof(buf), ctypes.addressof(buf) + len(data),
+        field(50), field(51), 0, 0xFFFFFFFF << 32)  # auxv NULL, auxv_size 0, exe_fd -1
+    ulong = ctypes.c_ulong
+    if libc.prctl(PR_SET_MM, ulong(PR_SET_MM_MAP), ulong(ctypes.addressof(mm)),
+                  ulong(ctypes.sizeof(mm)), ulong(0)) != 0:
+        print(f"mplaunch-template: command line not shown: "
+              f"{os.strerror(ctypes.get_errno())}", file=sys.stderr)
+        return
+    _argv_buffer = buf
 
 
 def _fresh_interpreter_state(env: Mapping[str, str]) -> None:
