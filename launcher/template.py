@@ -41,7 +41,9 @@ What the fork carries over, and what is done about it:
   the guest's kernel command line, which every emulator can read in the
   guest RAM it maps anyway; environments empty under the sandbox, but for
   a test's fault arming). No key, no file content, no image data: the
-  holder is handed fds, never what is behind them. Python's hash seed is
+  holder is handed fds, never what is behind them. The holder itself is
+  started with an empty environment (:func:`launcher.holder.client.
+  start_holder`), so nothing of the launcher's environment is in it. Python's hash seed is
   the holder's, shared by the emulators of one VM;
 - signals: a fresh interpreter's dispositions (SIGPIPE and SIGXFSZ
   ignored, SIGINT raising KeyboardInterrupt), the mask emptied;

@@ -53,8 +53,11 @@ async def start_holder(path: str, idle_exit: float | None = None) -> asyncio.sub
     argv = [sys.executable, "-I", "-m", "launcher.holder", path]
     if idle_exit is not None:
         argv.append(str(idle_exit))
+    # An empty environment: the holder needs none (each spawn carries its
+    # own), and its memory is what every emulator forked from it starts
+    # with (launcher/template.py), so none of the launcher's may be in it.
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+        *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True, env={})
     for _ in range(500):
         if os.path.exists(path):
             return proc
