@@ -24,7 +24,9 @@ of the VM is read:
 - threads (/proc/PID/status) and open fds (/proc/PID/fd).
 
 The roles: the launcher (the ``mplaunch`` process this script started),
-its holder (the child running ``launcher.holder``), each emulator (the
+its holder (the child running ``launcher.holder``, which is also the
+template every emulator and spare is forked from: launcher/template.py;
+those children show the jail's command line, as an exec'd one did), each emulator (the
 pids the management socket's ``query-emulators`` lists), the warm spare
 (``emulators --spare``) and QEMU. "Supervision per VM" sums every process
 but QEMU: QEMU is the VMM a host runs anyway, and is reported apart. RSS
@@ -80,6 +82,8 @@ WORKLOAD = ("rc=0; for d in /dev/sd?; do "
 FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Shared_Clean", "Shared_Dirty",
           "Private_Clean", "Private_Dirty", "Swap")
 MODES = ("full", "backends")
+TARGET_PSS_KIB = 25 * 1024
+"""The design's bound on supervision per VM with one emulator (PSS)."""
 
 
 @dataclass
@@ -326,6 +330,13 @@ def print_table(rows: list[dict[str, Any]], slopes: dict[str, dict[str, float]])
               f"{s['threads']:>4.0f} {s['fds']:>4.0f}   processes {s['processes']:.0f}, "
               f"load {', '.join(f'{x:.2f}' for x in r['load_1m'])}, "
               f"boot {r['boot_s']:.1f} s")
+    print()
+    for r in rows:
+        s = r["supervision"]
+        print(f"SUPERVISION PER VM, {r['mode']}, {r['emulators']} emulator(s): "
+              f"PSS {mib(s['pss_kib'])} MiB (USS {mib(s['uss_kib'])} MiB) in "
+              f"{s['processes']:.0f} processes; target with 1 emulator: "
+              f"{TARGET_PSS_KIB / 1024:.0f} MiB PSS")
     for mode, d in slopes.items():
         print(f"one more emulator ({mode}): PSS +{mib(d['pss_kib'])} MiB, "
               f"USS +{mib(d['uss_kib'])} MiB, +{d['processes']:.0f} process, "
