@@ -40,11 +40,12 @@ def need_qemu() -> str | None:
 
 
 def ensure_guest_built(flavour: str = "cloud") -> tuple[Path, Path]:
-    """Kernel and initrd of the test guest: ``cloud`` (the default) or ``lsi``
-    (Debian's standard kernel, whose initramfs also loads sym53c8xx)."""
+    """Kernel and initrd of a guest flavour: ``cloud`` (the default), ``lsi``
+    (Debian's standard kernel, whose initramfs also loads sym53c8xx) or
+    ``bench`` (the cloud guest with fio)."""
     from launcher.guest.builder import FLAVOURS, ensure_guest
 
-    folder = {"cloud": GUEST_DIR, "lsi": LSI_GUEST_DIR}[flavour]
+    folder = REPO / "build" / FLAVOURS[flavour].folder
     image = ensure_guest(folder, flavour=FLAVOURS[flavour])
     return image.kernel, image.initrd
 
