@@ -24,7 +24,13 @@ Events are spaced by more than `restart_window_s` (1 s here) so each
 restart is the first in the policy's window and is not held back by the
 restart backoff; `--gap-s` sets the spacing. Without a warm spare
 (`--no-spare`) the spec's uid_range holds one uid, which leaves none for a
-spare. Results go to bench/out/recovery-<mode>-<spare|nospare>.json.
+spare. With one (the default), the VM's only emulator has a hot standby
+(launcher.slots): the standby takes over on its own on the death.
+
+The guest's think time between two requests is a floor under the stall
+with one reader: `--workload deep` runs several readers at once, so a
+request is waiting at the kill. Results go to
+bench/out/recovery-<mode>-<standby|nospare>[-deep].json.
 """
 
 from __future__ import annotations
@@ -59,6 +65,13 @@ USED_WORD = 1  # emulators.virtio.state: word 1 is used_idx
 POLL_S = 0.0002
 WORKLOAD = ("while :; do dd if=/dev/sda of=/dev/null bs=4096 count=16384 iflag=direct "
             "2>/dev/null; done")
+DEEP_READERS = 4
+"""`--workload deep`: this many readers at once, each on its own 16 MiB of
+the disk, so requests are in flight at the kill (the guest's think time
+between two requests of one reader is no floor any more)."""
+DEEP_WORKLOAD = " ".join(
+    f"(while :; do dd if=/dev/sda of=/dev/null bs=4096 count=4096 skip={i * 4096} "
+    "iflag=direct 2>/dev/null; done) &" for i in range(DEEP_READERS)) + " wait"
 _STARTED = re.compile(r"emulator e0 (?:started|restarted) \(pid (\d+)")
 _RESTARTED = re.compile(r"emulator e0 restarted \(pid (\d+)(?:, ([^)]+))?\) ([\d.]+) ms")
 _HUNG = re.compile(r"emulator e0 hung: ")
@@ -209,7 +222,8 @@ def histogram(values: list[float], edges: list[float]) -> list[tuple[str, int]]:
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     folder = Path(tempfile.mkdtemp(prefix="mpl-recovery-"))
-    vm = VmDef(folder, "recovery", workload="shell", extra_append=shell_cmd(WORKLOAD))
+    workload = DEEP_WORKLOAD if args.workload == "deep" else WORKLOAD
+    vm = VmDef(folder, "recovery", workload="shell", extra_append=shell_cmd(workload))
     vm.emulators = {"e0": {"restart_burst": 1000, "restart_window_s": 1,
                            "heartbeat_ms": args.heartbeat_ms,
                            "hang_timeout_ms": args.hang_timeout_ms}}
@@ -237,6 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     gaps = [s.gap_ms for s in samples]
     result: dict[str, object] = {
         "mode": args.mode, "spare": not args.no_spare, "events": len(samples),
+        "workload": args.workload,
         "heartbeat_ms": args.heartbeat_ms, "hang_timeout_ms": args.hang_timeout_ms,
         "stall_ms": summary(stalls), "gap_ms": summary(gaps),
         "gap_before_ms": summary([s.gap_before_ms for s in samples]),
@@ -258,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=("kill", "hang"), default="kill")
     p.add_argument("--events", type=int, default=100)
-    p.add_argument("--no-spare", action="store_true", help="no warm spare (one uid only)")
+    p.add_argument("--no-spare", action="store_true",
+                   help="no standby or warm spare (one uid only)")
+    p.add_argument("--workload", choices=("qd1", "deep"), default="qd1",
+                   help=f"qd1: one dd (one request at a time); deep: {DEEP_READERS} at once")
     p.add_argument("--heartbeat-ms", type=int, default=100)
     p.add_argument("--hang-timeout-ms", type=int, default=500)
     p.add_argument("--gap-s", type=float, default=1.2, help="pause between events")
@@ -268,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     out = REPO / "bench" / "out"
     out.mkdir(exist_ok=True)
-    name = f"recovery-{args.mode}-{'nospare' if args.no_spare else 'spare'}.json"
+    name = f"recovery-{args.mode}-{'nospare' if args.no_spare else 'standby'}" + \
+        ("-deep" if args.workload == "deep" else "") + ".json"
     (out / name).write_text(json.dumps(result, indent=1) + "\n")
     brief = {k: v for k, v in result.items() if k != "samples"}
     print(json.dumps(brief, indent=1))

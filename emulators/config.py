@@ -44,6 +44,10 @@ class EmulatorConfig:
     control_fd: int = -1
     state_fd: int = -1
     first_start: bool = True
+    #: A hot standby's: a pidfd of the process it stands by for. It serves
+    #: nothing (no ring, no state store write) until that fd says the
+    #: predecessor is dead (emulators.process, "Hot standby"). -1: serve now.
+    predecessor_fd: int = -1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -61,6 +65,8 @@ class EmulatorConfig:
                 control_fd=_int(raw, "control_fd", -1, 1 << 20),
                 state_fd=_int(raw, "state_fd", -1, 1 << 20),
                 first_start=_bool(raw, "first_start"),
+                predecessor_fd=_int(raw, "predecessor_fd", -1, 1 << 20)
+                if "predecessor_fd" in raw else -1,
             )
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"bad emulator configuration: {e}") from None
@@ -81,7 +87,9 @@ class EmulatorConfig:
             for c in self.controllers
         )
         state_fd = new[self.state_fd] if self.state_fd >= 0 else -1
-        return EmulatorConfig(self.id, controllers, self.control_fd, state_fd, self.first_start)
+        predecessor_fd = new[self.predecessor_fd] if self.predecessor_fd >= 0 else -1
+        return EmulatorConfig(self.id, controllers, self.control_fd, state_fd, self.first_start,
+                              predecessor_fd)
 
     def assigned_fds(self) -> list[int]:
         """The fds that travel with an assignment: all but the control fd."""
@@ -92,6 +100,8 @@ class EmulatorConfig:
         for c in self.controllers:
             fds.append(c.socket_fd)
             fds.extend(lun.fd for lun in c.luns)
+        if self.predecessor_fd >= 0:
+            fds.append(self.predecessor_fd)
         return fds
 
 

@@ -22,6 +22,19 @@ would only find the same ring. (virtio's VIRTIO_CONFIG_S_NEEDS_RESET is not
 reachable: QEMU 7.2's vhost-user-scsi has no config notifier for a back-end
 config-change message, and no vhost-user message sets the device status.)
 
+A hot standby's controller (`dormant`) follows the session as its keeper
+forwards it, but is only a shadow of the serving one until `activate`:
+it maps guest memory and keeps every fd, but starts no ring (a ring's
+configuration waits in `_deferred`), watches no kick fd (its kick fds wait
+in `_dormant_kicks`: a kick read here would be stolen from the serving
+predecessor), writes no call or err fd and nothing in the state store, and
+builds its LUNs only to throw them away: `activate` builds them again
+from the store as the predecessor left it, loads the undelivered events,
+and starts the deferred rings exactly as a replay would (resumed from the
+store). While `following`, no reply goes back to the keeper: it answered
+QEMU through the predecessor already; `promote` applies what is still in
+the socket that way, then answers from then on.
+
 State store order (DESIGN.md, "The state store"; launcher/statestore):
 a ring's slot is cleared before its progress words are reset and set valid
 only after them; it is cleared at a stop only once the GET_VRING_BASE answer
@@ -60,7 +73,7 @@ from emulators.vhost_user.effects import (
 )
 from emulators.vhost_user.errors import SessionError
 from emulators.vhost_user.session import BackendSession
-from emulators.virtio.chain import BadChain
+from emulators.virtio.chain import BadChain, DescriptorChain, SplitChain
 from emulators.virtio.errors import (
     GuestMemoryError,
     QueueConfigError,
@@ -99,10 +112,16 @@ class ControllerLoop:
         first_start: bool,
         store: StateStore | None = None,
         index: int = 0,
+        dormant: bool = False,
     ) -> None:
         self.config = config
         self.store = store
         self.index = index
+        #: A hot standby's until `activate`; `following` until `promote`.
+        self.dormant = dormant
+        self.following = dormant
+        self._deferred: dict[int, tuple[RingConfig, int, bool]] = {}
+        self._dormant_kicks: dict[int, int] = {}
         # Family and type given: detecting them would need getsockname and
         # getsockopt, which a locked-down (spare) emulator may not call.
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=config.socket_fd)
@@ -114,18 +133,7 @@ class ControllerLoop:
             close_fd=os.close,
             max_queue_size=MAX_QUEUE_SIZE,
         )
-        luns = {
-            lun.lun: LogicalUnit(
-                FdBackend(lun.fd, lun.block_size, lun.readonly),
-                lun.disk_id,
-                self._lun_state(lun.lun, first_start),
-                on_change=self._lun_saver(lun.lun),
-            )
-            for lun in config.luns
-        }
-        for lun, unit in luns.items():
-            self._save_lun(lun, unit.state)
-        self.target = VirtioScsiTarget(luns)
+        self.target = self._build_target(first_start)
         self.memory: GuestMemory | None = None
         self.rings: dict[int, Ring] = {}
         self.kick_fds: dict[int, int] = {}
@@ -135,7 +143,55 @@ class ControllerLoop:
         self.closed = False
         self.completed = 0
         self.completed_per_ring: dict[int, int] = {}
+        if not dormant:
+            self._load_events()
+
+    def _build_target(self, first_start: bool) -> VirtioScsiTarget:
+        """The LUNs with their state from the store (saved back, unless dormant)."""
+        luns = {
+            lun.lun: LogicalUnit(
+                FdBackend(lun.fd, lun.block_size, lun.readonly),
+                lun.disk_id,
+                self._lun_state(lun.lun, first_start),
+                on_change=self._lun_saver(lun.lun),
+            )
+            for lun in self.config.luns
+        }
+        if not self.dormant:
+            for lun, unit in luns.items():
+                self._save_lun(lun, unit.state)
+        return VirtioScsiTarget(luns)
+
+    # -- hot standby
+
+    def activate(self) -> None:
+        """The predecessor is dead: take its place at once. The LUNs and
+        events are read from the store as it left them, the deferred rings
+        start (each resumed from its slot, as after a replay), kick fds are
+        watched, and every call fd is signalled (an interrupt may have died
+        with the predecessor)."""
+        if not self.dormant or self.closed:
+            return
+        self.dormant = False
+        self.target = self._build_target(first_start=False)
         self._load_events()
+        self.kick_fds.update(self._dormant_kicks)
+        self._dormant_kicks.clear()
+        self.pending_kicks.update(self.kick_fds)
+        deferred, self._deferred = self._deferred, {}
+        for ring, features, enabled in (deferred[i] for i in sorted(deferred)):
+            self._start_ring(ring, features, enabled)
+        for fd in self.call_fds.values():
+            os.eventfd_write(fd, 1)
+
+    def promote(self) -> None:
+        """The launcher made this process the occupant: apply what the keeper
+        sent while following (without replying: QEMU had its answers), then
+        answer whatever comes next. The keeper sends nothing new until it is
+        told of the promotion, so what is in the socket now is all of it."""
+        while not self.closed and self.on_socket_readable():
+            pass
+        self.following = False
 
     # -- state that outlives this process
 
@@ -283,26 +339,29 @@ class ControllerLoop:
     # -- RingOwner, for GET_VRING_BASE
 
     def vring_base(self, index: int) -> int | None:
+        if self.dormant:
+            return None  # the session's own base; the answer is not sent
         ring = self.rings.get(index)
         return None if ring is None else ring.queue.get_base()
 
     # -- control messages
 
-    def on_socket_readable(self) -> None:
-        """Read and apply every complete control message now available."""
+    def on_socket_readable(self) -> bool:
+        """Read and apply every complete control message now available; False
+        when nothing was there (or the connection ended)."""
         try:
             data, fds, _, _ = socket.recv_fds(self.sock, RECV_BYTES, RECV_MAX_FDS)
         except BlockingIOError:
-            return
+            return False
         self.decoder.receive_data(data, fds)
         while True:
             message = self.decoder.next_message()
             if message is CONNECTION_CLOSED:
                 LOG.info("%s: the front-end closed the connection", self.config.id)
                 self.close()
-                return
+                return False
             if not isinstance(message, Message):
-                return
+                return True
             LOG.debug("%s: %s", self.config.id, message.request.name)
             self._apply(self.session.handle(message))
 
@@ -310,6 +369,8 @@ class ControllerLoop:
         for effect in effects:
             match effect:
                 case Reply(data):
+                    if self.following:
+                        continue  # QEMU had this answer from the predecessor
                     faults.point("vhost.reply.before")
                     self.sock.setblocking(True)
                     try:
@@ -319,6 +380,10 @@ class ControllerLoop:
                     faults.point("vhost.reply.after")
                 case SetMemTable(regions, rings):
                     self._set_memory(regions, rings)
+                case SetKick(index, fd) if self.dormant:
+                    self._dormant_kicks.pop(index, None)
+                    if fd is not None:
+                        self._dormant_kicks[index] = fd
                 case SetKick(index, fd):
                     self.kick_fds.pop(index, None)
                     if fd is not None:
@@ -328,17 +393,26 @@ class ControllerLoop:
                     self.call_fds.pop(index, None)
                     if fd is not None:
                         self.call_fds[index] = fd
-                        os.eventfd_write(fd, 1)  # a completion may have gone to the old one
+                        if not self.dormant:  # `activate` signals them all
+                            os.eventfd_write(fd, 1)  # a completion may have gone to the old one
                 case SetErr(index, fd):
                     self.err_fds.pop(index, None)
                     if fd is not None:
                         self.err_fds[index] = fd
+                case StartRing(ring, features, enabled) if self.dormant:
+                    self._deferred[ring.index] = (ring, features, enabled)
                 case StartRing(ring, features, enabled):
                     self._start_ring(ring, features, enabled)
+                case EnableRing(index, enabled) if self.dormant:
+                    if index in self._deferred:
+                        ring, features, _ = self._deferred[index]
+                        self._deferred[index] = (ring, features, enabled)
                 case EnableRing(index, enabled):
                     if index in self.rings:
                         self.rings[index].enabled = enabled
                         self.pending_kicks.add(index)
+                case StopRing(index) if self.dormant:
+                    self._deferred.pop(index, None)
                 case StopRing(index):
                     # On GET_VRING_BASE the answer follows with nothing stored
                     # in between; the progress stays valid until ForgetRing.
@@ -346,6 +420,8 @@ class ControllerLoop:
                     stopped = self.rings.pop(index, None)
                     if stopped is not None:
                         stopped.queue.release()
+                case ForgetRing(index) if self.dormant:
+                    pass  # the serving predecessor forgets it in the store
                 case ForgetRing(index):
                     faults.point("ring.stop.after_reply")
                     if self.store is not None:
@@ -371,44 +447,91 @@ class ControllerLoop:
         self.pending_kicks.add(index)
 
     def serve_pending(self) -> None:
-        """Serve every ring kicked this round (after all control messages)."""
-        if not self.pending_kicks or self.closed:
+        """Serve every ring kicked this round (after all control messages).
+
+        The usual round kicked one ring: it is taken out of the set as it
+        is, with no new set and no sort. Several are served in ring order.
+        """
+        kicked = self.pending_kicks
+        if not kicked or self.closed:
             return
-        kicked, self.pending_kicks = self.pending_kicks, set()
+        if len(kicked) == 1:
+            self._serve_ring(kicked.pop())
+            return
+        self.pending_kicks = set()
         for index in sorted(kicked):
-            ring = self.rings.get(index)
-            if ring is None or not ring.enabled:
-                if ring is not None:
-                    self.pending_kicks.add(index)  # served once enabled
-                continue
-            if ring.queue.broken is not None:
-                continue  # stays stopped until the front-end sets the ring up anew
-            try:
-                if index == EVENT_QUEUE:
-                    self._serve_events(ring.queue, index)
-                else:
-                    self._serve(ring.queue, index)
-            except QueueError as e:
-                # The guest corrupted this ring itself: stop serving it, keep the others.
-                self._stopped(index, e)
+            self._serve_ring(index)
+
+    def _serve_ring(self, index: int) -> None:
+        ring = self.rings.get(index)
+        if ring is None or not ring.enabled:
+            if ring is not None:
+                self.pending_kicks.add(index)  # served once enabled
+            return
+        queue = ring.queue
+        if queue.broken is not None:
+            return  # stays stopped until the front-end sets the ring up anew
+        try:
+            if index == EVENT_QUEUE:
+                self._serve_events(queue, index)
+            else:
+                self._serve(queue, index)
+        except QueueError as e:
+            # The guest corrupted this ring itself: stop serving it, keep the others.
+            self._stopped(index, e)
+
+    def poll_rings(self) -> bool:
+        """The adaptive poll's look (emulators.process): serve the request
+        rings that have chains waiting; whether there were any."""
+        if self.closed or self.dormant:
+            return False
+        found = False
+        for index, ring in self.rings.items():
+            if index >= FIRST_REQUEST_QUEUE and ring.queue.has_pending():
+                self.pending_kicks.add(index)
+                found = True
+        if found:
+            self.serve_pending()
+        return found
 
     def _serve(self, queue: SplitQueue, index: int) -> None:
+        """Serve every chain available now, publish once, signal once.
+
+        One pass: a chain the guest adds while this batch is served comes
+        with a kick (or, with EVENT_IDX, was seen by pop's second look), so
+        the next loop round serves it. Request queues take chains of the
+        usual shape already split (`SplitQueue.pop_split`); the rest, and
+        the control queue, go through the checked walker and handler.
+        """
+        target = self.target
+        chains: list[SplitChain | DescriptorChain | BadChain]
+        if index == CONTROL_QUEUE:
+            chains = list(queue.pop_all())
+        else:
+            chains = queue.pop_split(target.req_size, target.resp_size)
+        if not chains:
+            return
         handle = self._handler(index)
-        while True:
-            chains = queue.pop_all()
-            if not chains:
-                return
-            done = []
-            for chain in chains:
-                if isinstance(chain, BadChain):
-                    LOG.warning("%s: queue %d: %s", self.config.id, index, chain.error)
-                    done.append((chain.head, 0))
-                else:
-                    done.append((chain.head, handle(chain.readable, chain.writable)))
-            queue.push_used_many(done)
-            self.completed += len(done)
-            self.completed_per_ring[index] = self.completed_per_ring.get(index, 0) + len(done)
-            self._notify(queue, index)
+        split = target.handle_split
+        heads: list[int] = []
+        lengths: list[int] = []
+        for chain in chains:
+            if type(chain) is tuple:  # a SplitChain (DescriptorChain is a subclass)
+                heads.append(chain[0])
+                lengths.append(split(chain))  # type: ignore[arg-type]
+            elif isinstance(chain, BadChain):
+                LOG.warning("%s: queue %d: %s", self.config.id, index, chain.error)
+                heads.append(chain.head)
+                lengths.append(0)
+            else:
+                assert isinstance(chain, DescriptorChain)
+                heads.append(chain.head)
+                lengths.append(handle(chain.readable, chain.writable))
+        queue.push_used_batch(heads, lengths)
+        n = len(heads)
+        self.completed += n
+        self.completed_per_ring[index] = self.completed_per_ring.get(index, 0) + n
+        self._notify(queue, index)
 
     def _serve_events(self, queue: SplitQueue, index: int) -> None:
         events = self.target.events
@@ -506,6 +629,10 @@ class ControllerLoop:
         ])
         faults.point("memtable.mapped")
         moved = {r.index: r for r in rings}
+        for index, (_, features, enabled) in list(self._deferred.items()):
+            config = moved.get(index)
+            if config is not None:
+                self._deferred[index] = (config, features, enabled)
         for index, ring in list(self.rings.items()):
             config = moved.get(index)
             if config is None:  # not started in the session: cannot happen, but never keep
@@ -526,6 +653,7 @@ class ControllerLoop:
     # -- teardown
 
     def _unmap(self) -> None:
+        self._deferred.clear()
         for ring in self.rings.values():
             ring.queue.release()
         self.rings.clear()

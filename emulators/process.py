@@ -13,16 +13,33 @@ Two ways to start:
   with nothing to serve and waits; mplaunch later sends the config and its
   fds in one ASSIGN message, and the spare becomes the emulator it replaces
   without paying an interpreter start-up.
+
+Hot standby. An ASSIGN whose config names a `predecessor_fd` (a pidfd of
+the emulator serving the slot, a dup of the launcher's) makes the spare a
+standby for that emulator: its controllers are built dormant
+(emulators.controller) on sockets to which the session keepers forward
+every vhost-user message once its exchange with the predecessor is
+complete, so it holds the memory map and the session as they are, but
+touches no ring, no call fd and no state store. The pidfd is watched in
+the event loop: once it is readable the predecessor is dead (a SIGKILLed
+process is readable only after its memory is gone, so it writes nothing
+more), and the standby activates at once, in that same loop round, without
+waiting for the launcher: LUN state and ring progress are read from the
+store and the rings resume. The launcher, which sees the death a little
+later, sends PROMOTE; the standby applies what its keepers sent so far
+(still without answering) and from then on answers them as any occupant.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import selectors
 import signal
 import sys
+import time
 from types import FrameType
 
 from emulators import __version__, faults
@@ -46,6 +63,9 @@ EXIT_SANDBOX = 4
 _SOCKET = -1
 _WAKE = "wake"
 _CONTROL = "control"
+_PREDECESSOR = "predecessor"
+#: Adaptive poll window after a served round, in µs (see _poll): off.
+REQUEST_POLL_US = 0
 #: Fault points before and after the answer to each control command.
 _COMMAND_POINTS: dict[type[proto.Command], tuple[str, str]] = {
     proto.LunAdd: ("control.lun_add.before_reply", "control.lun_add.after_reply"),
@@ -88,12 +108,39 @@ class Emulator:
         the process is locked down, in both ways to start.
         """
         store = StateStore(config.state_fd) if config.state_fd >= 0 else None
+        standby = config.predecessor_fd >= 0
         self.controllers = [
-            ControllerLoop(c, config.first_start, store, i)
+            ControllerLoop(c, config.first_start, store, i, dormant=standby)
             for i, c in enumerate(config.controllers)
         ]
         self.store = store
         self.config = config
+        if standby:
+            self.selector.register(config.predecessor_fd, selectors.EVENT_READ, _PREDECESSOR)
+
+    def _predecessor_gone(self) -> None:
+        """The emulator this standby stood by for is dead: serve in its place
+        now (the launcher's PROMOTE comes later)."""
+        assert self.config is not None
+        fd = self.config.predecessor_fd
+        if fd >= 0:
+            self.selector.unregister(fd)
+            os.close(fd)
+            self.config = dataclasses.replace(self.config, predecessor_fd=-1)
+        for c in self.controllers:
+            c.activate()
+        LOG.info("%s: predecessor gone; serving", self.name)
+
+    def _on_promote(self, message: proto.Promote) -> None:
+        """PROMOTE: only a standby whose predecessor is dead may be promoted."""
+        assert self.control is not None
+        if self.config is None or any(c.dormant for c in self.controllers):
+            self.control.send(proto.Result(False, "not a standby whose predecessor ended",
+                                           message.seq))
+            return
+        for c in self.controllers:
+            c.promote()
+        self.control.send(proto.Result(True, seq=message.seq))
 
     def ready(self) -> None:
         if self.control is not None:
@@ -140,37 +187,56 @@ class Emulator:
     def _loop(self) -> None:
         # The watch set changes only when a control message was applied (a kick
         # fd set, a controller closed) or an assignment arrived: rebuild it then,
-        # not on every wake-up of the data path.
+        # not on every wake-up of the data path. Whether to go on changes only
+        # then too (or on a signal, which writes the wake pipe): a kick-only
+        # round checks neither.
         dirty = True
-        while self._alive():
+        poll_ns = request_poll_ns()
+        select = self.selector.select
+        controllers = self.controllers
+        while True:
             if dirty:
+                if not self._alive():
+                    return
                 self._sync_watches()
+                controllers = self.controllers
                 dirty = False
-            ready = self.selector.select(1.0)
-            kicks = []
+            ready = select(1.0)
+            if not ready:
+                dirty = True  # once a second: look at _alive anyway
+                continue
+            kicked = False
             control = False
             for key, _ in ready:
-                if key.data == _WAKE:
+                data = key.data
+                if data == _WAKE:
                     while _drain(self._wake_r):
                         pass
-                elif key.data == _CONTROL:
+                    dirty = True
+                elif data == _CONTROL:
                     control = True
+                elif data == _PREDECESSOR:
+                    self._predecessor_gone()
+                    dirty = True
                 else:
-                    controller, index = key.data
+                    controller, index = data
                     if index == _SOCKET:
                         controller.on_socket_readable()
                         dirty = True
                     else:
-                        kicks.append((controller, index))
-            for controller, index in kicks:
-                controller.on_kick(index)
-            for controller in self.controllers:
+                        # Read now, served below: after this round's control
+                        # messages (emulators.controller).
+                        controller.on_kick(index)
+                        kicked = True
+            for controller in controllers:
                 controller.serve_pending()
             if control:
                 self._on_control()
                 dirty = True
                 for controller in self.controllers:  # events a command queued
                     controller.serve_pending()
+            elif kicked and poll_ns and not dirty:
+                _poll(controllers, poll_ns)
 
     def _on_control(self) -> None:
         """Heartbeat and assignment. Answered after the round's requests were
@@ -185,6 +251,8 @@ class Emulator:
                 self._on_command(message)
             elif isinstance(message, proto.Assign):
                 self._on_assign(message)
+            elif isinstance(message, proto.Promote):
+                self._on_promote(message)
             elif isinstance(message, proto.Shutdown):
                 self.stopping = True
         if self.control.closed:
@@ -280,6 +348,35 @@ def _unit(controller: ControllerLoop, lun: int) -> LogicalUnit:
     if unit is None:
         raise ValueError(f"no LUN {lun} on {controller.config.id}")
     return unit
+
+
+def request_poll_ns() -> int:
+    """The adaptive poll of :func:`_poll`, in ns: 0 (off) unless the
+    interpreter was started with ``-X mplaunch_poll_us=N`` (the bench does)."""
+    value = sys._xoptions.get("mplaunch_poll_us", REQUEST_POLL_US)
+    try:
+        return max(0, int(value)) * 1000
+    except (TypeError, ValueError):
+        return 0
+
+
+def _poll(controllers: list[ControllerLoop], poll_ns: int) -> None:
+    """After a round that served kicked rings, look at their avail rings for
+    up to ``poll_ns`` before sleeping in epoll, and serve what arrives.
+
+    A request that arrives within the window is served without the sleep
+    and wake-up of a kick (which the guest may still send: its eventfd is
+    read in the next round, which then finds nothing new, or more). It
+    costs CPU while it waits: worth it only on a host with a CPU to spare
+    (QEMU's poll-max-ns is the same idea), hence off by default. One
+    window per round, ending at the first work found: control messages
+    and the heartbeat wait no longer than that.
+    """
+    deadline = time.monotonic_ns() + poll_ns
+    while time.monotonic_ns() < deadline:
+        for controller in controllers:
+            if controller.poll_rings():
+                return
 
 
 def _drain(fd: int) -> bool:

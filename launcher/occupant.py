@@ -55,6 +55,8 @@ class Occupant:
     #: Its vhost-user sockets on the keepers' side, by controller id, once it
     #: serves a slot (a waiting spare has none).
     backends: dict[str, socket.socket] = field(default_factory=dict)
+    #: The spare pool's generation it was started in (launcher.spares).
+    generation: int = 0
 
 
 @dataclass(frozen=True, slots=True)

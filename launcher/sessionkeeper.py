@@ -38,6 +38,19 @@ re-sending it, and the supervisor does not count that end as a crash.
 (Without REPLY_ACK, messages that need no reply are recorded as they are
 sent, as before: only admission stands between them and the emulator.)
 
+A hot standby (`follow`). A standby emulator gets a socketpair of its own
+to the keeper: `follow` sends it the replay of the record, and from then on
+every message the record takes (`_commit`: its exchange with the serving
+emulator is complete), without NEED_REPLY. The standby applies them and
+answers nothing (emulators.controller), so it holds what the serving
+emulator holds, and nothing is replayed when it takes over. A message in
+flight when the serving emulator dies was never committed, so the standby
+never had it: once the launcher promoted the standby, `attach` with
+`resend` makes that socket the backend and sends the message again, and
+QEMU gets exactly one reply, as with a replay. A follower whose socket
+cannot take a message at once (a frozen standby with a full buffer) is
+dropped (`on_lost`): the keeper never blocks on a standby.
+
 Outliving the launcher. Everything above lives in the launcher's memory, so
 the keeper also writes it down (launcher.keeperrecord): `on_record` gets the
 encoded record, and the fds it references, each time it changes: the
@@ -216,6 +229,8 @@ class SessionKeeper:
         self._gate = in_flight if in_flight is not None else OneInFlight()
         self._backend: socket.socket | None = None
         self._backend_decoder: Decoder | None = None
+        self._follower: socket.socket | None = None
+        self._on_follower_lost: Callable[[str], None] = lambda why: None
         self._on_qemu_closed = on_qemu_closed
         self._on_refused = on_refused
         self._on_record = on_record
@@ -249,6 +264,59 @@ class SessionKeeper:
     @property
     def attached(self) -> bool:
         return self._backend is not None
+
+    @property
+    def following(self) -> socket.socket | None:
+        """The hot standby's socket, while one follows the session."""
+        return self._follower
+
+    # -- the hot standby
+
+    def follow(self, sock: socket.socket, on_lost: Callable[[str], None]) -> bool:
+        """A hot standby follows the session from now on: it gets the record's
+        replay now and every committed message later. False (the socket
+        closed, `on_lost` not called) if even the replay did not go out."""
+        self.unfollow()
+        if self.closed:
+            sock.close()
+            return False
+        sock.setblocking(False)
+        self._follower = sock
+        self._on_follower_lost = on_lost
+        for data, fds in replay_messages(self.record.snapshot(), {}):
+            if not self._to_follower(data, fds, report=False):
+                return False
+        return True
+
+    def unfollow(self) -> None:
+        """The standby is gone (or dropped): close its socket."""
+        sock, self._follower = self._follower, None
+        if sock is not None:
+            sock.close()
+
+    def _forward(self, message: Message) -> None:
+        if self._follower is not None:
+            data = encode_request(message.request, message.payload, need_reply=False,
+                                  fds=message.fds)
+            self._to_follower(data, message.fds, report=True)
+
+    def _to_follower(self, data: bytes, fds: tuple[int, ...] | list[int], report: bool) -> bool:
+        assert self._follower is not None
+        try:
+            if fds:
+                sent = socket.send_fds(self._follower, [data], list(fds))
+            else:
+                sent = self._follower.send(data)
+            if sent != len(data):
+                raise BlockingIOError("the standby's socket is full")
+        except OSError as e:
+            self.unfollow()
+            LOG.warning("%s: the standby stopped following the session: %s",
+                        self.controller_id, e)
+            if report:
+                self._on_follower_lost(str(e))
+            return False
+        return True
 
     @property
     def waiting_for_reply(self) -> bool:
@@ -324,12 +392,16 @@ class SessionKeeper:
 
     # -- emulator side
 
-    def attach(self, backend: socket.socket, replay: bool) -> None:
+    def attach(self, backend: socket.socket, replay: bool, resend: bool = False) -> None:
         """Start relaying to a (new) emulator; with `replay`, first bring it to
         the recorded state and re-send the interrupted message. Without
         `replay` nothing is sent but a message in flight that never reached
         the emulator (after a `restore`): an emulator that is already serving
-        keeps all it holds."""
+        keeps all it holds. With `resend` (a promoted standby, on its
+        following socket) the message in flight is sent again whether or not
+        it reached the dead predecessor."""
+        if backend is self._follower:
+            self._follower = None
         self.detach()
         self._fresh = False
         if self.closed:
@@ -352,7 +424,7 @@ class SessionKeeper:
             if self._pending is not None:
                 self.stats.resent += 1
                 self._send(self._pending, self._confirmed(self._pending))
-        elif self._pending is not None and not self._delivered:
+        elif self._pending is not None and (resend or not self._delivered):
             self.stats.resent += 1
             self._send(self._pending, self._confirmed(self._pending))
         backend.setblocking(False)
@@ -461,7 +533,9 @@ class SessionKeeper:
                 self._backend.setblocking(False)
 
     def _commit(self, message: Message) -> None:
-        """The exchange is complete: the record takes the message (and its fds)."""
+        """The exchange is complete: the record takes the message (and its fds),
+        and a standby gets it (before the record may close any of its fds)."""
+        self._forward(message)
         try:
             effects = self.record.handle(message)
         except VhostUserError as e:  # admission ran the same rules: a bug, not QEMU's
@@ -600,6 +674,7 @@ class SessionKeeper:
             return
         self.closed = True
         self.detach()
+        self.unfollow()
         if self.qemu is not None:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self.qemu.fileno())

@@ -15,6 +15,15 @@ pool starts the next one when the slot calls `replenish` after its restart,
 so that start-up does not compete with the hand-over for the CPU. A spare
 that fails to start is tried again after `SPARE_RETRY_S`: without one, the
 next restart pays a cold start, which is slower but still correct.
+
+Hot standby. The VM's first emulator of kind scsi makes the pool's spare
+its hot standby (launcher.slots, `next_spare`): the spare then follows that
+emulator and takes its place on its death. A VM with one emulator keeps no
+warm spare beside its standby (one process, not two); a VM with several
+keeps one (`keep_warm`) for the others, whose restarts take it as before.
+`renew` (an upgrade) starts a new generation: standbys of an older one are
+dropped by their slots (`on_renew`), so the code installed now is what
+takes over.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from emulators.config import EmulatorConfig
@@ -49,6 +59,12 @@ class SparePool:
         self._taken: asyncio.Future[None] | None = None
         self.closed = False
         self.started = 0
+        #: Another spare is kept waiting once one became a standby.
+        self.keep_warm = len(spec.emulators) > 1
+        self.generation = 0
+        #: Called (synchronously) when `renew` starts a new generation.
+        self.on_renew: list[Callable[[], None]] = []
+        self._latest: Occupant | None = None
         self._controllers = max(
             (len(spec.controllers_of(e.id)) for e in spec.emulators), default=1
         )
@@ -109,7 +125,7 @@ class SparePool:
             return None
         finally:
             theirs.close()
-        spare = Occupant(proc, ControlLink("spare", ours), uid)
+        spare = Occupant(proc, ControlLink("spare", ours), uid, generation=self.generation)
         try:
             await asyncio.wait_for(asyncio.shield(spare.link.ready), READY_TIMEOUT)
         except (TimeoutError, LinkClosed) as e:
@@ -121,6 +137,7 @@ class SparePool:
             await self._discard(spare)
             raise
         self.started += 1
+        self._latest = spare
         LOG.debug("warm spare ready (pid %d, uid %d)", proc.pid, uid)
         return spare
 
@@ -174,23 +191,43 @@ class SparePool:
             self._taken.set_result(None)
         return spare
 
+    async def next_spare(self) -> Occupant:
+        """The next spare ready, for a hot standby (now the caller's); one is
+        started if none waits. Waits as long as it takes."""
+        while True:
+            spare = self.take()
+            if spare is not None:
+                if self.keep_warm:
+                    self.replenish()
+                return spare
+            self.replenish()
+            await asyncio.sleep(0.02)
+
     async def renew(self) -> None:
         """Replace the waiting spare by one started now (from the code installed
-        now: an upgrade of the emulators starts here)."""
+        now: an upgrade of the emulators starts here); standbys of the old
+        code are dropped by their slots."""
+        self.generation += 1
+        self._latest = None
         spare = self.take()
         if spare is not None:
             await self._discard(spare)
+        for renewed in list(self.on_renew):
+            renewed()
         self.replenish()
 
     async def ready_spare(self, timeout: float) -> Occupant:
         """The waiting spare once there is one (TimeoutError after `timeout`);
-        it stays the pool's."""
+        it stays the pool's (or it is a standby of the current generation)."""
         async with asyncio.timeout(timeout):
             while True:
-                spare = self._spare
-                if spare is not None and spare.link.ready.done() and \
-                        not spare.proc.exited.done():
-                    return spare
+                for spare in (self._spare, self._latest):
+                    # A standby of this generation counts: it is the one
+                    # that takes over the slot it follows.
+                    if spare is not None and spare.link.ready.done() and \
+                            not spare.proc.exited.done() and \
+                            spare.generation == self.generation:
+                        return spare
                 await asyncio.sleep(0.02)
 
     @property

@@ -152,6 +152,21 @@ class ControlLink:
         finally:
             del self._results[seq]
 
+    async def promote(self, timeout: float) -> proto.Result:
+        """Tell a hot standby it serves its slot now; its answer (a RESULT with
+        the PROMOTE's seq). Raises as `command` does."""
+        if self.closed:
+            raise LinkClosed(f"control link to {self.name} closed")
+        self._command_seq = self._command_seq % proto.U32_MAX + 1
+        seq = self._command_seq
+        answer: asyncio.Future[proto.Result] = asyncio.get_running_loop().create_future()
+        self._results[seq] = answer
+        try:
+            self.send(proto.Promote(seq))
+            return await asyncio.wait_for(answer, timeout)
+        finally:
+            del self._results[seq]
+
     def watch(self, heartbeat_ms: int, hang_timeout_ms: int) -> None:
         """Judge this process by these limits from now on (a spare, once
         assigned, by its emulator's); `heartbeat()` does the pinging. The

@@ -35,6 +35,8 @@ followed by the payload of that type:
                 LUN_RESIZE_CHECK    size u64 (bytes)
                 LUN_RESIZE          size u64 (bytes)
     RESULT    emulator -> launcher  as ASSIGNED; its seq is the COMMAND's
+                                    (or the PROMOTE's)
+    PROMOTE   launcher -> emulator  nothing
 
 READY is sent once the emulator is sandboxed and waiting, before it has any
 work: a warm spare sits in that state until mplaunch ASSIGNs it a config and
@@ -42,6 +44,12 @@ the fds that go with it (the config JSON is opaque here).  PING carries the
 launcher's monotonic clock, which PONG echoes with the per-queue progress the
 hang detector watches.  SHUTDOWN asks for a graceful stop: finish what is in
 flight, then exit 0.
+
+A hot standby is an ASSIGN whose config names a pidfd of the emulator it
+stands by for (emulators.process, "Hot standby"); it follows that
+emulator's session without answering it. PROMOTE tells it that it serves
+the slot now: it applies what its session keepers sent it so far, answers
+from then on, and sends one RESULT with the PROMOTE's seq.
 
 A COMMAND changes the disks of an emulator that is serving: each op is its
 own message class (`LunAdd`, `LunRemove`, `LunResizeCheck`, `LunResize`),
@@ -142,6 +150,7 @@ class MessageType(enum.IntEnum):
     SHUTDOWN = 6
     COMMAND = 7
     RESULT = 8
+    PROMOTE = 9
 
 
 class CommandOp(enum.IntEnum):
@@ -169,6 +178,7 @@ SENT_BY: Final[dict[MessageType, Sender]] = {
     MessageType.SHUTDOWN: Sender.LAUNCHER,
     MessageType.COMMAND: Sender.LAUNCHER,
     MessageType.RESULT: Sender.EMULATOR,
+    MessageType.PROMOTE: Sender.LAUNCHER,
 }
 
 
@@ -379,6 +389,17 @@ class Shutdown:
         _check_seq(self.seq)
 
 
+@dataclass(frozen=True, slots=True)
+class Promote:
+    """A hot standby serves its slot from now on: answer the session keepers
+    (a RESULT with this seq says it does)."""
+
+    seq: int = 0
+
+    def __post_init__(self) -> None:
+        _check_seq(self.seq)
+
+
 def _check_name(name: str, value: str) -> None:
     _check_text(name, value, MAX_NAME_BYTES)
     if not value:
@@ -472,7 +493,7 @@ class Result(Assigned):
     """The answer to the COMMAND with the same ``seq``; same wire form as ASSIGNED."""
 
 
-Message = Ready | Assign | Assigned | Ping | Pong | Shutdown | Command | Result
+Message = Ready | Assign | Assigned | Ping | Pong | Shutdown | Command | Result | Promote
 
 _TYPE_OF: Final[dict[type[Message], MessageType]] = {
     Ready: MessageType.READY,
@@ -486,6 +507,7 @@ _TYPE_OF: Final[dict[type[Message], MessageType]] = {
     LunResizeCheck: MessageType.COMMAND,
     LunResize: MessageType.COMMAND,
     Result: MessageType.RESULT,
+    Promote: MessageType.PROMOTE,
 }
 
 
@@ -520,7 +542,7 @@ def encode(message: Message) -> tuple[bytes, list[int]]:
             payload = _PONG_HEAD.pack(sent_ns, len(progress)) + b"".join(
                 _PROGRESS.pack(p.controller, p.queue, p.completed, p.in_flight) for p in progress
             )
-        case Shutdown():
+        case Shutdown() | Promote():
             payload = b""
     datagram = HEADER.pack(MAGIC, VERSION, kind, message.seq) + payload
     if len(datagram) > MAX_DATAGRAM:  # the dataclasses bound every field; this is a backstop
@@ -659,6 +681,9 @@ def _decode_payload(
         case MessageType.SHUTDOWN:
             exact(0)
             return Shutdown(seq)
+        case MessageType.PROMOTE:
+            exact(0)
+            return Promote(seq)
     raise AssertionError(kind)  # pragma: no cover - every MessageType is matched
 
 
