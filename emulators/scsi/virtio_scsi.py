@@ -32,6 +32,7 @@ import struct
 from collections.abc import Mapping, Sequence
 
 from .commands import ScsiTarget, encode_lun
+from .fastpath import CHECKED, MIN_CDB_SIZE, serve_rw
 from .iov import gather, iov_len, iov_skip, scatter
 from .lun import FLAT_SPACE_MAX_LUN, LogicalUnit
 from .result import CommandResult
@@ -288,6 +289,7 @@ class VirtioScsiTarget:
         self.req_size = REQ_FIXED + cdb_size
         self.resp_size = RESP_FIXED + sense_size
         self.events = EventQueueState()
+        self._fast = cdb_size >= MIN_CDB_SIZE
 
     # -- run-time changes (the guest learns through UAs and events) -------
 
@@ -338,6 +340,24 @@ class VirtioScsiTarget:
             result = CommandResult(Status.CHECK_CONDITION, INTERNAL_TARGET_FAILURE)
             resid, response = 0, Response.OK
         return self._respond(writable, resp_view, result, resid, response)
+
+    def handle_split(
+        self,
+        chain: tuple[int, memoryview, list[memoryview], int, memoryview, list[memoryview], int],
+    ) -> int:
+        """:meth:`handle_request` for a chain already split into the request
+        header (``req_size`` bytes), data-out, the response header
+        (``resp_size`` bytes) and data-in, as
+        :func:`emulators.virtio.chain.walk_split` gives it: the common READ
+        and WRITE are served by :func:`~emulators.scsi.fastpath.serve_rw`,
+        everything else, and anything unusual about those, by the checked
+        path. The outcome is the same either way."""
+        _, header, data_out, out_len, resp, data_in, in_len = chain
+        if self._fast:
+            used = serve_rw(self.scsi.luns, header, data_out, out_len, resp, data_in, in_len)
+            if used != CHECKED:
+                return used
+        return self.handle_request([header, *data_out], [resp, *data_in])
 
     def _run(
         self, readable: Sequence[memoryview], data_in: Sequence[memoryview]

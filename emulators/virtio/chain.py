@@ -53,9 +53,11 @@ __all__ = [
     "VIRTQ_DESC_F_WRITE",
     "BadChain",
     "DescriptorChain",
+    "SplitChain",
     "gather",
     "split_buffers",
     "walk_chain",
+    "walk_split",
 ]
 
 VIRTQ_DESC_F_NEXT = 1
@@ -66,6 +68,11 @@ DEFAULT_MAX_INDIRECT = 1024
 _U32_MAX = 0xFFFF_FFFF
 
 DESC = struct.Struct("<QIHH")
+
+SplitChain = tuple[int, memoryview, list[memoryview], int, memoryview, list[memoryview], int]
+"""What :func:`walk_split` gives: ``(head, out header, data out, data-out
+length, in header, data in, data-in length)``. A plain tuple: one is built per
+request, and a tuple costs the least to build and to take apart."""
 
 
 class DescriptorChain(NamedTuple):
@@ -212,3 +219,130 @@ def gather(views: list[memoryview], n: int) -> bytes:
     if views and len(views[0]) >= n:
         return views[0][:n].tobytes()
     return b"".join(split_buffers(views, n)[0])
+
+
+def walk_split(
+    memory: GuestMemory,
+    flat: tuple[int, memoryview] | None,
+    table: memoryview,
+    size: int,
+    head: int,
+    out_header: int,
+    in_header: int,
+    *,
+    indirect: bool,
+    max_indirect: int = DEFAULT_MAX_INDIRECT,
+) -> SplitChain | None:
+    """The chain at ``head`` in the usual request shape, or None for any other.
+
+    The usual shape (virtio-scsi as Linux builds it, 5.6.6, and most
+    request/response devices): a device-readable header of exactly
+    ``out_header`` bytes, device-readable data, a device-writable header of
+    exactly ``in_header`` bytes, device-writable data; all in one direct
+    chain, or all in one indirect table that the head points to. It is
+    walked in one pass and comes back already split into headers and data,
+    so the device needs neither a second walk nor a split.
+
+    ``flat`` is :meth:`GuestMemory.flat_view` (None with several regions):
+    buffers are sliced straight out of it, after the same two bound checks
+    :meth:`GuestMemory.view` makes. Every rule of the module docstring still
+    holds, because anything else returns None: the caller then walks the
+    chain with :func:`walk_chain`, which applies the rule and raises the
+    right :class:`ChainError`, or returns the chain in its general form.
+    None is returned for: a next index out of range, more descriptors than
+    the budget, INDIRECT anywhere but the head (or with NEXT, a bad length,
+    too many entries, not negotiated, out of memory, nested), a header of
+    another size, a zero-length descriptor, a readable descriptor after a
+    writable one, a chain without a writable header, a buffer outside one
+    region, a total length above u32. So when this returns a chain,
+    :func:`walk_chain` returns the same buffers (``readable == [out header,
+    *data out]``, ``writable == [in header, *data in]``).
+    """
+    unpack = DESC.unpack_from
+    addr, length, flags, nxt = unpack(table, head << 4)
+    if flags & VIRTQ_DESC_F_INDIRECT:
+        # 2.6.5.3.1: not with NEXT, a whole number of entries, not nested.
+        if not indirect or flags & VIRTQ_DESC_F_NEXT or not length or length & 15:
+            return None
+        size = length >> 4
+        if size > max_indirect:
+            return None
+        try:
+            table = memory.view(addr, length)
+        except GuestMemoryError:
+            return None
+        addr, length, flags, nxt = unpack(table, 0)
+    # The budget counts descriptors read from this table (2.6.5.3.1).
+    budget = size - 1
+    if flags & (VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT) or length != out_header or not length:
+        return None
+    if flat is not None:
+        start, ram = flat
+        limit = len(ram)
+        off = addr - start
+        if off < 0 or off + length > limit:
+            return None
+        out_view = ram[off : off + length]
+    else:
+        try:
+            out_view = memory.view(addr, length)
+        except GuestMemoryError:
+            return None
+    data_out: list[memoryview] = []
+    out_len = 0
+    while True:  # device-readable data, then the writable header
+        if not flags & VIRTQ_DESC_F_NEXT or nxt >= size or not budget:
+            return None
+        budget -= 1
+        addr, length, flags, nxt = unpack(table, nxt << 4)
+        if flags & VIRTQ_DESC_F_INDIRECT or not length:
+            return None
+        if flags & VIRTQ_DESC_F_WRITE:
+            break
+        if flat is not None:
+            off = addr - start
+            if off < 0 or off + length > limit:
+                return None
+            data_out.append(ram[off : off + length])
+        else:
+            try:
+                data_out.append(memory.view(addr, length))
+            except GuestMemoryError:
+                return None
+        out_len += length
+    if length != in_header:
+        return None
+    # (length is not 0 here: checked above for every descriptor of the loop.)
+    if flat is not None:
+        off = addr - start
+        if off < 0 or off + length > limit:
+            return None
+        in_view = ram[off : off + length]
+    else:
+        try:
+            in_view = memory.view(addr, length)
+        except GuestMemoryError:
+            return None
+    data_in: list[memoryview] = []
+    in_len = 0
+    while flags & VIRTQ_DESC_F_NEXT:  # device-writable data
+        if nxt >= size or not budget:
+            return None
+        budget -= 1
+        addr, length, flags, nxt = unpack(table, nxt << 4)
+        if not flags & VIRTQ_DESC_F_WRITE or flags & VIRTQ_DESC_F_INDIRECT or not length:
+            return None
+        if flat is not None:
+            off = addr - start
+            if off < 0 or off + length > limit:
+                return None
+            data_in.append(ram[off : off + length])
+        else:
+            try:
+                data_in.append(memory.view(addr, length))
+            except GuestMemoryError:
+                return None
+        in_len += length
+    if out_header + out_len + in_header + in_len > _U32_MAX:
+        return None
+    return (head, out_view, data_out, out_len, in_view, data_in, in_len)

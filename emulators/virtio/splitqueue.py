@@ -36,12 +36,20 @@ from __future__ import annotations
 
 import struct
 import threading
+from array import array
 from collections.abc import Sequence
 from typing import NoReturn
 
 from emulators import faults
 from emulators.limits import VIRTIO_MAX_QUEUE_SIZE
-from emulators.virtio.chain import DEFAULT_MAX_INDIRECT, BadChain, DescriptorChain, walk_chain
+from emulators.virtio.chain import (
+    DEFAULT_MAX_INDIRECT,
+    BadChain,
+    DescriptorChain,
+    SplitChain,
+    walk_chain,
+    walk_split,
+)
 from emulators.virtio.errors import (
     ChainError,
     GuestMemoryError,
@@ -76,6 +84,16 @@ VRING_AVAIL_F_NO_INTERRUPT = 1
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _U32_MAX = 0xFFFF_FFFF
+#: ``<II`` repeated k times, built the first time a batch of k is published.
+_USED_RUNS: dict[int, struct.Struct] = {}
+
+
+def _used_run(k: int) -> struct.Struct:
+    """The pack of k used elements in a row, precompiled once per k."""
+    run = _USED_RUNS.get(k)
+    if run is None:
+        run = _USED_RUNS[k] = struct.Struct("<" + "II" * k)
+    return run
 
 _fence_lock = threading.Lock()
 
@@ -107,6 +125,7 @@ class SplitQueue:
 
     __slots__ = (
         "_memory",
+        "_flat",
         "_size",
         "_mask",
         "_event_idx",
@@ -167,6 +186,7 @@ class SplitQueue:
         self._avail = _ring_view(memory, avail_gpa, 4 + 2 * size + extra, "avail ring")
         self._used = _ring_view(memory, used_gpa, 4 + 8 * size + extra, "used ring")
         self._memory = memory
+        self._flat = memory.flat_view()
         self._size = size
         self._mask = size - 1
         self._event_idx = event_idx
@@ -208,6 +228,13 @@ class SplitQueue:
     def avail_idx(self) -> int:
         """The driver's current ``avail->idx``."""
         return int(_U16.unpack_from(self._avail, 2)[0])
+
+    def has_pending(self) -> bool:
+        """Whether the driver offered chains not taken yet (a look, no state
+        change; a broken queue has none to offer)."""
+        if self._broken is not None:
+            return False
+        return bool(_U16.unpack_from(self._avail, 2)[0] != self._last_avail)
 
     def guest_used_idx(self) -> int:
         """``used->idx`` as the guest sees it (equal to ours except mid-publish)."""
@@ -293,22 +320,75 @@ class SplitQueue:
         one. A QueueError raised midway loses nothing already taken: those
         chains stay in flight and are still in the state.
         """
+        return self._take_all(0, 0)  # type: ignore[return-value]
+
+    def pop_split(
+        self, out_header: int, in_header: int
+    ) -> list[SplitChain | DescriptorChain | BadChain]:
+        """:meth:`pop_all` for a request queue: a chain of the usual shape
+        (:func:`~emulators.virtio.chain.walk_split`, headers of exactly these
+        positive sizes) comes back split, as a plain tuple; any other is
+        walked by the checked walker and comes back as from :meth:`pop_all`.
+        """
+        if out_header <= 0 or in_header <= 0:
+            raise ValueError("header sizes must be positive")
+        return self._take_all(out_header, in_header)
+
+    def _take_all(
+        self, out_header: int, in_header: int
+    ) -> list[SplitChain | DescriptorChain | BadChain]:
+        """The loop of :meth:`_take` over every available head, inlined
+        (same checks, same state order): it runs once per request."""
         if self._broken is not None:
             raise self._broken
-        out: list[DescriptorChain | BadChain] = []
-        take = self._take
+        out: list[SplitChain | DescriptorChain | BadChain] = []
+        append = out.append
+        avail = self._avail
+        words = self._words
+        size = self._size
+        mask = self._mask
+        unpack = _U16.unpack_from
+        point = faults.point
+        split = out_header > 0
+        memory, flat, desc = self._memory, self._flat, self._desc
+        indirect, max_indirect = self._indirect, self._max_indirect
         while True:
-            avail_idx = _U16.unpack_from(self._avail, 2)[0]
-            pending = (avail_idx - self._last_avail) & 0xFFFF
-            if pending > self._size:
+            avail_idx = unpack(avail, 2)[0]
+            last = self._last_avail
+            pending = (avail_idx - last) & 0xFFFF
+            if pending > size:
                 self._fail(QueueFault.AVAIL_IDX_JUMP, avail_idx)
             for _ in range(pending):
-                out.append(take())
+                head: int = unpack(avail, 4 + 2 * (last & mask))[0]
+                if head >= size:
+                    self._fail(QueueFault.HEAD_OUT_OF_RANGE, head)
+                if words[W_COUNTERS + head]:
+                    # 2.6.13: a head is reused only after the device returned it.
+                    self._fail(QueueFault.HEAD_IN_FLIGHT, head)
+                chain: SplitChain | DescriptorChain | BadChain | None = None
+                if split:
+                    chain = walk_split(
+                        memory, flat, desc, size, head, out_header, in_header,
+                        indirect=indirect, max_indirect=max_indirect,
+                    )
+                if chain is None:
+                    chain = self._walk(head)
+                # State order matters for resume(): see emulators.virtio.state.
+                number = words[W_LAST_COUNTER] + 1
+                words[W_LAST_COUNTER] = number
+                words[W_COUNTERS + head] = number
+                point("queue.mark_inflight")
+                last = (last + 1) & 0xFFFF
+                words[W_LAST_AVAIL] = last
+                point("queue.consumed")
+                self._last_avail = last
+                self._inflight += 1
+                append(chain)
             if not self._event_idx:
                 return out
-            _U16.pack_into(self._used, self._avail_event_off, self._last_avail)
+            _U16.pack_into(self._used, self._avail_event_off, last)
             full_fence()
-            if _U16.unpack_from(self._avail, 2)[0] == self._last_avail:
+            if unpack(avail, 2)[0] == last:
                 return out
 
     def chain_for(self, head: int) -> DescriptorChain | BadChain:
@@ -397,38 +477,51 @@ class SplitQueue:
         a length outside u32, is a bug in the caller: ValueError, and nothing
         is written. The steps P1..P5 are those of :mod:`emulators.virtio.state`.
         """
-        n = len(completions)
+        self.push_used_batch([h for h, _ in completions], [n for _, n in completions])
+
+    def push_used_batch(self, heads: list[int], lengths: list[int]) -> None:
+        """:meth:`push_used_many` given as two lists (``heads[i]`` wrote
+        ``lengths[i]`` bytes): the request path builds no pair per request,
+        and the used elements are written with one precompiled pack."""
+        n = len(heads)
+        if len(lengths) != n:
+            raise ValueError(f"{n} heads but {len(lengths)} lengths")
         if not n:
             return
         words = self._words
         size = self._size
-        for head, length in completions:
+        for head in heads:
             if not 0 <= head < size or not words[W_COUNTERS + head]:
                 raise ValueError(f"head {head} is not in flight")
+        for length in (min(lengths), max(lengths)):
             if not 0 <= length <= _U32_MAX:
                 raise ValueError(f"used length {length} is not a u32")
-        if n > 1 and len({h for h, _ in completions}) != n:
+        if n > 1 and len(set(heads)) != n:
             raise ValueError("a head is completed twice in one batch")
         # P1: remember the batch, so a crash after P3 can be settled.
         base = self._batch_base
-        for i, (head, _) in enumerate(completions):
-            words[base + i] = head
+        words[base : base + n] = array("Q", heads)
         words[W_BATCH_LEN] = n
         faults.point("queue.batch_recorded")
-        # P2: used elements, before the index that makes them visible.
+        # P2: used elements, before the index that makes them visible; a run
+        # that passes the end of the ring is two packs.
         used = self._used_idx
-        mask = self._mask
-        pack = _USED_ELEM.pack_into
+        slot = used & self._mask
+        elems = [0] * (2 * n)
+        elems[0::2] = heads
+        elems[1::2] = lengths
+        first = min(n, size - slot)
         ring = self._used
-        for i, (head, length) in enumerate(completions):
-            pack(ring, 4 + 8 * ((used + i) & mask), head, length)
+        _used_run(first).pack_into(ring, 4 + 8 * slot, *elems[: 2 * first])
+        if first < n:
+            _used_run(n - first).pack_into(ring, 4, *elems[2 * first :])
         faults.point("queue.used_written")
         # P3: publish.
         new = (used + n) & 0xFFFF
         self._publish_used_idx(new)
         faults.point("queue.publish_used")
         # P4, P5: settle.
-        for head, _ in completions:
+        for head in heads:
             words[W_COUNTERS + head] = 0
         faults.point("queue.clear_inflight")
         words[W_USED] = new
@@ -490,8 +583,10 @@ class SplitQueue:
         self.release()
         self._desc, self._avail, self._used = desc, avail, used
         self._memory = memory
+        self._flat = memory.flat_view()
 
     def release(self) -> None:
         """Drop the ring views (before the memory is closed or replaced)."""
         for view in (self._desc, self._avail, self._used):
             view.release()
+        self._flat = None
