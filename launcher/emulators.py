@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -288,6 +289,7 @@ async def start(
     # Empty but for a test's fault-point arming (launcher.faultplan).
     env = faultplan.PLAN.offer()
     output, output_w = output_pipe()
+    began = time.monotonic()
     try:
         child = await children.host().spawn(
             tag or f"emulator:{res.spec.id}", argv, pass_fds=res.config.all_fds(),
@@ -299,6 +301,7 @@ async def start(
     finally:
         os.close(output_w)
     faultplan.PLAN.given(env, child.pid)
+    spawned = time.monotonic()
     proc = EmulatorProcess(res.spec.id, child, output)
     proc.exited.add_done_callback(proc.report_exit)
     if res.sandbox is SandboxMode.OFF:
@@ -316,4 +319,6 @@ async def start(
         "emulator %s started (pid %d, uid %d, sandbox %s)", res.spec.id, child.pid,
         res.uid, res.sandbox.value,
     )
+    LOG.debug("emulator %s (pid %d): spawned in %.1f ms, confined %.1f ms later",
+              res.spec.id, child.pid, (spawned - began) * 1e3, (time.monotonic() - spawned) * 1e3)
     return proc
