@@ -75,6 +75,7 @@ DEEP_WORKLOAD = " ".join(
 _STARTED = re.compile(r"emulator e0 (?:started|restarted) \(pid (\d+)")
 _RESTARTED = re.compile(r"emulator e0 restarted \(pid (\d+)(?:, ([^)]+))?\) ([\d.]+) ms")
 _HUNG = re.compile(r"emulator e0 hung: ")
+_TOOK_OVER = re.compile(r"predecessor gone; serving \(seen at (\d+) ns, active at (\d+) ns\)")
 
 
 @dataclass
@@ -85,6 +86,11 @@ class Sample:
     detect_ms: float | None
     via: str
     launcher_ms: float
+    #: A standby's own times from the kill: it saw the death, it served again.
+    seen_ms: float | None = None
+    active_ms: float | None = None
+    #: When this benchmark saw the old process's pidfd readable.
+    dead_ms: float | None = None
 
 
 class UsedIndex:
@@ -160,6 +166,7 @@ def _measure(m: Mplaunch, used: UsedIndex, mode: str, pid: int, pidfd: int, rest
         time.sleep(POLL_S)
     advances = [t for t in advances if t > time.monotonic() - 0.2]
     before = [b - a for a, b in zip(advances, advances[1:], strict=False)]
+    took_over = count(m, _TOOK_OVER)
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
     # The old process may complete a request or two between the kill and
@@ -191,7 +198,14 @@ def _measure(m: Mplaunch, used: UsedIndex, mode: str, pid: int, pidfd: int, rest
     line = [ln for ln in m.stderr_lines if _RESTARTED.search(ln)][-1]
     mm = _RESTARTED.search(line)
     assert mm is not None
+    seen_ms = active_ms = None
+    standby = [t for ln in m.stderr_lines if (t := _TOOK_OVER.search(ln))][took_over:]
+    if standby:
+        seen_ms = (int(standby[0].group(1)) / 1e9 - killed) * 1e3
+        active_ms = (int(standby[0].group(2)) / 1e9 - killed) * 1e3
     return Sample(
+        seen_ms=seen_ms, active_ms=active_ms,
+        dead_ms=(dead - killed) * 1e3 if dead is not None else None,
         stall_ms=(first_after - killed) * 1e3,
         gap_ms=max(gaps) * 1e3,
         gap_before_ms=max(before) * 1e3 if before else float("nan"),
@@ -256,6 +270,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "stall_ms": summary(stalls), "gap_ms": summary(gaps),
         "gap_before_ms": summary([s.gap_before_ms for s in samples]),
         "launcher_restart_ms": summary([s.launcher_ms for s in samples]),
+        "standby_seen_ms": summary(seen) if (seen := [
+            s.seen_ms for s in samples if s.seen_ms is not None]) else None,
+        "standby_active_ms": summary(active) if (active := [
+            s.active_ms for s in samples if s.active_ms is not None]) else None,
         "via": {v: sum(1 for s in samples if s.via == v) for v in {s.via for s in samples}},
         "stall_histogram": histogram(stalls, [2, 5, 10, 20, 50, 100, 200, 500]),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(),

@@ -120,7 +120,7 @@ class ControllerLoop:
         #: A hot standby's until `activate`; `following` until `promote`.
         self.dormant = dormant
         self.following = dormant
-        self._deferred: dict[int, tuple[RingConfig, int, bool]] = {}
+        self._deferred: dict[int, tuple[RingConfig, int, bool, SplitQueue]] = {}
         self._dormant_kicks: dict[int, int] = {}
         # Family and type given: detecting them would need getsockname and
         # getsockopt, which a locked-down (spare) emulator may not call.
@@ -173,14 +173,18 @@ class ControllerLoop:
         if not self.dormant or self.closed:
             return
         self.dormant = False
-        self.target = self._build_target(first_start=False)
+        for lun, unit in self.target.scsi.luns.items():  # built while dormant, state read now
+            unit.state = self._lun_state(lun, first_start=False)
+            self._save_lun(lun, unit.state)
         self._load_events()
         self.kick_fds.update(self._dormant_kicks)
         self._dormant_kicks.clear()
         self.pending_kicks.update(self.kick_fds)
         deferred, self._deferred = self._deferred, {}
-        for ring, features, enabled in (deferred[i] for i in sorted(deferred)):
-            self._start_ring(ring, features, enabled)
+        # Request queues first: the guest's I/O waits on them.
+        order = sorted(deferred, key=lambda i: (i < FIRST_REQUEST_QUEUE, i))
+        for ring, features, enabled, queue in (deferred[i] for i in order):
+            self._start_ring(ring, features, enabled, queue)
         for fd in self.call_fds.values():
             os.eventfd_write(fd, 1)
 
@@ -250,10 +254,11 @@ class ControllerLoop:
         body.release()
         return state, saved == _identity(ring)
 
-    def _start_ring(self, ring: RingConfig, features: int, enabled: bool) -> None:
+    def _new_queue(self, ring: RingConfig, features: int) -> tuple[SplitQueue, bool]:
+        """The ring's queue on its state store slot (nothing is written: a
+        dormant standby builds it ahead), and whether the slot is this ring's."""
         if self.memory is None:
             raise SessionError("a ring started before any memory table")
-        faults.point("ring.start.before")
         state, resume = self._queue_state(ring)
         try:
             queue = SplitQueue(
@@ -264,6 +269,20 @@ class ControllerLoop:
             )
         except QueueConfigError as e:
             raise SessionError(f"ring {ring.index}: {e}") from None
+        return queue, resume
+
+    def _start_ring(self, ring: RingConfig, features: int, enabled: bool,
+                    queue: SplitQueue | None = None) -> None:
+        """Start (or resume) a ring; `queue`: one a dormant standby built ahead."""
+        faults.point("ring.start.before")
+        if queue is None:
+            queue, resume = self._new_queue(ring, features)
+        else:  # the slot may have changed hands since: ask it now
+            resume = False
+            if self.store is not None:
+                saved, body = self.store.queue_slot(self.index, ring.index)
+                body.release()
+                resume = saved == _identity(ring)
         self.rings[ring.index] = Ring(queue, enabled, ring)
         if not resume or not self._resume(queue, ring):
             self._fresh(queue, ring)
@@ -400,19 +419,23 @@ class ControllerLoop:
                     if fd is not None:
                         self.err_fds[index] = fd
                 case StartRing(ring, features, enabled) if self.dormant:
-                    self._deferred[ring.index] = (ring, features, enabled)
+                    queue, _ = self._new_queue(ring, features)
+                    queue.guest_used_idx()  # its pages mapped now, not at the takeover
+                    self._deferred[ring.index] = (ring, features, enabled, queue)
                 case StartRing(ring, features, enabled):
                     self._start_ring(ring, features, enabled)
                 case EnableRing(index, enabled) if self.dormant:
                     if index in self._deferred:
-                        ring, features, _ = self._deferred[index]
-                        self._deferred[index] = (ring, features, enabled)
+                        ring, features, _, queue = self._deferred[index]
+                        self._deferred[index] = (ring, features, enabled, queue)
                 case EnableRing(index, enabled):
                     if index in self.rings:
                         self.rings[index].enabled = enabled
                         self.pending_kicks.add(index)
                 case StopRing(index) if self.dormant:
-                    self._deferred.pop(index, None)
+                    deferred = self._deferred.pop(index, None)
+                    if deferred is not None:
+                        deferred[3].release()
                 case StopRing(index):
                     # On GET_VRING_BASE the answer follows with nothing stored
                     # in between; the progress stays valid until ForgetRing.
@@ -629,10 +652,17 @@ class ControllerLoop:
         ])
         faults.point("memtable.mapped")
         moved = {r.index: r for r in rings}
-        for index, (_, features, enabled) in list(self._deferred.items()):
+        for index, (_, features, enabled, queue) in list(self._deferred.items()):
             config = moved.get(index)
-            if config is not None:
-                self._deferred[index] = (config, features, enabled)
+            if config is None:
+                queue.release()
+                del self._deferred[index]
+                continue
+            try:
+                queue.move(memory, config.desc_gpa, config.avail_gpa, config.used_gpa)
+            except QueueConfigError as e:
+                raise SessionError(f"ring {index} does not fit the new memory table: {e}") from None
+            self._deferred[index] = (config, features, enabled, queue)
         for index, ring in list(self.rings.items()):
             config = moved.get(index)
             if config is None:  # not started in the session: cannot happen, but never keep
@@ -653,6 +683,8 @@ class ControllerLoop:
     # -- teardown
 
     def _unmap(self) -> None:
+        for deferred in self._deferred.values():
+            deferred[3].release()
         self._deferred.clear()
         for ring in self.rings.values():
             ring.queue.release()

@@ -45,6 +45,10 @@ from launcher.uidpool import UidPool
 
 READY_TIMEOUT = 30.0
 SPARE_RETRY_S = 1.0
+SPARE_START_DELAY_S = 0.1
+"""A new spare starts this long after it was asked for (after a restart, as
+a rule): an interpreter starting up would compete for the CPU with the guest
+and the process taking over, in the very milliseconds the guest waits."""
 WARM_SPARE = True
 
 
@@ -90,6 +94,7 @@ class SparePool:
             self._wanted.clear()
             if self._spare is not None:
                 continue
+            await asyncio.sleep(SPARE_START_DELAY_S)
             spare = await self._start_one()
             if spare is None:
                 await asyncio.sleep(SPARE_RETRY_S)
