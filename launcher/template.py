@@ -56,7 +56,9 @@ What the fork carries over, and what is done about it:
   still has CAP_SYS_RESOURCE);
 - code: the template's. If a source file of the project changed since
   :func:`load` (an upgrade installed new code: ``upgrade-emulators`` must
-  get it), :func:`jailed_emulator` says no and the holder execs as before.
+  get it), the template's modules are dropped and imported again from the
+  files before the fork (:func:`_current`); if that fails the holder execs,
+  as before.
 
 ``gc.freeze()`` after loading, and again before each fork, moves every
 object to the permanent generation: the collector in a child never walks
@@ -72,6 +74,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
@@ -85,20 +88,23 @@ PROJECT_PACKAGES = ("launcher", "emulators")
 
 _sources: dict[str, tuple[int, int]] = {}
 _loaded = False
-_stale_said = False
+_failed_at = 0.0
+RETRY_LOAD_S = 10.0
+"""After a failed load, how long spawns exec before the next try."""
 
 
 def load() -> bool:
     """Import the jail, the seccomp modules and the emulator's import closure;
     freeze the collector's view of them. False (logged) if that failed:
     every spawn then execs."""
-    global _loaded
+    global _loaded, _failed_at
     try:
         from launcher.sandbox import jail, profiles, seccomp  # noqa: F401
 
         for name in jail.PRELOAD:
             importlib.import_module(name)
     except Exception as e:  # any failure: the exec path still works
+        _failed_at = time.monotonic()
         LOG.warning("holder: no emulator template (%s: %s); emulators start by exec",
                     type(e).__name__, e)
         return False
@@ -127,9 +133,8 @@ def _project_sources() -> dict[str, tuple[int, int]]:
     return found
 
 
-def _current() -> bool:
-    """Whether every loaded project file is still what was loaded."""
-    global _stale_said
+def _changed() -> str | None:
+    """The first loaded project file that is no longer what was loaded."""
     for path, seen in _sources.items():
         try:
             st = os.stat(path)
@@ -137,12 +142,46 @@ def _current() -> bool:
         except OSError:
             now = (-1, -1)
         if now != seen:
-            if not _stale_said:
-                LOG.warning("holder: %s changed since the emulator template was loaded; "
-                            "emulators start by exec (new code)", path)
-                _stale_said = True
+            return path
+    return None
+
+
+def _current() -> bool:
+    """Whether the template holds the installed code; if a file changed, the
+    template is loaded again from the files (once per change: about as long
+    as one exec'd start). False if that failed: exec then."""
+    global _loaded
+    if not _loaded:  # it failed to load: try again now and then (a file being written)
+        if time.monotonic() - _failed_at < RETRY_LOAD_S:
             return False
-    return True
+        return _reload()
+    changed = _changed()
+    if changed is None:
+        return True
+    LOG.warning("holder: %s changed since the emulator template was loaded; loading "
+                "the template again", changed)
+    return _reload()
+
+
+def _reload() -> bool:
+    global _loaded
+    _loaded = False
+    gc.unfreeze()  # the old modules' objects may go once they are unreferenced
+    for name in list(sys.modules):
+        if _reloadable(name):
+            del sys.modules[name]
+    gc.collect()
+    return load() and _changed() is None
+
+
+def _reloadable(name: str) -> bool:
+    """A module of the template's: the project's, but for the holder's own
+    (which this process runs) and this module."""
+    top = name.split(".", 1)[0]
+    if top == EMULATOR_MODULE:
+        return True
+    return top == "launcher" and name not in ("launcher", __name__) and \
+        not name.startswith("launcher.holder")
 
 
 def jailed_emulator(argv: Sequence[str]) -> bool:
@@ -151,7 +190,7 @@ def jailed_emulator(argv: Sequence[str]) -> bool:
     -I -m emulators ...``, this interpreter both times), and the loaded
     template is still the installed code: then a fork of this process runs
     exactly what an exec of `argv` would."""
-    if not _loaded or len(argv) < 5 or list(argv[1:4]) != ["-I", "-m", JAIL_MODULE]:
+    if len(argv) < 5 or list(argv[1:4]) != ["-I", "-m", JAIL_MODULE]:
         return False
     if not _same_interpreter(argv[0]):
         return False

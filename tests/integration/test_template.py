@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from emulators.config import EmulatorConfig
-from launcher import children, emulators, template
+from launcher import children, emulators
 from launcher.heartbeat.link import control_pair
 from launcher.holder.client import HolderClient, start_holder
 from launcher.spec import Spec, load_spec
@@ -147,23 +148,32 @@ async def _forked_like_exec(tmp_path: Path) -> None:
         await holder.wait()
 
 
-def test_a_changed_source_file_turns_the_template_off(tmp_path: Path) -> None:
-    """An upgrade that installs new code: the template no longer answers for
-    it, and the holder execs (the new code) instead."""
-    assert template.load()
-    jail_argv = [sys.executable, "-I", "-m", "launcher.sandbox.jail", "--uid", "1",
-                 "--new-root", "--", sys.executable, "-I", "-m", "emulators", "X", "on"]
-    assert template.jailed_emulator(jail_argv)
-    assert not template.jailed_emulator([*jail_argv[:6], *jail_argv[7:]])  # no --new-root
-    assert not template.jailed_emulator(["/bin/true", *jail_argv[1:]])
-    script = [*jail_argv[:8], "-I", "/tmp/payload.py"]
-    assert not template.jailed_emulator(script)  # a test payload execs
-    source = tmp_path / "mod.py"
-    source.write_text("x = 1\n")
-    template._sources[str(source)] = (source.stat().st_mtime_ns, source.stat().st_size)
-    try:
-        assert template.jailed_emulator(jail_argv)
-        source.write_text("x = 22\n")
-        assert not template.jailed_emulator(jail_argv)
-    finally:
-        del template._sources[str(source)]
+CHANGED_SOURCE = """
+import sys
+from launcher import template
+assert template.load()
+import emulators.process as before
+argv = [sys.executable, "-I", "-m", "launcher.sandbox.jail", "--uid", "1",
+        "--new-root", "--", sys.executable, "-I", "-m", "emulators", "X", "on"]
+assert template.jailed_emulator(argv)
+assert not template.jailed_emulator([*argv[:6], *argv[7:]])  # no --new-root
+assert not template.jailed_emulator(["/bin/true", *argv[1:]])
+assert not template.jailed_emulator([*argv[:8], "-I", "/tmp/payload.py"])  # a script execs
+path = sys.argv[1]
+with open(path, "w") as f:
+    f.write("x = 1\\n")
+template._sources[path] = (0, 0)  # as if it had changed since the load
+assert template.jailed_emulator(argv)  # loaded again, so still forked
+assert path not in template._sources
+assert sys.modules["emulators.process"] is not before  # the installed code now
+print("ok")
+"""
+
+
+def test_a_changed_source_file_reloads_the_template(tmp_path: Path) -> None:
+    """An upgrade that installs new code: the template drops its modules and
+    imports them again from the files before the next fork (in a process of
+    its own: the reload replaces modules)."""
+    out = subprocess.run([sys.executable, "-I", "-c", CHANGED_SOURCE, str(tmp_path / "m.py")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
