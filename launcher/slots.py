@@ -28,8 +28,8 @@ serve the slot or before the occupant is ended on purpose with no
 takeover wanted: a restart that cannot promote it (it is still being
 assigned, or it follows a process other than the one that ended) kills it
 and waits for its death before the warm spare or a cold start; the slot's
-stop, a power-off in backend-only mode, a disk added or removed (its
-config would be stale; a new standby is made after the change), an
+stop, a power-off in backend-only mode, a disk added, removed or resized
+(its LUNs would be stale; a new standby is made after the change), an
 upgrade (`SparePool.renew`) and a policy answer without a start (give-up,
 a clean exit) all drop it. A standby that dies, freezes (its heartbeat) or
 cannot keep up with its keepers is killed and replaced.
@@ -874,8 +874,8 @@ class EmulatorSlot(PolicyDriven):
     @contextlib.asynccontextmanager
     async def _no_standby(self) -> AsyncIterator[None]:
         """No standby while the LUNs change: its config would name the old
-        ones. The one there is dropped (and dead before the change); the next
-        is made with the new config afterwards."""
+        ones, its LUNs the old sizes. The one there is dropped (and dead
+        before the change); the next is made with the new config afterwards."""
         self._standby_paused += 1
         try:
             standby = self.standby
@@ -948,7 +948,7 @@ class EmulatorSlot(PolicyDriven):
         then the file grows, then the emulator shows the guest the new
         capacity (LUN_RESIZE). A refusal at either step leaves the file at its
         old size, which no guest request reached beyond."""
-        async with self._commands:
+        async with self._commands, self._no_standby():
             fd = self.disk_fds[disk.id]
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
