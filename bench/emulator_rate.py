@@ -168,11 +168,22 @@ def run(args: argparse.Namespace) -> list[Case]:
     spec = ControllerSpec(
         "bench", (Disk(image, size=image_size),), queues=1, memory_size=16 * MIB
     )
-    emu = EmulatorHarness.start(
-        [spec],
-        profile=args.profile,
-        lockdown="off" if args.profile else args.lockdown,
-    )
+    python = sys.executable
+    if args.poll_us:
+        # The harness starts the emulator with sys.executable: let that be
+        # the same interpreter with the poll option (emulators.process).
+        wrapper = workdir / "python-poll"
+        wrapper.write_text(f'#!/bin/sh\nexec {python} -X mplaunch_poll_us={args.poll_us} "$@"\n')
+        wrapper.chmod(0o755)
+        sys.executable = str(wrapper)
+    try:
+        emu = EmulatorHarness.start(
+            [spec],
+            profile=args.profile,
+            lockdown="off" if args.profile else args.lockdown,
+        )
+    finally:
+        sys.executable = python
     fd = os.open(image, os.O_RDONLY)
     cases: list[Case] = []
     try:
@@ -206,6 +217,8 @@ def run(args: argparse.Namespace) -> list[Case]:
         os.close(fd)
         status, err = emu.stop()
         image.unlink()
+        for leftover in workdir.iterdir():
+            leftover.unlink()
         workdir.rmdir()
     if status != 0 or "Traceback" in err:
         raise SystemExit(f"emulator exited with {status}:\n{err}")
@@ -240,6 +253,10 @@ def main() -> int:
         help="run the emulator under cProfile (seccomp off) and write its stats here",
     )
     parser.add_argument(
+        "--poll-us", type=int, default=0,
+        help="the emulator's adaptive poll window after a served round (0: off, the default)",
+    )
+    parser.add_argument(
         "--lockdown", choices=["on", "log", "off"], default="on",
         help="the emulator's seccomp mode (the launcher's default is on)",
     )
@@ -256,6 +273,8 @@ def main() -> int:
                 "command": " ".join(["bench/emulator_rate.py", *sys.argv[1:]]),
                 "seconds": args.seconds,
                 "image_mib": args.image_mib,
+                "poll_us": args.poll_us,
+                "load_1m": os.getloadavg()[0],
                 "cases": [asdict(c) for c in cases],
             },
             indent=2,

@@ -223,15 +223,14 @@ def gather(views: list[memoryview], n: int) -> bytes:
 
 def walk_split(
     memory: GuestMemory,
-    flat: tuple[int, memoryview] | None,
+    main: tuple[int, memoryview],
     table: memoryview,
     size: int,
     head: int,
     out_header: int,
     in_header: int,
-    *,
     indirect: bool,
-    max_indirect: int = DEFAULT_MAX_INDIRECT,
+    max_indirect: int,
 ) -> SplitChain | None:
     """The chain at ``head`` in the usual request shape, or None for any other.
 
@@ -243,9 +242,10 @@ def walk_split(
     walked in one pass and comes back already split into headers and data,
     so the device needs neither a second walk nor a split.
 
-    ``flat`` is :meth:`GuestMemory.flat_view` (None with several regions):
-    buffers are sliced straight out of it, after the same two bound checks
-    :meth:`GuestMemory.view` makes. Every rule of the module docstring still
+    ``main`` is :meth:`GuestMemory.main_view`: a buffer inside that region
+    is sliced straight out of it, after the same two bound checks
+    :meth:`GuestMemory.view` makes; any other buffer goes through
+    :meth:`GuestMemory.view`. Every rule of the module docstring still
     holds, because anything else returns None: the caller then walks the
     chain with :func:`walk_chain`, which applies the rule and raises the
     right :class:`ChainError`, or returns the chain in its general form.
@@ -253,7 +253,7 @@ def walk_split(
     the budget, INDIRECT anywhere but the head (or with NEXT, a bad length,
     too many entries, not negotiated, out of memory, nested), a header of
     another size, a zero-length descriptor, a readable descriptor after a
-    writable one, a chain without a writable header, a buffer outside one
+    writable one, a chain without a writable header, a buffer not inside one
     region, a total length above u32. So when this returns a chain,
     :func:`walk_chain` returns the same buffers (``readable == [out header,
     *data out]``, ``writable == [in header, *data in]``).
@@ -276,12 +276,10 @@ def walk_split(
     budget = size - 1
     if flags & (VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_INDIRECT) or length != out_header or not length:
         return None
-    if flat is not None:
-        start, ram = flat
-        limit = len(ram)
-        off = addr - start
-        if off < 0 or off + length > limit:
-            return None
+    start, ram = main
+    limit = len(ram)
+    off = addr - start
+    if off >= 0 and off + length <= limit:
         out_view = ram[off : off + length]
     else:
         try:
@@ -299,10 +297,8 @@ def walk_split(
             return None
         if flags & VIRTQ_DESC_F_WRITE:
             break
-        if flat is not None:
-            off = addr - start
-            if off < 0 or off + length > limit:
-                return None
+        off = addr - start
+        if off >= 0 and off + length <= limit:
             data_out.append(ram[off : off + length])
         else:
             try:
@@ -312,11 +308,8 @@ def walk_split(
         out_len += length
     if length != in_header:
         return None
-    # (length is not 0 here: checked above for every descriptor of the loop.)
-    if flat is not None:
-        off = addr - start
-        if off < 0 or off + length > limit:
-            return None
+    off = addr - start
+    if off >= 0 and off + length <= limit:
         in_view = ram[off : off + length]
     else:
         try:
@@ -332,10 +325,8 @@ def walk_split(
         addr, length, flags, nxt = unpack(table, nxt << 4)
         if not flags & VIRTQ_DESC_F_WRITE or flags & VIRTQ_DESC_F_INDIRECT or not length:
             return None
-        if flat is not None:
-            off = addr - start
-            if off < 0 or off + length > limit:
-                return None
+        off = addr - start
+        if off >= 0 and off + length <= limit:
             data_in.append(ram[off : off + length])
         else:
             try:

@@ -274,19 +274,20 @@ class GuestMemory:
         self._check_open(gpa, length)
         raise GuestMemoryError("range not inside one guest memory region", gpa, length)
 
-    def flat_view(self) -> tuple[int, memoryview] | None:
-        """``(first gpa, view of all of it)`` when guest RAM is one region, else None.
+    def main_view(self) -> tuple[int, memoryview]:
+        """``(first gpa, view)`` of the largest region (the only one, usually).
 
         For the request fast path (:func:`emulators.virtio.chain.walk_split`),
-        which slices buffers out of this view itself instead of calling
-        :meth:`view` per descriptor. The caller owes the same checks
-        :meth:`view` makes: ``0 <= gpa - start`` and ``gpa - start + length
-        <= len(view)``, on Python integers. The view is released by
-        :meth:`close`; drop it with the queue that holds it.
+        which slices buffers inside this region out of the view itself
+        instead of calling :meth:`view` per descriptor, and calls :meth:`view`
+        for any other. It owes the same checks :meth:`view` makes: ``0 <=
+        gpa - start`` and ``gpa - start + length <= len(view)``, on Python
+        integers. The view is released by :meth:`close`; drop it with the
+        queue that holds it.
         """
-        if not self._single:
-            return None
-        return self._starts[0], self._views[0]
+        self._check_open(0, 0)
+        i = max(range(len(self._views)), key=lambda k: len(self._views[k]))
+        return self._starts[i], self._views[i]
 
     def views(self, gpa: int, length: int) -> list[memoryview]:
         """Views covering ``[gpa, gpa + length)``, which may span adjacent regions.

@@ -125,7 +125,7 @@ class SplitQueue:
 
     __slots__ = (
         "_memory",
-        "_flat",
+        "_main",
         "_size",
         "_mask",
         "_event_idx",
@@ -186,7 +186,7 @@ class SplitQueue:
         self._avail = _ring_view(memory, avail_gpa, 4 + 2 * size + extra, "avail ring")
         self._used = _ring_view(memory, used_gpa, 4 + 8 * size + extra, "used ring")
         self._memory = memory
-        self._flat = memory.flat_view()
+        self._main = memory.main_view()
         self._size = size
         self._mask = size - 1
         self._event_idx = event_idx
@@ -348,48 +348,55 @@ class SplitQueue:
         size = self._size
         mask = self._mask
         unpack = _U16.unpack_from
-        point = faults.point
+        # Fault points are armed (tests only) before the process serves.
+        point = faults.point if faults.armed() else None
         split = out_header > 0
-        memory, flat, desc = self._memory, self._flat, self._desc
+        memory, main, desc = self._memory, self._main, self._desc
         indirect, max_indirect = self._indirect, self._max_indirect
-        while True:
-            avail_idx = unpack(avail, 2)[0]
-            last = self._last_avail
-            pending = (avail_idx - last) & 0xFFFF
-            if pending > size:
-                self._fail(QueueFault.AVAIL_IDX_JUMP, avail_idx)
-            for _ in range(pending):
-                head: int = unpack(avail, 4 + 2 * (last & mask))[0]
-                if head >= size:
-                    self._fail(QueueFault.HEAD_OUT_OF_RANGE, head)
-                if words[W_COUNTERS + head]:
-                    # 2.6.13: a head is reused only after the device returned it.
-                    self._fail(QueueFault.HEAD_IN_FLIGHT, head)
-                chain: SplitChain | DescriptorChain | BadChain | None = None
-                if split:
-                    chain = walk_split(
-                        memory, flat, desc, size, head, out_header, in_header,
-                        indirect=indirect, max_indirect=max_indirect,
-                    )
-                if chain is None:
-                    chain = self._walk(head)
-                # State order matters for resume(): see emulators.virtio.state.
-                number = words[W_LAST_COUNTER] + 1
-                words[W_LAST_COUNTER] = number
-                words[W_COUNTERS + head] = number
-                point("queue.mark_inflight")
-                last = (last + 1) & 0xFFFF
-                words[W_LAST_AVAIL] = last
-                point("queue.consumed")
-                self._last_avail = last
-                self._inflight += 1
-                append(chain)
-            if not self._event_idx:
-                return out
-            _U16.pack_into(self._used, self._avail_event_off, last)
-            full_fence()
-            if unpack(avail, 2)[0] == last:
-                return out
+        last = self._last_avail
+        taken = 0
+        try:
+            while True:
+                avail_idx = unpack(avail, 2)[0]
+                pending = (avail_idx - last) & 0xFFFF
+                if pending > size:
+                    self._fail(QueueFault.AVAIL_IDX_JUMP, avail_idx)
+                for _ in range(pending):
+                    head: int = unpack(avail, 4 + 2 * (last & mask))[0]
+                    if head >= size:
+                        self._fail(QueueFault.HEAD_OUT_OF_RANGE, head)
+                    if words[W_COUNTERS + head]:
+                        # 2.6.13: a head is reused only after the device returned it.
+                        self._fail(QueueFault.HEAD_IN_FLIGHT, head)
+                    chain: SplitChain | DescriptorChain | BadChain | None = None
+                    if split:
+                        chain = walk_split(
+                            memory, main, desc, size, head, out_header, in_header,
+                            indirect, max_indirect,
+                        )
+                    if chain is None:
+                        chain = self._walk(head)
+                    # State order matters for resume(): see emulators.virtio.state.
+                    number = words[W_LAST_COUNTER] + 1
+                    words[W_LAST_COUNTER] = number
+                    words[W_COUNTERS + head] = number
+                    if point is not None:
+                        point("queue.mark_inflight")
+                    last = (last + 1) & 0xFFFF
+                    words[W_LAST_AVAIL] = last
+                    if point is not None:
+                        point("queue.consumed")
+                    taken += 1
+                    append(chain)
+                if not self._event_idx:
+                    return out
+                _U16.pack_into(self._used, self._avail_event_off, last)
+                full_fence()
+                if unpack(avail, 2)[0] == last:
+                    return out
+        finally:  # also when the ring turns out broken midway
+            self._last_avail = last
+            self._inflight += taken
 
     def chain_for(self, head: int) -> DescriptorChain | BadChain:
         """Walk an in-flight head again (to re-execute it after :meth:`resume`)."""
@@ -583,10 +590,9 @@ class SplitQueue:
         self.release()
         self._desc, self._avail, self._used = desc, avail, used
         self._memory = memory
-        self._flat = memory.flat_view()
+        self._main = memory.main_view()
 
     def release(self) -> None:
         """Drop the ring views (before the memory is closed or replaced)."""
         for view in (self._desc, self._avail, self._used):
             view.release()
-        self._flat = None
