@@ -212,14 +212,28 @@ class Sweep:
     def slot_of(self, pid: int) -> str | None:
         return self.occupants().get(pid)
 
-    def make_occupant(self, pid: int, prefer: str = "e0") -> str:
-        """Have `pid` (a waiting spare) take over emulator `prefer`'s place."""
+    def standby_of(self, pid: int) -> str | None:
+        """The emulator `pid` is the hot standby of, if it is one."""
+        rx = re.compile(rf"emulator (\S+): standby pid {pid} follows pid")
+        found = [mm.group(1) for line in self.m.stderr_lines if (mm := rx.search(line))]
+        return found[-1] if found else None
+
+    def make_occupant(self, pid: int, prefer: str = "e1") -> str:
+        """Have `pid` (a hot standby, or a waiting spare) take over: e0's place
+        if it stands by for e0 (a restart of e0 promotes it), else emulator
+        `prefer`'s (one without a standby: its restart takes the warm spare)."""
         slot = self.slot_of(pid)
         if slot is not None:
             return slot
-        if self.wait_spare() != pid:
-            return ""
-        self.try_qmp("emulator-restart", {"id": prefer})
+        ready = f"warm spare ready (pid {pid},"
+        deadline = time.monotonic() + 20
+        while not any(ready in line for line in self.m.stderr_lines):
+            if time.monotonic() > deadline or not alive(pid):
+                return ""
+            time.sleep(0.05)
+        time.sleep(0.5)  # a standby is assigned at once once ready
+        standby = self.standby_of(pid)
+        self.try_qmp("emulator-restart", {"id": standby or prefer})
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             slot = self.slot_of(pid)
@@ -343,14 +357,14 @@ class Sweep:
                 self.try_qmp("emulator-restart", {"id": "e0"})
                 return "restart with a spare ready"
             if point.startswith("cold."):
-                if attempt == 0:
-                    return "the cold start after the failed hand-over"
+                # e0's restarts go to its hot standby: e1 has none, and with
+                # the waiting spare killed its restart is a cold start.
                 spare = self.fleet.spare_pid()
-                if spare is not None:
+                if spare is not None and self.standby_of(spare) is None:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(spare, signal.SIGKILL)
-                self.try_qmp("emulator-restart", {"id": "e0"})
-                return "spare killed, then a restart (cold)"
+                self.try_qmp("emulator-restart", {"id": "e1"})
+                return "spare killed, then a restart of e1 (cold)"
             if point == "disk.resize.after_grow":
                 error = self.disk_action("e0", "resize")
                 return "disk-resize" + (f" ({error})" if error else "")
