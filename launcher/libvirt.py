@@ -43,9 +43,9 @@ backend-only mode and the libvirt XML refuse such a spec
 from __future__ import annotations
 
 import shlex
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher.runfolder import FRONTEND_DIR_NAME
 from launcher.spec import Accel, EmulatorKind, Spec, render_value
@@ -58,6 +58,9 @@ from launcher.vmm import (
     proxy_args,
     vm_argv,
 )
+
+if TYPE_CHECKING:  # the XML is built only when printed: a running mplaunch loads no XML
+    import xml.etree.ElementTree as ET  # noqa: N817
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 LIBVIRT_PREFIX = "mplaunch-"
@@ -229,6 +232,7 @@ def libvirt_domain(spec: Spec, accel: Accel, run_dir: Path | None = None) -> str
     backend-only mode. ``accel`` is resolved (kvm or tcg).
 
     Raises :class:`NotAttachable` for a spec with an ``lsi`` emulator."""
+    import xml.etree.ElementTree as ET  # noqa: N817 (loaded only when XML is printed)
     _refuse_lsi(spec)
     vm = spec.vm
     kib = str(vm.memory // 1024)
@@ -288,11 +292,13 @@ def _refuse_lsi(spec: Spec) -> None:
 
 
 def _root(attributes: dict[str, str]) -> ET.Element:
+    import xml.etree.ElementTree as ET  # noqa: N817 (loaded only when XML is printed)
     ET.register_namespace("qemu", QEMU_NS)
     return ET.Element("domain", attributes)
 
 
 def _note(domain: ET.Element, spec: Spec, what: str) -> None:
+    import xml.etree.ElementTree as ET  # noqa: N817 (loaded only when XML is printed)
     addresses = pci_addresses(len(spec.controllers))
     taken = ", ".join(f"{a} ({c.id})" for a, c in zip(addresses, spec.controllers, strict=True))
     lines = [
@@ -308,12 +314,14 @@ def _note(domain: ET.Element, spec: Spec, what: str) -> None:
 
 
 def _text(parent: ET.Element, tag: str, text: str, **attributes: str) -> ET.Element:
+    import xml.etree.ElementTree as ET  # noqa: N817 (loaded only when XML is printed)
     element = ET.SubElement(parent, tag, attributes)
     element.text = text
     return element
 
 
 def _backing(domain: ET.Element) -> None:
+    import xml.etree.ElementTree as ET  # noqa: N817 (loaded only when XML is printed)
     backing = ET.SubElement(domain, "memoryBacking")
     ET.SubElement(backing, "source", {"type": "memfd"})
     ET.SubElement(backing, "access", {"mode": "shared"})
@@ -323,6 +331,7 @@ def _console(devices: ET.Element, console: str) -> None:
     """The spec's console as the guest's first serial port: a file, or for
     ``stdio`` (there is no terminal behind libvirt's QEMU) a pty that
     ``virsh console`` reaches."""
+    import xml.etree.ElementTree as ET  # noqa: N817 (loaded only when XML is printed)
     if console == "none":
         return
     if console == "stdio":
@@ -337,11 +346,13 @@ def _console(devices: ET.Element, console: str) -> None:
 
 
 def _commandline(domain: ET.Element, spec: Spec, run_dir: Path | None) -> None:
+    import xml.etree.ElementTree as ET  # noqa: N817 (loaded only when XML is printed)
     commandline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
     for arg in attach_args(spec, run_dir, LIBVIRT_PREFIX, pci=True):
         ET.SubElement(commandline, f"{{{QEMU_NS}}}arg", {"value": arg})
 
 
 def _render(domain: ET.Element) -> str:
+    import xml.etree.ElementTree as ET  # noqa: N817 (loaded only when XML is printed)
     ET.indent(domain, "  ")
     return ET.tostring(domain, encoding="unicode") + "\n"

@@ -26,9 +26,7 @@ import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from qemu.qmp import QMPClient
+from typing import TYPE_CHECKING, Any
 
 from launcher import children, holdnames
 from launcher.emulators import output_pipe, reaped, relay_output
@@ -38,6 +36,9 @@ from launcher.spec import Accel, SandboxMode, Spec
 from launcher.status import LOG
 from launcher.uidpool import HostUids, Lease
 from launcher.vmm import QemuFds, qemu_argv, qemu_jail
+
+if TYPE_CHECKING:  # loaded when a QEMU is started: --backends-only needs no QMP client
+    from qemu.qmp import QMPClient
 
 QUIT_TIMEOUT = 5.0
 TERM_TIMEOUT = 5.0
@@ -165,7 +166,9 @@ class Qemu:
         self.name = name
         self.child = child
         self.qmp_path = qmp_path
-        self.qmp = QMPClient(name)
+        from qemu.qmp import QMPClient
+
+        self.qmp: QMPClient = QMPClient(name)
         self.exited: asyncio.Task[int] = asyncio.create_task(reaped(child, None))
         self.exited.add_done_callback(lambda _: children.host().unhold(holdnames.QEMU_OUTPUT))
         self.relay: asyncio.Task[None] | None = None

@@ -30,8 +30,6 @@ from launcher.accel import AccelChoice, choose_for
 from launcher.emulators import DiskOpenError
 from launcher.holder.client import HolderClient, start_holder
 from launcher.libvirt import backend_socket, frontend_group_warning
-from launcher.lsi.remote import RemoteError
-from launcher.lsi.slot import RemoteSlot
 from launcher.management.server import EventBus, ManagementServer, resolve_group
 from launcher.qemu import Qemu, QemuStartError, bind_qmp_listener
 from launcher.restart_policy import GiveUp, describe_status
@@ -327,6 +325,7 @@ class Supervisor:
     async def _run_vm(self, run: RunFolder, listener: socket.socket) -> int:
         """Start the emulators (each confined before QEMU exists), then QEMU,
         then supervise until the VM ends; the exit status."""
+        fatal: tuple[type[Exception], ...] = (SandboxError, DiskOpenError, FrontendGroupError)
         try:
             if self.spec.emulators:
                 preflight(self.spec.vm.sandbox)  # the sandbox: fail closed, warn if weakened
@@ -339,6 +338,11 @@ class Supervisor:
             for emulator in self.spec.emulators:
                 slot: Slot
                 if emulator.kind is EmulatorKind.LSI:
+                    # Loaded only for a spec that has one: it brings a QMP client.
+                    from launcher.lsi.remote import RemoteError
+                    from launcher.lsi.slot import RemoteSlot
+
+                    fatal += (RemoteError,)
                     slot = RemoteSlot(self.spec, emulator, run, self._give_up, uids)
                 else:
                     slot = EmulatorSlot(self.spec, emulator, run, self._give_up, uids,
@@ -355,7 +359,7 @@ class Supervisor:
                 if self._stop.is_set():
                     return EXIT_OK
                 await slot.start()
-        except (SandboxError, DiskOpenError, RemoteError, FrontendGroupError) as e:
+        except fatal as e:
             LOG.error("%s", e)  # not confined, or no start
             return EXIT_FAILED
         if self._stop.is_set():
