@@ -42,6 +42,7 @@ from tests.support.emulator_harness import (  # noqa: E402
     ControllerSpec,
     Disk,
     EmulatorHarness,
+    request_header,
 )
 
 KIB = 1024
@@ -109,8 +110,11 @@ def emulator_rate(
     driver = rig.drivers[QUEUE]
     blocks = size // BLOCK
     cdb = bytes([0x28, 0, 0, 0, 0, 0, 0, blocks >> 8, blocks & 0xFF, 0])
+    # Built without publishing avail->idx: an emulator that polls its rings
+    # would otherwise take them now, before the timed loop offers them.
     heads = [
-        rig.submit_command(cdb, queue=QUEUE, data_in=[size], kick=False) for _ in range(depth)
+        driver.add_chain([request_header(cdb)], [RESP_SIZE, size], publish=False)
+        for _ in range(depth)
     ]
     driver.avail_idx = (driver.avail_idx - depth) & 0xFFFF  # built, not offered yet
     lba_gpas = [rig.buffers(QUEUE, h)[0][0] + LBA_AT for h in heads]
@@ -213,9 +217,15 @@ def run(args: argparse.Namespace) -> list[Case]:
                         emulator_rss_mib=round(child.memory_info().rss / MIB, 1),
                     )
                 )
-    finally:
+    except BaseException:
         os.close(fd)
         status, err = emu.stop()
+        print(f"emulator exited with {status}:\n{err}", file=sys.stderr)
+        raise
+    else:
+        os.close(fd)
+        status, err = emu.stop()
+    finally:
         image.unlink()
         for leftover in workdir.iterdir():
             leftover.unlink()
