@@ -244,6 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     vm.controllers = {"scsi0": ("e0", 1)}
     vm.disks = [DiskDef("d0", "scsi0", 0, size=64 * MiB)]
     vm.vm_extra = {"uid_range": "64720-64720" if args.no_spare else "64720-64729"}
+    if args.no_spare:  # the range's one uid is the emulator's: QEMU needs another
+        vm.vm_extra["qemu_user"] = "nobody"
     rng = random.Random(args.seed)
     m = Mplaunch(vm.write(), "-v", console=vm.console)
     samples: list[Sample] = []

@@ -76,3 +76,9 @@ def resize_problem(current: int, new: int, block_size: int) -> str | None:
     if new < current:
         return f"size {new} is smaller than the current {current}: shrinking would lose data"
     return None
+
+EXIT_PROTOCOL: Final = 3
+"""The emulator's exit status when the front-end broke the protocol: the
+supervisor then blames the message in flight rather than counting a crash.
+Here, not in ``emulators.process``, so the launcher reads it without
+importing the whole emulator."""

@@ -46,7 +46,7 @@ from emulators import __version__, faults
 from emulators.config import ConfigError, EmulatorConfig, checked_lun
 from emulators.control import ControlChannel
 from emulators.controller import ControllerLoop
-from emulators.limits import resize_problem
+from emulators.limits import EXIT_PROTOCOL, resize_problem
 from emulators.lockdown import LockdownError, LockdownMode, lockdown
 from emulators.scsi.lun import LogicalUnit
 from emulators.vhost_user.errors import RemoteProtocolError, SessionError
@@ -57,7 +57,6 @@ from launcher.statestore.layout import StateStore, StateStoreError
 LOG = logging.getLogger("emulator")
 EXIT_OK = 0
 EXIT_CONFIG = 2
-EXIT_PROTOCOL = 3
 EXIT_SANDBOX = 4
 
 _SOCKET = -1

@@ -51,8 +51,7 @@ from typing import Any
 
 from emulators import faults
 from emulators.config import ControllerConfig, EmulatorConfig, LunConfig
-from emulators.limits import LUN_SLOTS, resize_problem
-from emulators.process import EXIT_PROTOCOL
+from emulators.limits import EXIT_PROTOCOL, LUN_SLOTS, resize_problem
 from launcher import children, emulators, holdnames, keeperrecord
 from launcher.heartbeat import protocol as proto
 from launcher.heartbeat.link import ControlLink, LinkClosed, control_pair
@@ -458,6 +457,10 @@ class EmulatorSlot(PolicyDriven):
         link_ours, link_theirs = control_pair()
         theirs.append(link_theirs)
         config = dataclasses.replace(config, control_fd=link_theirs.fileno())
+        # The holder's copy of the last occupant's fds (its uid lease among
+        # them) is dropped by a queued request: wait for it, or the uid
+        # still looks taken and the start fails into the restart backoff.
+        await children.host().flush()
         uid = self.uids.take(self.base_uid)
         if uid is None:
             for sock in (*ours.values(), *theirs, link_ours):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from emulators.process import EXIT_PROTOCOL
+from emulators.limits import EXIT_PROTOCOL
 from emulators.vhost_user.admission import Admission
 from emulators.vhost_user.codec import encode_reply, encode_request
 from emulators.vhost_user.constants import Request
