@@ -423,6 +423,7 @@ def test_every_fault_point_once_under_guest_io(tmp_path: Path) -> None:
         m.descendants()
         m.signal(signal.SIGTERM)
         rc = m.wait(90)
+        (tmp_path / "mplaunch.log").write_text(m.stderr)  # to look into a failure
     print("\n".join(o.row() for o in sweep.outcomes))
     assert rc == 0, m.stderr[-6000:]
     missed = [o for o in sweep.outcomes if not o.reached]
