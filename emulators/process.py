@@ -128,6 +128,11 @@ class Emulator:
             os.close(fd)
             self.config = dataclasses.replace(self.config, predecessor_fd=-1)
         for c in self.controllers:
+            # What the keepers sent before the death is the session as the
+            # predecessor left it: apply all of it before serving, whichever
+            # of the socket and the pidfd this loop round saw first.
+            while not c.closed and c.on_socket_readable():
+                pass
             c.activate()
         active_ns = time.monotonic_ns()
         for c in self.controllers:  # what waited for the takeover, before the log line

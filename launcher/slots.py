@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import select
 import signal
 import socket
 import stat
@@ -794,8 +795,8 @@ class EmulatorSlot(PolicyDriven):
         standby: Standby | None = None
         try:
             if occupant is None or occupant.proc.exited.done() or self._standby_paused \
-                    or occupant.proc.child.pidfd < 0:
-                return
+                    or occupant.proc.child.pidfd < 0 or _ended(occupant.proc.child.pidfd):
+                return  # dead already, maybe before its exit was seen: no standby
             config, ours, theirs = self._config(first_start=False)
             pidfd = os.dup(occupant.proc.child.pidfd)
             theirs_fds = [pidfd]
@@ -1007,3 +1008,12 @@ class EmulatorSlot(PolicyDriven):
                     os.close(fd)
         self.disk_fds.clear()
         self.state_fd = -1
+
+
+def _ended(pidfd: int) -> bool:
+    """Whether the process behind `pidfd` has ended (its pidfd is readable),
+    though the launcher may not have seen its exit yet: a standby assigned to
+    it would take over at once, before it holds the session."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
