@@ -61,6 +61,8 @@ class SparePool:
         self._spare: Occupant | None = None
         self._wanted = asyncio.Event()
         self._taken: asyncio.Future[None] | None = None
+        #: A spare is being started: a standby waiting for one asks for no other.
+        self._starting = False
         self.closed = False
         self.started = 0
         #: Another spare is kept waiting once one became a standby.
@@ -94,8 +96,12 @@ class SparePool:
             self._wanted.clear()
             if self._spare is not None:
                 continue
-            await asyncio.sleep(SPARE_START_DELAY_S)
-            spare = await self._start_one()
+            self._starting = True
+            try:
+                await asyncio.sleep(SPARE_START_DELAY_S)
+                spare = await self._start_one()
+            finally:
+                self._starting = False
             if spare is None:
                 await asyncio.sleep(SPARE_RETRY_S)
                 self._wanted.set()
@@ -205,7 +211,8 @@ class SparePool:
                 if self.keep_warm:
                     self.replenish()
                 return spare
-            self.replenish()
+            if not self._starting:  # else the one starting is this one's
+                self.replenish()
             await asyncio.sleep(0.02)
 
     async def renew(self) -> None:
