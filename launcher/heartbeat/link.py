@@ -35,7 +35,7 @@ import dataclasses
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,21 +140,16 @@ class ControlLink:
         that comes after its command timed out completes nothing. Raises
         TimeoutError, OSError when the command cannot be sent, or LinkClosed
         when the link closes (or is closed) before the answer."""
-        if self.closed:
-            raise LinkClosed(f"control link to {self.name} closed")
-        self._command_seq = self._command_seq % proto.U32_MAX + 1
-        seq = self._command_seq
-        answer: asyncio.Future[proto.Result] = asyncio.get_running_loop().create_future()
-        self._results[seq] = answer
-        try:
-            self.send(dataclasses.replace(command, seq=seq))
-            return await asyncio.wait_for(answer, timeout)
-        finally:
-            del self._results[seq]
+        return await self._exchange(lambda seq: dataclasses.replace(command, seq=seq), timeout)
 
     async def promote(self, timeout: float) -> proto.Result:
         """Tell a hot standby it serves its slot now; its answer (a RESULT with
         the PROMOTE's seq). Raises as `command` does."""
+        return await self._exchange(proto.Promote, timeout)
+
+    async def _exchange(self, message: Callable[[int], proto.Message],
+                        timeout: float) -> proto.Result:
+        """Send `message(seq)` under a new seq; the RESULT with that seq."""
         if self.closed:
             raise LinkClosed(f"control link to {self.name} closed")
         self._command_seq = self._command_seq % proto.U32_MAX + 1
@@ -162,7 +157,7 @@ class ControlLink:
         answer: asyncio.Future[proto.Result] = asyncio.get_running_loop().create_future()
         self._results[seq] = answer
         try:
-            self.send(proto.Promote(seq))
+            self.send(message(seq))
             return await asyncio.wait_for(answer, timeout)
         finally:
             del self._results[seq]
