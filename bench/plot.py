@@ -79,7 +79,9 @@ def grouped_bars(ax: Axes, groups: Sequence[str], series: Mapping[str, Sequence[
         for g, points in enumerate(samples[name] if samples else []):
             ax.plot([xs[g]] * len(points), points, "o", color="black", mfc="white", ms=4)
             tops[g] = max([tops[g], *points])
-    ax.set_xticks(range(len(groups)), groups)
+    # Long names (fio's cases) break before their queue depth, so that
+    # neighbouring labels do not run into each other.
+    ax.set_xticks(range(len(groups)), [g.replace(" QD", "\nQD") for g in groups])
     return tops
 
 

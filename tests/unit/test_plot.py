@@ -112,15 +112,15 @@ def test_fio_matrix_compares_iops_and_mb_s_apart_with_ratios(tmp_path: Path) -> 
     fig = plot.fio_matrix(tmp_path)
     iops, mb_s, ratio = fig.axes
     # The case measured on one kind only is left out; 4k cases in IOPS, 1M in MB/s.
-    assert [t.get_text() for t in iops.get_xticklabels()] == ["4k randread QD1",
-                                                              "4k randread QD32"]
+    assert [t.get_text() for t in iops.get_xticklabels()] == ["4k randread\nQD1",
+                                                              "4k randread\nQD32"]
     assert _bars(iops) == [[900.0, 5000.0], [1000.0, 8000.0]]
     assert _bars(mb_s) == [[209.7152], [220.20096]]
     assert iops.get_ylabel() == "IOPS" and mb_s.get_ylabel() == "MB/s"
     assert {"ratio 0.90", "ratio 0.62"} <= set(_texts(iops)) and "ratio 0.95" in _texts(mb_s)
     # The ratio panel: the file's ratios, in the panels' order, and the 0.9 line.
     assert [t.get_text() for t in ratio.get_xticklabels()] == [
-        "4k randread QD1", "4k randread QD32", "1M read QD4"]
+        "4k randread\nQD1", "4k randread\nQD32", "1M read\nQD4"]
     assert _bars(ratio) == [[0.9, 0.625, 0.952]]
     assert [_ys(line) for line in ratio.get_lines()] == [[0.9, 0.9]]
     # Every sample is a dot over its bar: three per bar.
