@@ -10,29 +10,12 @@ each keeper's recorded session to the new process, which resumes the rings
 from the state store, so the guest sees only a pause.
 A restart takes the VM's warm spare when one is ready (launcher.spares).
 
-Hot standby. One slot per VM, that of the first [[emulator]] of kind scsi
-(not in backend-only mode, not with restart = "never"), keeps a hot
-standby (`_keep_standby`, a child task of `supervise`): the pool's next
-spare is assigned the slot's config with a dup of the occupant's pidfd,
-each keeper makes it a follower of its session (launcher.sessionkeeper),
-and its heartbeat runs while it waits. When the occupant dies, for any
-reason, the standby sees it on the pidfd and serves at once
-(emulators.process); `_restart` then PROMOTEs it, attaches it to the
-keepers (re-sending a message in flight) and makes it the occupant, and
-the next standby is made. The other slots of the VM restart through the
-warm spare or cold, as before.
-
-What must never happen is two processes serving the rings. So a standby
-is dropped (SIGKILL, its keepers' sockets closed) before anything else may
-serve the slot or before the occupant is ended on purpose with no
-takeover wanted: a restart that cannot promote it (it is still being
-assigned, or it follows a process other than the one that ended) kills it
-and waits for its death before the warm spare or a cold start; the slot's
-stop, a power-off in backend-only mode, a disk added, removed or resized
-(its LUNs would be stale; a new standby is made after the change), an
-upgrade (`SparePool.renew`) and a policy answer without a start (give-up,
-a clean exit) all drop it. A standby that dies, freezes (its heartbeat) or
-cannot keep up with its keepers is killed and replaced.
+Hot standby. One slot per VM, that of its first scsi emulator, keeps a
+spare following its occupant's session, which serves the moment the
+occupant dies (launcher.standby): `_restart` promotes it then, and drops
+it, waiting for its death, when it cannot take over, so that never two
+processes serve the rings; whatever else ends the occupant on purpose or
+changes its LUNs drops it first.
 """
 
 from __future__ import annotations
@@ -42,11 +25,10 @@ import contextlib
 import dataclasses
 import functools
 import os
-import select
 import signal
 import socket
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +63,7 @@ from launcher.sessionkeeper import OneInFlight, SessionKeeper
 from launcher.slotbase import DiskChangeError, NoAnswer, PolicyDriven, SlotSnapshot, SlotStats
 from launcher.spares import SparePool
 from launcher.spec import DiskSpec, EmulatorSpec, Spec
+from launcher.standby import StandbyKeeper, keeps_standby
 from launcher.statestore import layout
 from launcher.status import LOG
 from launcher.uidpool import UidPool
@@ -91,23 +74,6 @@ FRONTEND_BACKLOG = 4
 """Front-end connections a backend-only controller's listener queues: a new
 QEMU may connect while the emulator is still being made a fresh device."""
 FRONTEND_RECHECK_S = 0.1
-HOT_STANDBY = True
-"""Whether the VM's first scsi emulator keeps a hot standby."""
-STANDBY_RECHECK_S = 0.05
-"""How often the standby task looks again for an occupant to stand by for."""
-
-
-@dataclass
-class Standby:
-    """A spare assigned to follow the occupant `for_pid`; `following` once it
-    answered its assignment and the keepers feed it. `over` says why its
-    watch ends: "promoted" (it is the occupant now) or why it was dropped."""
-
-    occupant: Occupant
-    sockets: dict[str, socket.socket]
-    for_pid: int
-    over: asyncio.Future[str]
-    following: bool = False
 """How often a QEMU that connected while another QEMU still holds a
 controller of the same emulator looks again whether it may go on."""
 
@@ -223,14 +189,15 @@ class EmulatorSlot(PolicyDriven):
         self._first_start_due = False
         self._fresh = asyncio.Event()
         self._fresh.set()
-        self.standby: Standby | None = None
-        self._standby_paused = 0  # disk changes under way
-        self.hot_standby = (HOT_STANDBY and spares is not None and not listen
-                            and spec.emulators and emulator.id == next(
-                                (e.id for e in spec.emulators if e.kind == "scsi"), None)
-                            and emulator.restart != "never")
-        if self.hot_standby and spares is not None:
-            spares.on_renew.append(lambda: self._drop_standby("the emulator code was renewed"))
+        #: The slot's hot standby, if it keeps one (launcher.standby).
+        self.hot_standby: StandbyKeeper | None = None
+        if spares is not None and keeps_standby(spec, emulator, listen):
+            self.hot_standby = StandbyKeeper(
+                emulator, self.keepers, spares, uids,
+                occupant=lambda: self.occupant,
+                config=lambda: self._config(first_start=False),
+                may_stand_by=lambda: self._fresh.is_set() and not self._stopping,
+            )
         if held is not None:
             self._adopt(held)
             return
@@ -544,11 +511,11 @@ class EmulatorSlot(PolicyDriven):
         give-up). Every end of an occupant and every failed restart goes
         through the policy; only CancelledError (the VM's teardown) leaves
         early. The hot standby's task is its child."""
-        if not self.hot_standby:
+        if self.hot_standby is None:
             await self._supervise()
             return
         async with asyncio.TaskGroup() as group:
-            standby = group.create_task(self._keep_standby(), name=f"standby {self.id}")
+            standby = group.create_task(self.hot_standby.keep(), name=f"standby {self.id}")
             try:
                 await self._supervise()
             finally:
@@ -653,7 +620,9 @@ class EmulatorSlot(PolicyDriven):
         not just fail on one, else a cold start. A failed hand-over raises
         (the policy counts it; the next start is cold)."""
         fresh = self._first_start_due  # a first start, of a device just powered on
-        standby = await self._standby_for(old_pid, fresh)
+        standby = None
+        if self.hot_standby is not None:
+            standby = await self.hot_standby.standby_for(old_pid, fresh)
         spare = None
         if standby is None and self.spares is not None and not self._cold_next:
             spare = self.spares.take()
@@ -661,7 +630,9 @@ class EmulatorSlot(PolicyDriven):
         try:
             if standby is not None:
                 via = "hot standby"
-                occupant = await self._promote(standby)
+                assert self.hot_standby is not None
+                occupant = await self.hot_standby.promote(standby)
+                self.stats.spare_restarts += 1
             elif spare is not None:
                 via = "warm spare"
                 occupant = await self._launch_spare(spare, first_start=fresh)
@@ -696,160 +667,19 @@ class EmulatorSlot(PolicyDriven):
         LOG.info("emulator %s restarted (pid %d, %s) %.1f ms after its end", self.id,
                  occupant.proc.pid, via, stall_ms)
 
-    # -- the hot standby
+    # -- the hot standby (launcher.standby)
 
     def _drop_standby(self, why: str) -> None:
-        """Kill the standby now (its watch reaps it and gives its uid back)
-        and stop feeding it; a no-op without one. Synchronous, so that it can
-        come before whatever ends the occupant on purpose: a SIGKILL sent
-        first is delivered before the standby can see the occupant's end."""
-        standby, self.standby = self.standby, None
-        if standby is None:
-            return
-        LOG.debug("emulator %s: standby pid %d dropped: %s", self.id,
-                  standby.occupant.proc.pid, why)
-        if not standby.occupant.proc.exited.done():
-            standby.occupant.proc.kill()
-        for cid, sock in standby.sockets.items():
-            keeper = self.keepers.get(cid)
-            if keeper is not None and keeper.following is sock:
-                keeper.unfollow()
-            else:
-                sock.close()
-        if not standby.over.done():
-            standby.over.set_result(why)
+        """Kill the hot standby, if there is one, before anything else may
+        serve the slot or the occupant ends on purpose (see StandbyKeeper.drop)."""
+        if self.hot_standby is not None:
+            self.hot_standby.drop(why)
 
-    async def _standby_for(self, old_pid: int, fresh: bool) -> Standby | None:
-        """The standby to promote for the occupant `old_pid` that ended, or
-        None once any standby there was is dead (never two serving)."""
-        standby = self.standby
-        if standby is None:
-            return None
-        if standby.following and standby.for_pid == old_pid and not fresh \
-                and not standby.occupant.proc.exited.done():
-            return standby
-        self._drop_standby("it cannot take over this restart")
-        await asyncio.shield(standby.occupant.proc.exited)
-        return None
-
-    async def _promote(self, standby: Standby) -> Occupant:
-        """Make the standby (already serving the rings since the old
-        occupant's death) the occupant: PROMOTE, then the keepers relay to it
-        on the sockets it followed on. HandOverFailed with it killed if it
-        does not answer within its hang timeout."""
-        spare = standby.occupant
-        if not standby.over.done():
-            standby.over.set_result("promoted")
-        self.standby = None
-        why = None
-        try:
-            result = await spare.link.promote(self.emulator.hang_timeout_ms / 1000)
-            if not result.ok:
-                why = f"refused: {result.error}"
-        except (TimeoutError, OSError, LinkClosed) as e:
-            why = str(e) or "no answer"
-        if why is not None:
-            for sock in standby.sockets.values():
-                for keeper in self.keepers.values():
-                    if keeper.following is sock:
-                        keeper.unfollow()
-                sock.close()
-            spare.link.close()
-            status = await reap(spare.proc)
-            self.uids.give_back(spare.uid)
-            raise HandOverFailed(spare.proc.pid, why, status)
-        faults.strike("handover.answer_received", spare.proc.pid)
-        for cid, sock in standby.sockets.items():
-            self.keepers[cid].attach(sock, replay=False, resend=True)
-        spare.link.name = self.id
-        spare.proc.id = self.id
-        spare.backends = dict(standby.sockets)
-        self.stats.spare_restarts += 1
-        return spare
-
-    async def _keep_standby(self) -> None:
-        """Keep a standby following the occupant, for as long as the slot
-        supervises; cancelled by `supervise`. Never raises but
-        CancelledError: a standby that fails is logged and replaced."""
-        assert self.spares is not None
-        while True:
-            occupant = self.occupant
-            if occupant is None or self._standby_paused or self.standby is not None \
-                    or occupant.proc.exited.done() or occupant.proc.child.pidfd < 0 \
-                    or not self._fresh.is_set() or self._stopping:
-                await asyncio.sleep(STANDBY_RECHECK_S)
-                continue
-            spare = await self.spares.next_spare()
-            try:
-                await self._stand_by(spare)
-            except Exception as e:  # a bug: say it, and try again later
-                LOG.error("emulator %s: standby failed: %r", self.id, e)
-                await asyncio.sleep(STANDBY_RECHECK_S)
-
-    async def _stand_by(self, spare: Occupant) -> None:
-        """Assign `spare` as the standby of the occupant now, and watch it
-        until it is promoted or dropped; anything but a promotion ends with
-        it killed, reaped and its uid given back."""
-        occupant = self.occupant
-        promoted = False
-        standby: Standby | None = None
-        try:
-            if occupant is None or occupant.proc.exited.done() or self._standby_paused \
-                    or occupant.proc.child.pidfd < 0 or _ended(occupant.proc.child.pidfd):
-                return  # dead already, maybe before its exit was seen: no standby
-            config, ours, theirs = self._config(first_start=False)
-            pidfd = os.dup(occupant.proc.child.pidfd)
-            theirs_fds = [pidfd]
-            config = dataclasses.replace(config, predecessor_fd=pidfd)
-            over: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            standby = Standby(spare, ours, occupant.proc.pid, over)
-            self.standby = standby
-            spare.link.watch(self.emulator.heartbeat_ms, self.emulator.hang_timeout_ms)
-
-            def follow() -> None:
-                for cid, sock in ours.items():
-                    if not self.keepers[cid].follow(sock, self._follower_lost):
-                        self._drop_standby("its session could not be sent")
-                        return
-
-            try:
-                await hand_over(spare, config, follow)
-            except HandOverFailed as e:
-                LOG.warning("emulator %s: %s", self.id, e)
-                self._drop_standby("its assignment failed")
-                return
-            finally:
-                for sock in theirs:
-                    sock.close()
-                for fd in theirs_fds:
-                    os.close(fd)
-            if self.standby is not standby:
-                return  # dropped meanwhile
-            standby.following = True
-            LOG.debug("emulator %s: standby pid %d follows pid %d", self.id, spare.proc.pid,
-                      occupant.proc.pid)
-            async with spare.link.beating():
-                waits: set[asyncio.Future[Any]] = {spare.proc.exited, spare.link.hung, over}
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if over.done() and over.result() == "promoted":
-                promoted = True
-                return
-            if spare.proc.exited.done():
-                LOG.warning("emulator %s: its standby (pid %d) died (%s)", self.id,
-                            spare.proc.pid, describe_status(spare.proc.exited.result()))
-            elif spare.link.hung.done():
-                LOG.warning("emulator %s: its standby (pid %d) %s; killing it", self.id,
-                            spare.proc.pid, spare.link.hung.result().reason)
-        finally:
-            if not promoted:
-                if standby is not None and self.standby is standby:
-                    self._drop_standby("its watch ended")
-                spare.link.close()
-                await reap(spare.proc)
-                self.uids.give_back(spare.uid)
-
-    def _follower_lost(self, why: str) -> None:
-        self._drop_standby(f"it fell behind its session keepers: {why}")
+    def _no_standby(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """No hot standby while the LUNs change (see StandbyKeeper.paused)."""
+        if self.hot_standby is None:
+            return contextlib.nullcontext()
+        return self.hot_standby.paused()
 
     # -- disks changed through management
 
@@ -874,21 +704,6 @@ class EmulatorSlot(PolicyDriven):
             return await occupant.link.command(command, COMMAND_TIMEOUT)
         except (TimeoutError, OSError, LinkClosed) as e:
             raise NoAnswer(f"emulator {self.id} did not answer: {e or 'timeout'}") from None
-
-    @contextlib.asynccontextmanager
-    async def _no_standby(self) -> AsyncIterator[None]:
-        """No standby while the LUNs change: its config would name the old
-        ones, its LUNs the old sizes. The one there is dropped (and dead
-        before the change); the next is made with the new config afterwards."""
-        self._standby_paused += 1
-        try:
-            standby = self.standby
-            self._drop_standby("a disk is being added or removed")
-            if standby is not None:
-                await asyncio.shield(standby.occupant.proc.exited)
-            yield
-        finally:
-            self._standby_paused -= 1
 
     def _refused(self, result: proto.Result) -> DiskChangeError:
         return DiskChangeError(f"emulator {self.id} refused: {result.error}")
@@ -1009,11 +824,3 @@ class EmulatorSlot(PolicyDriven):
         self.disk_fds.clear()
         self.state_fd = -1
 
-
-def _ended(pidfd: int) -> bool:
-    """Whether the process behind `pidfd` has ended (its pidfd is readable),
-    though the launcher may not have seen its exit yet: a standby assigned to
-    it would take over at once, before it holds the session."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))

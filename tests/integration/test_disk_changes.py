@@ -99,8 +99,7 @@ async def rig(tmp_path: Path, *, hidden_lun: bool = False, pump: bool = True
     slot.disks = {"c0": [DiskSpec("d0", "c0", 0, d0, "raw", False, 512)]}
     slot.disk_fds = {"d0": os.open(d0, os.O_RDWR)}
     slot._commands = asyncio.Lock()
-    slot.standby = None  # no hot standby to drop before a change
-    slot._standby_paused = 0
+    slot.hot_standby = None  # no hot standby to drop before a change
     slot.on_change = lambda: None  # no vm-state.json to keep here
     # No pid: a fault point armed by a test never signals anything here.
     slot.occupant = SimpleNamespace(  # type: ignore[assignment]
