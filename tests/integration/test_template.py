@@ -10,10 +10,13 @@ is not used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,23 @@ def heap_start(pid: int) -> str:
         if line.endswith("[heap]"):
             return line.split("-")[0]
     return ""
+
+
+@contextlib.contextmanager
+def holder_like_signals() -> Iterator[None]:
+    """The reference spare is exec'd from this process, so it would inherit
+    the signals this test run ignores (`nohup` ignores SIGHUP, a background
+    job SIGQUIT); the holder's children do not, as the holder handles or
+    defaults those. Default them while the reference starts."""
+    saved = {}
+    for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            saved[sig] = signal.signal(sig, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def status(pid: int) -> dict[str, str]:
@@ -120,7 +140,8 @@ async def _forked_like_exec(tmp_path: Path) -> None:
         forked, via_holder = await start_spare(spec, UID + 1)
         procs.append(forked)
         children.install(None)
-        execd, via_exec = await start_spare(spec, UID + 2)
+        with holder_like_signals():
+            execd, via_exec = await start_spare(spec, UID + 2)
         procs.append(execd)
         assert via_holder["heap"] == heap_start(holder.pid) != ""  # forked, not exec'd
         assert via_exec["heap"] != heap_start(os.getpid())
