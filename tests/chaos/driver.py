@@ -12,7 +12,7 @@ event explains is a finding too:
                 -> "emulator X died (killed by SIGKILL)", "emulator X restarted (pid N ...)"
     HANG        SIGSTOP of an emulator's current process (heartbeat detection)
                 -> "emulator X hung: ...; killing pid P", "emulator X restarted (pid N ...)"
-    KILL_SPARE  SIGKILL of the waiting warm spare
+    KILL_SPARE  SIGKILL of the waiting warm spare (or hot standby)
                 -> "warm spare (pid P) died while waiting", then a new spare process
     HANG_SPARE  SIGSTOP of the waiting warm spare (spares get heartbeats too)
                 -> the spare is killed and replaced within its hang timeout
@@ -179,7 +179,10 @@ _STARTED = re.compile(r"emulator (\S+) (?:started|restarted) \(pid (\d+)")
 _RESTARTED = re.compile(r"emulator (\S+) restarted \(pid (\d+)(?:, ([^)]+))?\) ([\d.]+) ms")
 _HUNG = re.compile(r"emulator (\S+) hung: ")
 _DIED = re.compile(r"emulator (\S+) died \(")
-_SPARE_DIED = re.compile(r"warm spare \(pid (\d+)\) died while waiting")
+# A spare the test killed while it waits, or while it stands by for an
+# emulator as its hot standby (its closed control channel may be seen first).
+_SPARE_DIED = re.compile(r"warm spare \(pid (\d+)\) died while waiting"
+                         r"|its standby \(pid (\d+)\) (?:died|broke the control protocol)")
 _SPARE_READY = re.compile(r"warm spare ready \(pid (\d+)")
 
 
