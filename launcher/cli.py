@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start no QEMU: serve the emulators on sockets in the run folder for a QEMU "
         "started by someone else (see --print-qemu-args, --print-libvirt-xml)",
     )
+    parser.add_argument(
+        "--incoming",
+        metavar="URI",
+        help="be the destination of a live migration: start the emulators and a paused "
+        "QEMU, listen on URI (unix:PATH or tcp:HOST:PORT) for the source's mplaunch "
+        "(mpctl migrate NAME URI), check that the disks match, take the guest's state and "
+        "run it; exit 1, the guest never run, if the migration fails",
+    )
     show = parser.add_mutually_exclusive_group()
     show.add_argument(
         "--print-qemu-args",
@@ -65,6 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fragment and not args.print_libvirt_xml:
         parser.error("--fragment goes only with --print-libvirt-xml")
+    incoming = None
+    if args.incoming is not None:
+        from launcher.migration.uri import BadUri, parse_uri
+
+        if args.backends_only:
+            parser.error("--incoming cannot go with --backends-only: QEMU is then someone "
+                         "else's (migrate it with its own tools, e.g. virsh migrate)")
+        if args.print_qemu_args or args.print_libvirt_xml:
+            parser.error("--incoming cannot go with --print-qemu-args or --print-libvirt-xml")
+        try:
+            incoming = parse_uri(args.incoming)
+        except BadUri as e:
+            parser.error(f"--incoming: {e}")
     try:
         spec = load_spec(args.spec)
     except SpecError as e:
@@ -79,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         refusal = unattachable(spec, "--backends-only", args.spec)
         if refusal is not None:
             print(refusal, file=sys.stderr)
+            return 1
+    if incoming is not None:
+        from launcher.migration.compat import unmigratable
+
+        refusal = unmigratable(spec)
+        if refusal is not None:
+            print(f"{args.spec}: --incoming: {refusal}", file=sys.stderr)
             return 1
     if args.check:
         if not args.quiet:
@@ -100,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if warning is not None:
             LOG.warning("%s", warning)
     try:
-        return asyncio.run(Supervisor(spec, accel, backends_only=args.backends_only).run())
+        return asyncio.run(Supervisor(spec, accel, backends_only=args.backends_only,
+                                      incoming=incoming).run())
     except (RunFolderBusy, CannotReattach) as e:
         LOG.error("%s", e)
         return 1

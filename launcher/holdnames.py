@@ -14,6 +14,10 @@ MANAGEMENT = "mgmt"
 """The listening management socket (mplaunch.sock): clients reconnect to one path."""
 QEMU_OUTPUT = "qemu:out"
 """The read end of QEMU's stderr pipe."""
+TETHER = "tether"
+"""Name and kind of an entry that ties the VM to its launcher: while the
+holder keeps one, the attached launcher's end stops the holder and every
+child (an incoming migration whose guest never ran has nothing to keep)."""
 
 
 def disk(emulator_id: str, disk_id: str) -> str:

@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     remove = sub.add_parser("disk-remove", help="detach a disk")
     remove.add_argument("vm", help=vm_help)
     remove.add_argument("disk", help="the disk's id")
+    migrate = sub.add_parser("migrate", help="live-migrate the VM to an mplaunch --incoming "
+                             "URI; exits 0 once the guest runs there")
+    migrate.add_argument("vm", help=vm_help)
+    migrate.add_argument("uri", help="the destination's URI: unix:PATH or tcp:HOST:PORT")
     resize = sub.add_parser("disk-resize", help="grow a disk's image")
     resize.add_argument("vm", help=vm_help)
     resize.add_argument("disk", help="the disk's id")
@@ -312,7 +316,80 @@ async def _upgrade(sock: Path, timeout: float) -> dict[str, Any]:
     return {"old": old, "package": new.get("package"), "status": status.get("status")}
 
 
+MIGRATE_POLL_S = 0.5
+
+
+def migration_line(vm: str, info: dict[str, Any]) -> str:
+    """One progress line of `mpctl migrate`: status, and MiB sent and left."""
+    status = str(info.get("status"))
+    line = f"migrate {vm}: {status}"
+    ram = info.get("ram")
+    ram = ram if isinstance(ram, dict) else {}
+    if status == "active":
+        if info.get("phase") == "state":
+            line += " (handing the emulators' state over)"
+        elif isinstance(ram.get("transferred"), int):
+            line += (f" {ram['transferred'] / (1 << 20):.1f} MiB sent, "
+                     f"{ram.get('remaining', 0) / (1 << 20):.1f} MiB remaining")
+    if status == "failed":
+        line += f": {info.get('error-desc', 'no reason given')}"
+    return line
+
+
+def _event_data(event: object) -> dict[str, Any]:
+    data = event.get("data") if isinstance(event, Mapping) else None
+    return dict(data) if isinstance(data, Mapping) else {}
+
+
+async def _migrate(sock: Path, vm: str, uri: str, timeout: float, out: TextIO,
+                   as_json: bool) -> int:
+    """Start the migration, then show its progress on one line until it ends."""
+    tty = out.isatty() and not as_json
+
+    async def follow(client: QMPClient) -> dict[str, Any]:
+        last = ""
+        info: dict[str, Any] = {"status": "setup"}
+        with client.listener("MIGRATION") as events:
+            await client.execute("migrate", {"uri": uri})
+            while True:
+                try:
+                    answer = await client.execute("query-migrate")
+                    info = answer if isinstance(answer, dict) else info
+                except ExecInterruptedError:
+                    # The source stops once it is done; its last event says how it ended.
+                    info = {"status": "failed", "error-desc": "the VM went away"}
+                    for event in events.clear():
+                        info = _event_data(event) or info
+                line = migration_line(vm, info)
+                if line != last and not as_json:
+                    out.write(("\r\033[K" if tty else "") + line + ("" if tty else "\n"))
+                    out.flush()
+                last = line
+                if info.get("status") in ("completed", "failed", "cancelled"):
+                    if tty:
+                        out.write("\n")
+                    return info
+                with contextlib.suppress(TimeoutError):
+                    data = _event_data(await asyncio.wait_for(events.get(), MIGRATE_POLL_S))
+                    if data.get("status") in ("completed", "failed", "cancelled"):
+                        info = data
+                        line = migration_line(vm, info)
+                        if not as_json:
+                            out.write(("\r\033[K" if tty else "") + line + "\n")
+                        return info
+
+    info = await _session(sock, timeout, follow)
+    if as_json:
+        out.write(json.dumps(info, indent=2) + "\n")
+    if info.get("status") != "completed":
+        raise MpctlError(migration_line(vm, info))
+    return EXIT_OK
+
+
 async def run(args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "migrate":
+        return await _migrate(socket_path(args.vm, args.run_dir), args.vm, args.uri,
+                              args.timeout, out, args.json)
     if args.command == "upgrade":
         done = await _upgrade(socket_path(args.vm, args.run_dir), args.timeout)
         out.write(json.dumps(done, indent=2) + "\n" if args.json else

@@ -188,15 +188,17 @@ class Qemu:
 
     @classmethod
     async def launch(cls, spec: Spec, accel: Accel, qmp_listener: int,
-                     controller_fds: Mapping[str, int], qmp_path: Path) -> Qemu:
-        """QEMU for the spec, confined (unless ``sandbox = "off"``) and checked.
+                     controller_fds: Mapping[str, int], qmp_path: Path,
+                     incoming: bool = False) -> Qemu:
+        """QEMU for the spec, confined (unless ``sandbox = "off"``) and checked;
+        `incoming`: paused, waiting for a migration (launcher.vmm.qemu_argv).
         Raises :class:`QemuStartError` or :class:`launcher.sandbox.check.
         SandboxError`, with nothing left running."""
         files = QemuFiles.open(spec)
         who: QemuIdentity | None = None
         try:
             fds = files.fds(qmp_listener, controller_fds)
-            argv = qemu_argv(spec, accel, fds)
+            argv = qemu_argv(spec, accel, fds, incoming=incoming)
             jail = None
             if spec.vm.sandbox is not SandboxMode.OFF:
                 who = qemu_identity(spec, "qemu")

@@ -64,7 +64,7 @@ from launcher.slotbase import DiskChangeError, NoAnswer, PolicyDriven, SlotSnaps
 from launcher.spares import SparePool
 from launcher.spec import DiskSpec, EmulatorSpec, Spec
 from launcher.standby import StandbyKeeper, keeps_standby
-from launcher.statestore import layout
+from launcher.statestore import layout, transfer
 from launcher.status import LOG
 from launcher.uidpool import UidPool
 
@@ -499,6 +499,22 @@ class EmulatorSlot(PolicyDriven):
         """The first start, before QEMU: a failure here ends the VM."""
         self.policy.start(now_ns())
         self._occupy(await self._launch_cold(first_start=True))
+
+    async def load_migrated_state(self, image: bytes) -> None:
+        """Incoming migration, before the guest ever ran here and before this
+        slot is supervised: the first occupant (which only answered QEMU's
+        set-up) is killed, the source's state store image is loaded into
+        this slot's store (launcher.statestore.transfer: ring slots cleared),
+        and a new occupant starts from it as a successor would (the session
+        replayed, the LUNs' state read from the store: no new power-on unit
+        attention). Raises as `start` does."""
+        occupant = self.occupant
+        if occupant is not None:
+            occupant.proc.child.kill()  # it served no guest request: nothing to finish
+            await occupant.proc.exited
+            self._retire(occupant)
+        transfer.load_image(self.state_fd, image)
+        self._occupy(await self._launch_cold(first_start=False))
 
     def request_restart(self) -> None:
         """Management asked for a restart: kill the occupant; the policy restarts it."""

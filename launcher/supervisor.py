@@ -31,6 +31,10 @@ from launcher.emulators import DiskOpenError
 from launcher.holder.client import HolderClient, start_holder
 from launcher.libvirt import backend_socket, frontend_group_warning
 from launcher.management.server import EventBus, ManagementServer, resolve_group
+from launcher.migration.destination import IncomingMigration
+from launcher.migration.source import MigrationSource
+from launcher.migration.stream import MigrationError
+from launcher.migration.uri import MigrationUri
 from launcher.qemu import Qemu, QemuStartError, bind_qmp_listener
 from launcher.restart_policy import GiveUp, describe_status
 from launcher.runfolder import RunFolder, RunFolderBusy
@@ -63,6 +67,22 @@ class VmOutcome:
     events: list[str] = field(default_factory=list)
 
 
+QEMU_MIGRATION_EVENTS = frozenset({"MIGRATION", "MIGRATION_PASS"})
+"""QEMU's own migration events: mplaunch's MIGRATION replaces them."""
+
+
+def _tether() -> None:
+    """Until the guest of an incoming migration runs, the holder must not
+    keep QEMU for a launcher that died (a guest that never ran has nothing
+    to keep): it stops everything when its launcher goes while it holds
+    this (launcher.holder)."""
+    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        children.host().hold(holdnames.TETHER, holdnames.TETHER, [fd])
+    finally:
+        os.close(fd)
+
+
 CANCEL_REPORT_S = 10.0
 HANDOVER_QUIET_S = 2.0
 """How long an upgrade waits for vhost-user exchanges in flight to finish."""
@@ -88,7 +108,8 @@ class Supervisor:
     """Owns one VM: its run folder, its QEMU, (later) its emulators."""
 
     def __init__(
-        self, spec: Spec, accel: AccelChoice | None = None, backends_only: bool = False
+        self, spec: Spec, accel: AccelChoice | None = None, backends_only: bool = False,
+        incoming: MigrationUri | None = None,
     ) -> None:
         self.spec = spec
         self.backends_only = backends_only
@@ -116,6 +137,28 @@ class Supervisor:
         self._attachment: reattach.Attachment | None = None
         #: The spec file as it was read: a re-attaching launcher uses this one.
         self.spec_text = reattach.spec_text(spec.path) or ""
+        #: `mplaunch --incoming`: the migration this VM waits for (launcher.migration).
+        self.incoming = None if incoming is None else IncomingMigration(self, incoming)
+        #: An outgoing migration (made by the first `migrate`).
+        self.migration: MigrationSource | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def incoming_pending(self) -> bool:
+        """An incoming migration whose guest has not run here yet."""
+        return self.incoming is not None and not self.incoming.done
+
+    def spawn_child(self, coro: Coroutine[Any, Any, object], name: str) -> asyncio.Task[object]:
+        """A child task of the VM (see `_spawn`), for its management."""
+        return self._spawn(coro, name)
+
+    def migrated(self) -> None:
+        """The guest runs at a migration's destination: stop here, as on quit."""
+        self.outcome.stop_signal = "migrated"
+        self._stop.set()
 
     def upgrade_refused(self) -> str | None:
         """Why this VM cannot be handed over to a new launcher now, or None."""
@@ -123,6 +166,9 @@ class Supervisor:
             return "a VM with lsi emulators cannot be handed over: their relay runs here"
         if self.backends_only:
             return "a --backends-only launcher cannot be handed over"
+        if self.incoming_pending or (self.migration is not None
+                                     and self.migration.progress.under_way):
+            return "a migration is under way"
         if self.qemu is None or self._stop.is_set():
             return "the VM is starting or stopping"
         return None
@@ -325,8 +371,12 @@ class Supervisor:
     async def _run_vm(self, run: RunFolder, listener: socket.socket) -> int:
         """Start the emulators (each confined before QEMU exists), then QEMU,
         then supervise until the VM ends; the exit status."""
-        fatal: tuple[type[Exception], ...] = (SandboxError, DiskOpenError, FrontendGroupError)
+        fatal: tuple[type[Exception], ...] = (SandboxError, DiskOpenError, FrontendGroupError,
+                                              MigrationError)
         try:
+            if self.incoming is not None:
+                self.incoming.open()  # a URI it cannot listen on fails before anything starts
+                _tether()
             if self.spec.emulators:
                 preflight(self.spec.vm.sandbox)  # the sandbox: fail closed, warn if weakened
             first, last = self.spec.vm.uid_range
@@ -370,7 +420,7 @@ class Supervisor:
         links = {cid: s.fileno() for slot in self.slots for cid, s in slot.qemu_ends.items()}
         try:  # unprivileged and checked, like an emulator (launcher.qemu)
             qemu = await Qemu.launch(self.spec, self.accel.accel, listener.fileno(), links,
-                                     run.qemu_sock)
+                                     run.qemu_sock, incoming=self.incoming is not None)
         except (SandboxError, QemuStartError) as e:
             LOG.error("%s", e)
             return EXIT_FAILED
@@ -380,7 +430,31 @@ class Supervisor:
             slot.close_qemu_ends()
         self.save_state()
         LOG.info("QEMU started (pid %d)", qemu.pid)
+        if self.incoming is not None and not await self._receive(self.incoming, qemu):
+            return EXIT_FAILED
         return await self._supervise(qemu)
+
+    async def _receive(self, incoming: IncomingMigration, qemu: Qemu) -> bool:
+        """`mplaunch --incoming`: until the guest runs here (True), or the
+        migration failed or a stop was asked for (False: the guest never ran)."""
+        receiving = asyncio.create_task(incoming.receive(qemu))
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({receiving, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not receiving.done():
+                receiving.cancel()
+                with contextlib.suppress(BaseException):
+                    await receiving
+        if receiving.cancelled():
+            LOG.error("incoming migration: stopped before the guest ran here")
+            return False
+        if not receiving.result():
+            return False
+        children.host().unhold(holdnames.TETHER)  # the guest runs: the holder keeps it
+        self.save_state()
+        return True
 
     def _frontend_gid(self) -> int | None:
         """Backend-only mode: the gid whose members' QEMU may connect to the
@@ -412,6 +486,8 @@ class Supervisor:
         self.notifier.stopping()
         if listener is not None:
             listener.close()
+        if self.incoming is not None:
+            self.incoming.close()
         if self.qemu is not None:
             status = await self.qemu.stop()
             LOG.info("QEMU exited (%s)", describe_status(status))
@@ -493,7 +569,8 @@ class Supervisor:
         """Connect to QEMU's QMP, then pass its events on until it goes.
         QMP that does not come up while QEMU runs stops the VM."""
         try:
-            await qemu.connect()
+            if qemu.qmp.runstate.name != "RUNNING":  # an incoming migration connected it
+                await qemu.connect()
         except Exception as e:
             if not qemu.exited.done():
                 LOG.error("cannot talk to QEMU: %s", e)
@@ -506,6 +583,8 @@ class Supervisor:
 
     async def _follow_events(self, qemu: Qemu) -> None:
         async for name, data in qemu.events():
+            if name in QEMU_MIGRATION_EVENTS:
+                continue  # mplaunch reports its own MIGRATION (launcher.migration)
             self.outcome.events.append(name)
             if name == "SHUTDOWN":
                 self.outcome.guest_shutdown = bool(data.get("guest"))

@@ -96,6 +96,12 @@ class SupervisorControl:
 
     # -- changes
 
+    def _no_migration(self, what: str) -> None:
+        """Disks stay as the migration's hello described them until it ends."""
+        sv = self.sv
+        if sv.incoming_pending or (sv.migration is not None and sv.migration.progress.under_way):
+            raise _fail(f"{what} is refused while a migration is under way")
+
     def _slot(self, emulator_id: str) -> Slot:
         for slot in self.sv.slots:
             if slot.id == emulator_id:
@@ -126,6 +132,7 @@ class SupervisorControl:
                        readonly: bool = False, block_size: int = 512) -> None:
         # One disk change at a time: two adds must not both pass the id and
         # LUN checks before either is recorded.
+        self._no_migration("disk-add")
         async with self._disk_changes:
             if any(slot.disk(id) for slot in self.sv.slots):
                 raise _fail(f"disk id '{id}' is already in use")
@@ -161,6 +168,7 @@ class SupervisorControl:
                                     "readonly": readonly, "block_size": block_size})
 
     async def disk_remove(self, id: str) -> None:
+        self._no_migration("disk-remove")
         async with self._disk_changes:
             slot, disk = self._disk(id)
             try:
@@ -171,6 +179,7 @@ class SupervisorControl:
         self.sv.emit("DISK_REMOVED", {"id": id, "controller": disk.controller, "lun": disk.lun})
 
     async def disk_resize(self, id: str, size: int) -> None:
+        self._no_migration("disk-resize")
         async with self._disk_changes:
             slot, disk = self._disk(id)
             refused = slot.disk_changes_refused("disk-resize")
@@ -222,6 +231,30 @@ class SupervisorControl:
                 await pool.ready_spare(SPARE_TIMEOUT)
                 await self.emulator_restart(slot.id)
         return await self.query_emulators()
+
+    async def migrate(self, uri: str) -> None:
+        from launcher.migration.source import MigrationSource
+        from launcher.migration.uri import parse_uri
+
+        if self.sv.migration is None:
+            self.sv.migration = MigrationSource(self.sv)
+        refused = self.sv.migration.refused()
+        if refused is not None:
+            raise _fail(refused)
+        self.sv.migration.start(parse_uri(uri))
+
+    async def query_migrate(self) -> dict[str, Any]:
+        if self.sv.incoming is not None:
+            return await self.sv.incoming.answer()
+        if self.sv.migration is None:
+            return {"status": "none"}
+        return await self.sv.migration.answer()
+
+    async def migrate_cancel(self) -> None:
+        refused = ("no migration is under way" if self.sv.migration is None
+                   else self.sv.migration.cancel())
+        if refused is not None:
+            raise _fail(refused)
 
     async def upgrade(self) -> dict[str, Any]:
         refused = self.sv.upgrade_refused()

@@ -78,8 +78,12 @@ def chardev_id(controller_id: str) -> str:
     return f"vhost-{controller_id}"
 
 
-def qemu_argv(spec: Spec, accel: Accel, fds: QemuFds, binary: str = QEMU_BINARY) -> list[str]:
-    """The complete argv; `accel` is already resolved (never AUTO)."""
+def qemu_argv(spec: Spec, accel: Accel, fds: QemuFds, binary: str = QEMU_BINARY,
+              incoming: bool = False) -> list[str]:
+    """The complete argv; `accel` is already resolved (never AUTO).
+    `incoming`: the destination of a live migration: the guest stays paused
+    (-S, also once the migration is in), and QEMU waits for mplaunch to hand
+    it the stream (-incoming defer, then migrate-incoming over QMP)."""
     if accel is Accel.AUTO:
         raise ValueError("resolve accel = auto before building QEMU's command line")
     cpu = KVM_CPU if accel is Accel.KVM else TCG_CPU
@@ -94,6 +98,8 @@ def qemu_argv(spec: Spec, accel: Accel, fds: QemuFds, binary: str = QEMU_BINARY)
             argv += proxy_args(controller.id, str(fd))
         else:
             argv += controller_args(controller.id, controller.queues, f"fd={fd}")
+    if incoming:
+        argv += ["-S", "-incoming", "defer"]
     return argv
 
 

@@ -14,8 +14,10 @@ between fork and exec and checked against a holder that died in between
 (getppid); the jail sets SIGKILL again after it changes uid (a uid change
 clears the signal), and the jail execs in place, so the holder stays the
 parent. If the holder dies, its children die. The holder exits, killing all
-its children, when an attached launcher says SHUTDOWN, on SIGTERM, or after
-``IDLE_EXIT_S`` with no launcher and no child.
+its children, when an attached launcher says SHUTDOWN, on SIGTERM, after
+``IDLE_EXIT_S`` with no launcher and no child, or when its launcher goes
+while it holds an entry of kind ``tether`` (launcher.holdnames.TETHER: the
+destination of an incoming migration, whose guest never ran).
 
 Fds. The launcher PUTs named fds in the holder and can DROP them. On attach
 (HELLO) it gets an inventory (names, kinds, fd counts), the fds themselves

@@ -24,6 +24,7 @@ from launcher import template
 from launcher.holder import protocol as p
 from launcher.holder.child import setup as child_setup
 from launcher.holder.wire import recv, send
+from launcher.holdnames import TETHER
 
 LOG = logging.getLogger("mplaunch.holder")
 PR_SET_PDEATHSIG = 1  # cleared for the holder itself: the launcher may die
@@ -71,6 +72,10 @@ class Holder:
             self.attached = None
             self.idle_since = time.monotonic()
             LOG.info("holder: launcher detached")
+            if any(kind == TETHER for kind, _ in self.held.values()):
+                LOG.warning("holder: the launcher went while the VM was tied to it "
+                            "(an incoming migration whose guest never ran): stopping it")
+                self.done = True
 
     def readable(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
         fds: list[int] = []

@@ -90,6 +90,17 @@ class VmControl(Protocol):
         one at a time, and return query-emulators' answer."""
         ...
 
+    async def migrate(self, uri: str) -> None:
+        """Start a live migration to ``uri`` and return at once."""
+        ...
+
+    async def query_migrate(self) -> dict[str, Any]:
+        """{"status": ...} and, while active, "phase" and QEMU's "ram" figures."""
+        ...
+
+    async def migrate_cancel(self) -> None:
+        ...
+
     async def upgrade(self) -> dict[str, Any]:
         """Start handing the VM over to a new launcher process started from the
         installed code and return ({"pid": ..., "package": ...} of this one):
@@ -233,6 +244,26 @@ async def _quit(vm: VmControl, args: dict[str, Any]) -> Any:
     return {}
 
 
+async def _migrate(vm: VmControl, args: dict[str, Any]) -> Any:
+    from launcher.migration.uri import BadUri, parse_uri
+
+    try:
+        uri = parse_uri(args["uri"])
+    except BadUri as e:
+        raise CommandError(ErrorClass.GENERIC_ERROR, str(e)) from None
+    await vm.migrate(uri.text)
+    return {}
+
+
+async def _query_migrate(vm: VmControl, args: dict[str, Any]) -> Any:
+    return await vm.query_migrate()
+
+
+async def _migrate_cancel(vm: VmControl, args: dict[str, Any]) -> Any:
+    await vm.migrate_cancel()
+    return {}
+
+
 async def _upgrade(vm: VmControl, args: dict[str, Any]) -> Any:
     return await vm.upgrade()
 
@@ -272,6 +303,13 @@ COMMANDS: tuple[Command, ...] = (
     Command("upgrade-emulators", "Hand each emulator's role, one at a time, to a process "
             "of the code installed now (a warm spare's stall each).", (),
             _upgrade_emulators, "[emulator objects]"),
+    Command("migrate", "Live-migrate the VM to an `mplaunch --incoming URI` (returns at "
+            "once; follow it with query-migrate or MIGRATION events).",
+            (Arg("uri", ArgType.STRING, "unix:PATH or tcp:HOST:PORT"),), _migrate),
+    Command("query-migrate", "The live migration's status.", (), _query_migrate,
+            '{"status": str, ...}'),
+    Command("migrate_cancel", "Cancel the live migration under way; the guest runs on here.",
+            (), _migrate_cancel),
 )
 
 

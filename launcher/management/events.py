@@ -25,6 +25,7 @@ DISK_ADDED = "DISK_ADDED"
 DISK_REMOVED = "DISK_REMOVED"
 DISK_RESIZED = "DISK_RESIZED"
 FRONTEND_REFUSED = "FRONTEND_REFUSED"
+MIGRATION = "MIGRATION"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,14 @@ SCHEMAS: dict[str, EventSchema] = {
             "(the controller's connection was closed).",
             {"id": str, "controller": str, "request": str, "reason": str, "action": str},
             {},
+        ),
+        EventSchema(
+            MIGRATION,
+            "A live migration's status changed (on the source and on the destination): "
+            "\"setup\", \"active\", \"completed\", \"failed\" (with 'error-desc') or "
+            "\"cancelled\".",
+            {"status": str},
+            {"error-desc": str},
         ),
         EventSchema(
             DISK_RESIZED,

@@ -115,6 +115,16 @@ class FakeVm:
         self._call("upgrade-emulators")
         return []
 
+    async def migrate(self, uri: str) -> None:
+        self._call("migrate", uri)
+
+    async def query_migrate(self) -> dict[str, Any]:
+        self._call("query_migrate")
+        return {"status": "none"}
+
+    async def migrate_cancel(self) -> None:
+        self._call("migrate_cancel")
+
 
 def run(dispatcher: Dispatcher, name: str, arguments: dict[str, Any] | None = None) -> Any:
     return asyncio.run(dispatcher.dispatch(name, arguments or {}))
@@ -234,7 +244,8 @@ def test_query_commands_and_version(dispatcher: Dispatcher) -> None:
     names = {c["name"] for c in run(dispatcher, "query-commands")}
     assert names == {"qmp_capabilities", "query-commands", "query-version", "query-status",
                      "query-emulators", "query-disks", "emulator-restart", "disk-add",
-                     "disk-remove", "disk-resize", "quit", "upgrade", "upgrade-emulators"}
+                     "disk-remove", "disk-resize", "quit", "upgrade", "upgrade-emulators",
+                     "migrate", "query-migrate", "migrate_cancel"}
     version = run(dispatcher, "query-version")
     assert version == mplaunch_version()
     assert set(version["qemu"]) == {"major", "minor", "micro"}
@@ -254,6 +265,7 @@ GOOD_EVENTS: dict[str, dict[str, Any]] = {
                         "readonly": False},
     events.DISK_REMOVED: {"id": "d1", "controller": "c", "lun": 1},
     events.DISK_RESIZED: {"id": "d1", "old_size": 512, "new_size": 1024},
+    events.MIGRATION: {"status": "failed", "error-desc": "the destination refused"},
     events.FRONTEND_REFUSED: {"id": "e", "controller": "c", "request": "SET_VRING_NUM",
                               "reason": "ring size 3 is not a power of two <= 1024",
                               "action": "disconnect"},
@@ -304,3 +316,20 @@ def test_event_bus_stamps_with_its_clock_and_isolates_subscribers() -> None:
     assert len(got) == 2
     with pytest.raises(ValueError):
         bus.emit(events.DISK_ADDED, {})
+
+
+# --- migration ------------------------------------------------------------------
+
+def test_migrate_takes_a_checked_uri(dispatcher: Dispatcher) -> None:
+    assert run(dispatcher, "migrate", {"uri": "tcp:dest:4444"}) == {}
+    assert run(dispatcher, "query-migrate") == {"status": "none"}
+    assert run(dispatcher, "migrate_cancel") == {}
+    with pytest.raises(CommandError, match="scheme 'exec' is not supported"):
+        run(dispatcher, "migrate", {"uri": "exec:cat"})
+    with pytest.raises(CommandError, match="Parameter 'uri' is missing"):
+        run(dispatcher, "migrate", {})
+    with pytest.raises(CommandError, match="expected: string"):
+        run(dispatcher, "migrate", {"uri": 4444})
+    vm = dispatcher.control
+    assert isinstance(vm, FakeVm)
+    assert [c for c in vm.calls if c[0] == "migrate"] == [("migrate", ("tcp:dest:4444",))]

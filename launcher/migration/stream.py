@@ -1,0 +1,187 @@
+"""The I/O around the state channel: connect, listen, tell connections
+apart, and a channel over an asyncio socket. Nothing here decides anything."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+import time
+
+from launcher.migration.channel import (
+    Channel,
+    ChannelClosed,
+    ChannelError,
+    Kind,
+    Message,
+    Role,
+    _NeedData,
+    classify,
+)
+from launcher.migration.uri import MigrationUri
+
+CHANNEL_READ_SIZE = 1 << 20
+CONNECT_TIMEOUT_S = 15.0
+CLASSIFY_TIMEOUT_S = 30.0
+"""How long an accepted connection may take to send its first bytes."""
+
+
+class MigrationError(Exception):
+    """A migration that cannot go on; the message says why, for an operator."""
+
+
+async def connect(uri: MigrationUri, timeout: float = CONNECT_TIMEOUT_S) -> socket.socket:
+    """A connected, blocking-free socket to `uri`; MigrationError if none."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            if uri.path is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, uri.path)
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+            assert uri.host is not None and uri.port is not None
+            infos = await loop.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
+            last: OSError | None = None
+            for family, kind, proto, _, addr in infos:
+                sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, addr)
+                except OSError as e:
+                    sock.close()
+                    last = e
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            raise last or OSError("no address")
+    except TimeoutError:
+        raise MigrationError(f"cannot connect to {uri}: no answer in {timeout:.0f} s") from None
+    except OSError as e:
+        raise MigrationError(f"cannot connect to {uri}: {e.strerror or e}") from None
+
+
+def listen(uri: MigrationUri) -> socket.socket:
+    """A listening socket on `uri` (a unix socket: mode 0600, a stale socket
+    at the path replaced, any other file refused); MigrationError if not."""
+    try:
+        if uri.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISSOCK(os.lstat(uri.path).st_mode):
+                    raise MigrationError(f"cannot listen on {uri}: {uri.path} exists and is "
+                                         "not a socket")
+                os.unlink(uri.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            old = os.umask(0o177)
+            try:
+                sock.bind(uri.path)
+            finally:
+                os.umask(old)
+        else:
+            assert uri.host is not None and uri.port is not None
+            infos = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, kind, proto, _, addr = infos[0]
+            sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(addr)
+            except BaseException:
+                sock.close()
+                raise
+        sock.listen(4)
+        sock.setblocking(False)
+        return sock
+    except OSError as e:
+        raise MigrationError(f"cannot listen on {uri}: {e.strerror or e}") from None
+
+
+def unlink_listener(uri: MigrationUri) -> None:
+    if uri.path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(uri.path)
+
+
+async def accept_classified(listener: socket.socket) -> tuple[Kind, socket.socket]:
+    """The next connection and what its first bytes say it is (UNKNOWN also
+    for one that sent too little in CLASSIFY_TIMEOUT_S). Nothing is read:
+    the bytes stay for whoever takes the connection."""
+    loop = asyncio.get_running_loop()
+    conn, _ = await loop.sock_accept(listener)
+    conn.setblocking(False)
+    deadline = time.monotonic() + CLASSIFY_TIMEOUT_S
+    try:
+        while True:
+            try:
+                first = conn.recv(8, socket.MSG_PEEK)
+            except BlockingIOError:
+                first = None
+            if first == b"":
+                return Kind.UNKNOWN, conn
+            if first is not None:
+                kind = classify(first)
+                if kind is not None:
+                    return kind, conn
+            if time.monotonic() > deadline:
+                return Kind.UNKNOWN, conn
+            await asyncio.sleep(0.005)  # wait for more of the first bytes
+    except BaseException:
+        conn.close()
+        raise
+
+
+class ChannelStream:
+    """A :class:`Channel` over a connected socket."""
+
+    def __init__(self, sock: socket.socket, role: Role) -> None:
+        self.sock = sock
+        self.channel = Channel(role)
+        self._loop = asyncio.get_running_loop()
+        self._sent_preamble = False
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            if not self._sent_preamble:
+                self._sent_preamble = True
+                data = self.channel.initiate() + data
+            await self._loop.sock_sendall(self.sock, data)
+        except OSError as e:
+            raise MigrationError(f"the state channel broke: {e.strerror or e}") from None
+
+    async def start(self) -> None:
+        await self._write(b"")
+
+    async def send(self, msg: Message) -> None:
+        await self._write(self.channel.send(msg))
+
+    async def receive(self) -> Message | ChannelClosed:
+        """The next message, or ChannelClosed; MigrationError for a broken
+        channel or bad input (naming what was wrong)."""
+        while True:
+            try:
+                event = self.channel.next_event()
+            except ChannelError as e:
+                raise MigrationError(str(e)) from None
+            if not isinstance(event, _NeedData):
+                return event
+            try:
+                data = await self._loop.sock_recv(self.sock, CHANNEL_READ_SIZE)
+            except OSError as e:
+                raise MigrationError(f"the state channel broke: {e.strerror or e}") from None
+            self.channel.receive_data(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+__all__ = ["ChannelClosed", "ChannelStream", "MigrationError", "accept_classified", "connect",
+           "listen", "unlink_listener"]
