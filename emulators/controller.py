@@ -67,13 +67,17 @@ from emulators.vhost_user.effects import (
     SetCall,
     SetErr,
     SetKick,
+    SetLog,
+    SetLogging,
     SetMemTable,
+    SetRingLog,
     StartRing,
     StopRing,
 )
 from emulators.vhost_user.errors import SessionError
 from emulators.vhost_user.session import BackendSession
 from emulators.virtio.chain import BadChain, DescriptorChain, SplitChain
+from emulators.virtio.dirtylog import DirtyLog, DirtyLogError
 from emulators.virtio.errors import (
     GuestMemoryError,
     QueueConfigError,
@@ -92,6 +96,7 @@ EVENT_QUEUE = 1
 FIRST_REQUEST_QUEUE = 2
 VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
 VIRTIO_RING_F_EVENT_IDX = 1 << 29
+VHOST_VRING_F_LOG_BIT = 1  # SET_VRING_ADDR flags: log the used ring
 RECV_BYTES = 65536
 RECV_MAX_FDS = 16
 
@@ -143,6 +148,12 @@ class ControllerLoop:
         self.closed = False
         self.completed = 0
         self.completed_per_ring: dict[int, int] = {}
+        #: The mapped dirty log (SET_LOG_BASE), whether LOG_ALL is acked, and
+        #: the log while both hold: the one attribute a batch looks at.
+        self.dirty_log: DirtyLog | None = None
+        self.log_all = False
+        self.logging: DirtyLog | None = None
+        self._log_refused = False  # a write beyond the log was reported
         if not dormant:
             self._load_events()
 
@@ -326,6 +337,7 @@ class ControllerLoop:
                      self.config.id, index, plan.last_avail_idx, len(plan.rerun))
             handle = self._handler(index)
             done = []
+            chains: list[DescriptorChain | BadChain] = []
             for head in plan.rerun:
                 chain = queue.chain_for(head)
                 if isinstance(chain, BadChain):
@@ -334,7 +346,13 @@ class ControllerLoop:
                     done.append((head, self.target.events.refill(chain.writable)))
                 else:
                     done.append((head, handle(chain.readable, chain.writable)))
+                chains.append(chain)
+            log = self.logging
+            if log is not None:
+                self._log_chains(log, chains)
             queue.push_used_many(done)
+            if log is not None:
+                self._log_used(log, index)
             if index == EVENT_QUEUE:
                 self._save_events()
         fd = self.call_fds.get(index)
@@ -399,6 +417,13 @@ class ControllerLoop:
                     faults.point("vhost.reply.after")
                 case SetMemTable(regions, rings):
                     self._set_memory(regions, rings)
+                case SetLog(log):
+                    self._set_log(log.fd, log.size, log.offset) if log else self._drop_log()
+                case SetLogging(enabled):
+                    self.log_all = enabled
+                    self._logging_changed()
+                case SetRingLog(ring):
+                    self._set_ring_log(ring)
                 case SetKick(index, fd) if self.dormant:
                     self._dormant_kicks.pop(index, None)
                     if fd is not None:
@@ -550,7 +575,12 @@ class ControllerLoop:
                 assert isinstance(chain, DescriptorChain)
                 heads.append(chain.head)
                 lengths.append(handle(chain.readable, chain.writable))
+        log = self.logging
+        if log is not None:
+            self._log_chains(log, chains)
         queue.push_used_batch(heads, lengths)
+        if log is not None:
+            self._log_used(log, index)
         n = len(heads)
         self.completed += n
         self.completed_per_ring[index] = self.completed_per_ring.get(index, 0) + n
@@ -558,14 +588,19 @@ class ControllerLoop:
 
     def _serve_events(self, queue: SplitQueue, index: int) -> None:
         events = self.target.events
+        log = self.logging
         sent = False
         while events.pending():
             chain = queue.pop()
             if chain is None:
                 break
             used = 0 if isinstance(chain, BadChain) else events.fill(chain.writable)
+            if log is not None:
+                self._log_chains(log, (chain,))
             queue.push_used(chain.head, used)
             sent = True
+        if sent and log is not None:
+            self._log_used(log, index)
         if sent:
             self._notify(queue, index)
             # Saved as delivered only now that the guest can see them: a
@@ -631,6 +666,77 @@ class ControllerLoop:
             )
             for index, ring in sorted(self.rings.items())
         ]
+
+    # -- dirty logging (live migration; emulators.virtio.dirtylog)
+
+    def _set_log(self, fd: int, size: int, offset: int) -> None:
+        """Map a new dirty log; the old one is unmapped once the new one is in
+        place. One that cannot be mapped is the front-end's error."""
+        try:
+            log = DirtyLog.from_fd(fd, size, offset)
+        except DirtyLogError as e:
+            raise SessionError(f"cannot map the dirty log: {e}") from None
+        self._drop_log()
+        self.dirty_log = log
+        self._log_refused = False
+        self._logging_changed()
+
+    def _drop_log(self) -> None:
+        log, self.dirty_log = self.dirty_log, None
+        self._logging_changed()
+        if log is not None:
+            log.close()
+
+    def _logging_changed(self) -> None:
+        self.logging = self.dirty_log if self.log_all else None
+
+    def _set_ring_log(self, config: RingConfig) -> None:
+        """A running ring's log flag or address changed (only its `addr`)."""
+        ring = self.rings.get(config.index)
+        if ring is not None:
+            ring.config = config
+        deferred = self._deferred.get(config.index)
+        if deferred is not None:
+            self._deferred[config.index] = (config, *deferred[1:])
+
+    def _log_chains(self, log: DirtyLog, chains: Sequence[object]) -> None:
+        """Mark every device-writable buffer of `chains`: written by now, not
+        yet published (the guest, and QEMU, may look once the index moves)."""
+        memory = self.memory
+        assert memory is not None
+        masks: dict[int, int] = {}
+        ok = True
+        for chain in chains:
+            if type(chain) is tuple:  # a SplitChain: in header, data in
+                views = [chain[4], *chain[5]]
+            elif isinstance(chain, DescriptorChain):
+                views = chain.writable
+            else:
+                continue  # a BadChain: nothing was written
+            for view in views:
+                if len(view):
+                    ok = log.add(masks, memory.gpa_of(view), len(view)) and ok
+        log.commit(masks)
+        if not ok:
+            self._log_beyond("a buffer")
+
+    def _log_used(self, log: DirtyLog, index: int) -> None:
+        """Mark ring `index`'s used ring (elements, index, avail_event), after
+        it was written, at its log address, if its log flag is set."""
+        ring = self.rings.get(index)
+        if ring is None:
+            return
+        addr = ring.config.addr
+        if addr.flags & VHOST_VRING_F_LOG_BIT and not log.mark(
+            addr.log_guest_addr, 6 + 8 * ring.config.num
+        ):
+            self._log_beyond(f"ring {index}'s used ring")
+
+    def _log_beyond(self, what: str) -> None:
+        if not self._log_refused:
+            self._log_refused = True
+            LOG.warning("%s: %s lies beyond the front-end's dirty log; not logged "
+                        "(the log is too small for its own memory map)", self.config.id, what)
 
     # -- guest memory
 
@@ -702,6 +808,7 @@ class ControllerLoop:
                 for fd in effect.fds:
                     os.close(fd)
         self._unmap()
+        self._drop_log()
         self.decoder.close()
         self.kick_fds.clear()
         self.call_fds.clear()

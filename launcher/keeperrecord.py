@@ -52,7 +52,7 @@ from emulators.vhost_user.codec import (
 )
 from emulators.vhost_user.effects import CloseFds, Reply
 from emulators.vhost_user.errors import VhostUserError
-from emulators.vhost_user.replay import replay_messages
+from emulators.vhost_user.replay import ANSWERED_IN_REPLAY, replay_messages
 from emulators.vhost_user.session import BackendSession, RingOwner
 
 MAGIC = b"mpkeeper"
@@ -213,8 +213,9 @@ def decode(data: bytes, fds: Sequence[int]) -> KeeperRecord:
 
 def rebuild(record: KeeperRecord, ring_owner: RingOwner, close_fd: CloseFd) -> BackendSession:
     """A session in the recorded state: the session messages fed to a fresh
-    one, which must take each without a reply or an fd to close, and end
-    where a replay of it sends exactly those messages again."""
+    one, which must take each without a reply (but the answer a replay gets
+    anyway, to SET_LOG_BASE) or an fd to close, and end where a replay of it
+    sends exactly those messages again."""
     try:
         session = BackendSession(
             num_queues=record.num_queues, ring_owner=ring_owner, close_fd=close_fd,
@@ -233,7 +234,9 @@ def rebuild(record: KeeperRecord, ring_owner: RingOwner, close_fd: CloseFd) -> B
         except VhostUserError as e:
             raise KeeperRecordError(f"session message {n} ({message.request.name}) "
                                     f"refused: {e.message}") from None
-        if any(isinstance(e, Reply | CloseFds) for e in effects):
+        answered = message.request in ANSWERED_IN_REPLAY
+        if any(isinstance(e, CloseFds) or (isinstance(e, Reply) and not answered)
+               for e in effects):
             raise KeeperRecordError(f"session message {n} ({message.request.name}) is not "
                                     "one a replay sends")
     again = [m for data, fds in replay_messages(session.snapshot(), {})

@@ -10,14 +10,15 @@ record always equals what a surviving emulator would hold.
 
 When the emulator dies, QEMU sees nothing: its socket stays open. A new
 emulator is attached; the keeper replays the record (messages that need no
-reply), then re-sends the message whose exchange the death interrupted, and
-QEMU gets exactly one reply, later than usual. The rings' positions and
+reply, but for the dirty log's SET_LOG_BASE, whose answer the keeper reads
+and drops), then re-sends the message whose exchange the death interrupted,
+and QEMU gets exactly one reply, later than usual. The rings' positions and
 in-flight requests come from the state store, which the new emulator maps
 itself. The data plane (kick and call eventfds, guest RAM) never passes
 through here.
 
-Fds: the keeper keeps its own copy of every fd QEMU sent (memory, kick,
-call, err) for as long as the record holds it, because a replay needs them;
+Fds: the keeper keeps its own copy of every fd QEMU sent (memory, dirty
+log, kick, call, err) for as long as the record holds it, because a replay needs them;
 the record says when one is superseded (CloseFds) and it is closed then.
 
 Front-end faults. Before a message goes to the emulator, the keeper checks it
@@ -101,7 +102,7 @@ from emulators.vhost_user.constants import Request
 from emulators.vhost_user.effects import CloseFds
 from emulators.vhost_user.errors import VhostUserError
 from emulators.vhost_user.messages import U64, VringState
-from emulators.vhost_user.replay import replay_messages
+from emulators.vhost_user.replay import ANSWERED_IN_REPLAY, replay_answers, replay_messages
 from emulators.vhost_user.session import HAS_OWN_REPLY, BackendSession
 from launcher import keeperrecord
 from launcher.statestore.layout import MAX_QUEUE_SIZE
@@ -225,6 +226,7 @@ class SessionKeeper:
         self._inbox: collections.deque[Message] = collections.deque()
         self._pending: Message | None = None
         self._delivered = False  # the pending message reached the current emulator
+        self._replay_answers = 0  # answers to the replay still to drop
         self._draining = False
         self._gate = in_flight if in_flight is not None else OneInFlight()
         self._backend: socket.socket | None = None
@@ -420,6 +422,7 @@ class SessionKeeper:
                 else:
                     backend.sendall(data)
             self.stats.replays += 1
+            self._replay_answers = replay_answers(steps)
             LOG.debug("%s: replayed %d messages", self.controller_id, len(steps))
             if self._pending is not None:
                 self.stats.resent += 1
@@ -434,6 +437,7 @@ class SessionKeeper:
 
     def detach(self) -> None:
         """The emulator is gone (or being replaced): stop relaying to it."""
+        self._replay_answers = 0
         if self._backend is None:
             return
         with contextlib.suppress(ValueError, OSError):
@@ -577,6 +581,12 @@ class SessionKeeper:
         return False
 
     def _forward_reply(self, reply: Message) -> None:
+        if self._replay_answers and reply.request in ANSWERED_IN_REPLAY:
+            # The emulator answers a replayed SET_LOG_BASE too; QEMU had its answer.
+            self._replay_answers -= 1
+            for fd in reply.fds:
+                os.close(fd)
+            return
         pending = self._pending
         if pending is None or reply.request != pending.request:
             LOG.error("%s: unexpected reply %s from the emulator", self.controller_id,

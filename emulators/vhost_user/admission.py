@@ -24,8 +24,9 @@ The rules come from two places, and none is written here twice:
    which no payload says: guest RAM is mapped shared and writable, so each
    memory region's fd must be a file (a memfd, a tmpfs or hugetlbfs file; not a
    socket, pipe or eventfd), open read-write and not sealed against writes, and
-   hold the region (mmap_offset + size within the file); kick, call and err
-   fds are read and written as eventfds.  The I/O layer gathers these facts
+   hold the region (mmap_offset + size within the file); the dirty log's fd
+   (SET_LOG_BASE) the same, for the log's range; kick, call and err fds are
+   read and written as eventfds.  The I/O layer gathers these facts
    (`FdFacts`, from fstat, fcntl and /proc) and passes them in; this module only
    compares.  Optionally, the regions together may not exceed the guest's
    memory size: the emulator's address-space limit is sized from it.
@@ -43,7 +44,7 @@ from dataclasses import dataclass, replace
 from .codec import Message
 from .constants import HeaderFlag, ProtocolFeature, Request
 from .errors import VhostUserError
-from .messages import MemoryRegion, MemoryTable, SingleMemoryRegion, VringFd
+from .messages import LogDescription, MemoryRegion, MemoryTable, SingleMemoryRegion, VringFd
 from .session import HAS_OWN_REPLY, BackendSession
 
 
@@ -192,6 +193,17 @@ def _fd_refusal(
                 f"{where}: it ends at offset {end:#x} of its fd, "
                 f"which holds only {fact.size:#x} bytes"
             )
+    if message.request is Request.SET_LOG_BASE and isinstance(message.payload, LogDescription):
+        log = message.payload
+        fact = facts.get(message.fds[0], FdFacts(FdKind.OTHER))
+        if fact.kind is not FdKind.FILE:
+            return f"dirty log: its fd is {_a(fact.kind)}, not a file that can be mapped"
+        if not fact.writable:
+            return "dirty log: its fd is not open read-write, or is sealed against writes"
+        end = log.mmap_offset + log.mmap_size
+        if end > fact.size:
+            return f"dirty log: it ends at offset {end:#x} of its fd, which holds only " \
+                   f"{fact.size:#x} bytes"
     total = sum(region.memory_size for region, _ in regions)
     if guest_memory is not None and total > guest_memory:
         return f"regions add up to {total:#x} bytes, more than the guest's {guest_memory:#x}"

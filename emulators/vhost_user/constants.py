@@ -94,6 +94,10 @@ VRING_NOFD_MASK: Final = 0x100
 VRING_F_LOG: Final = 0
 """Bit of SET_VRING_ADDR's flags asking for used-ring dirty logging."""
 
+LOG_MAX_BYTES: Final = 1 << 26
+"""The largest dirty log SET_LOG_BASE may map: one bit per 4 KiB page of
+2 TiB of guest physical address space, far beyond any guest mplaunch runs,
+and small beside the emulator's address-space headroom."""
 
 
 class Feature(enum.IntEnum):
@@ -102,6 +106,7 @@ class Feature(enum.IntEnum):
     SCSI_INOUT = 0  # virtio 1.2, 5.6.3
     SCSI_HOTPLUG = 1
     SCSI_CHANGE = 2
+    LOG_ALL = 26  # VHOST_F_LOG_ALL: log every guest write (live migration)
     RING_INDIRECT_DESC = 28  # virtio 1.2, 6
     RING_EVENT_IDX = 29
     PROTOCOL_FEATURES = 30  # VHOST_USER_F_PROTOCOL_FEATURES, vhost-user only
@@ -145,10 +150,17 @@ DEFAULT_FEATURES: Final = feature_mask(
     Feature.RING_EVENT_IDX,
     Feature.SCSI_HOTPLUG,
     Feature.SCSI_CHANGE,
+    Feature.LOG_ALL,
 )
-"""What the SCSI back-end offers unless told otherwise."""
+"""What the SCSI back-end offers unless told otherwise.  LOG_ALL is acked by
+QEMU only while a migration logs (vhost_dev_set_log); without it QEMU blocks
+migration."""
 
-DEFAULT_PROTOCOL_FEATURES: Final = feature_mask(ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK)
-"""MQ lets QEMU ask how many queues there are; REPLY_ACK lets it ask for acks.
-QEMU 7.2's vhost-user-scsi needs nothing else (no CONFIG: QEMU builds the
-virtio-scsi config space itself)."""
+DEFAULT_PROTOCOL_FEATURES: Final = feature_mask(
+    ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.LOG_SHMFD
+)
+"""MQ lets QEMU ask how many queues there are; REPLY_ACK lets it ask for acks;
+LOG_SHMFD gives the dirty log as a shared memory fd (SET_LOG_BASE), without
+which QEMU 7.2 refuses to migrate a VM with a vhost-user device.  QEMU 7.2's
+vhost-user-scsi needs nothing else (no CONFIG: QEMU builds the virtio-scsi
+config space itself)."""

@@ -5,8 +5,8 @@ them in order.  Order matters: an effect that replaces a resource (a new
 memory table, a new kick fd) comes before the `CloseFds` that releases the
 old one, so the I/O layer has stopped using an fd before it is closed.
 
-Fd ownership: an fd inside a `SetMemTable`, `SetKick`, `SetCall` or `SetErr`
-stays owned by the session (the I/O layer uses it but never closes it) until
+Fd ownership: an fd inside a `SetMemTable`, `SetLog`, `SetKick`, `SetCall` or
+`SetErr` stays owned by the session (the I/O layer uses it but never closes it) until
 a later `CloseFds` names it; then the I/O layer closes it.
 """
 
@@ -22,6 +22,15 @@ class MappedRegion:
     """A memory region together with the fd that backs it."""
 
     region: MemoryRegion
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class MappedLog:
+    """The dirty log SET_LOG_BASE gave: `size` bytes at `offset` of `fd`."""
+
+    size: int
+    offset: int
     fd: int
 
 
@@ -58,6 +67,32 @@ class SetMemTable:
 
     regions: tuple[MappedRegion, ...]
     rings: tuple[RingConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SetLog:
+    """Map this dirty log, replacing any earlier one (a `CloseFds` after it
+    releases the old fd); None: unmap it.  The front-end's reply follows, so
+    QEMU knows the log is in use before it counts on it."""
+
+    log: MappedLog | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetLogging:
+    """VHOST_F_LOG_ALL is acked (or no longer): mark every guest page written
+    in the dirty log (vhost-user spec, "Migration")."""
+
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SetRingLog:
+    """A started ring's log flag or log address changed (SET_VRING_ADDR while
+    it runs, as QEMU sends when a migration starts or stops logging); its
+    parts did not move.  `ring.addr` holds the new flags and log address."""
+
+    ring: RingConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +178,9 @@ class CloseFds:
 Effect = (
     Reply
     | SetMemTable
+    | SetLog
+    | SetLogging
+    | SetRingLog
     | SetKick
     | SetCall
     | SetErr

@@ -3,10 +3,12 @@
 When an emulator dies, the launcher's session keeper starts a new one and
 sends it the messages that rebuild what the old one had negotiated with QEMU
 (DESIGN.md, "The session keeper").  QEMU is not involved, so the replay uses
-only requests that need no reply (nothing to absorb on the way back) and no
-NEED_REPLY flags.  The fds are the recorded ones: the keeper still holds them.
+no NEED_REPLY flags, and requests that need no reply but one: SET_LOG_BASE,
+which a back-end always answers (`ANSWERED_IN_REPLAY`); whoever replays reads
+and drops that answer (`replay_answers` counts them).  The fds are the
+recorded ones: the keeper still holds them.
 
-Order: owner, protocol features, features, memory table, then per ring the
+Order: owner, protocol features, features, memory table, dirty log, then per ring the
 call and err fds, size, base (from the state store: what the dead emulator
 had consumed up to), addresses, kick (which starts the ring), and last the
 enables.  Every message is one the session accepts in that order.
@@ -18,12 +20,22 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from .codec import encode_request
-from .constants import Feature, Request
-from .messages import U64, MemoryTable, Payload, VringFd, VringState
+from .constants import HEADER, Feature, Request
+from .messages import U64, LogDescription, MemoryTable, Payload, VringFd, VringState
 from .session import SessionSnapshot
 
 ReplayStep = tuple[bytes, tuple[int, ...]]
 """One message's bytes and the fds to send with them in the same sendmsg."""
+
+ANSWERED_IN_REPLAY = frozenset({Request.SET_LOG_BASE})
+"""Requests a replay may send that the back-end answers all the same (the
+front-end waits for that answer: it is how QEMU knows the log is in use)."""
+
+
+def replay_answers(steps: list[ReplayStep]) -> int:
+    """How many answers the back-end sends back for `steps`: the replayer reads
+    and drops that many (each a reply to a request of `ANSWERED_IN_REPLAY`)."""
+    return sum(1 for data, _ in steps if HEADER.unpack_from(data)[0] in ANSWERED_IN_REPLAY)
 
 
 def replay_messages(snapshot: SessionSnapshot, vring_bases: Mapping[int, int]) -> list[ReplayStep]:
@@ -49,6 +61,9 @@ def replay_messages(snapshot: SessionSnapshot, vring_bases: Mapping[int, int]) -
             MemoryTable(tuple(m.region for m in snapshot.memory)),
             tuple(m.fd for m in snapshot.memory),
         )
+    if snapshot.log is not None:
+        log = snapshot.log
+        add(Request.SET_LOG_BASE, LogDescription(log.size, log.offset), (log.fd,))
     for ring in snapshot.rings:
         for request, fd in (
             (Request.SET_VRING_CALL, ring.call_fd),

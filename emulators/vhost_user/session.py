@@ -32,6 +32,17 @@ The ring's saved progress (state store) outlives the stop until the answer
 is sent: `ForgetRing` comes after the `Reply`, so an emulator killed before
 the answer left leaves its successor what it needs to give the same one.
 
+Dirty logging (live migration; vhost-user spec, "Migration"): with
+VHOST_USER_PROTOCOL_F_LOG_SHMFD negotiated, SET_LOG_BASE gives the log as a
+shared memory fd, checked here like a memory region (size, offset) and
+answered with a reply QEMU waits for; a new one replaces the old.  Logging
+is on while VHOST_F_LOG_ALL is acked (`SetLogging` at every SET_FEATURES);
+each ring's used ring is logged at its `log_guest_addr` while its
+SET_VRING_ADDR log flag is set.  QEMU flips that flag on running rings when a
+migration starts and ends, so a started ring takes a SET_VRING_ADDR that
+changes only its flags and log address (`SetRingLog`).  SET_LOG_FD's eventfd
+is taken and closed: this back-end never signals it.
+
 A new memory table while rings run (memory hotplug) does not stop them:
 `SetMemTable` carries every started ring translated through the new table,
 and the I/O layer moves the queues onto it at their current positions.
@@ -57,6 +68,8 @@ from .codec import CloseFd, Message, encode_ack, encode_reply
 from .constants import (
     DEFAULT_FEATURES,
     DEFAULT_PROTOCOL_FEATURES,
+    LOG_MAX_BYTES,
+    VRING_F_LOG,
     Feature,
     ProtocolFeature,
     Request,
@@ -66,6 +79,7 @@ from .effects import (
     Effect,
     EnableRing,
     ForgetRing,
+    MappedLog,
     MappedRegion,
     Reply,
     ResetDevice,
@@ -73,15 +87,28 @@ from .effects import (
     SetCall,
     SetErr,
     SetKick,
+    SetLog,
+    SetLogging,
     SetMemTable,
+    SetRingLog,
     StartRing,
     StopRing,
 )
 from .errors import LocalProtocolError, SessionError
-from .messages import U64, MemoryRegion, MemoryTable, VringAddr, VringFd, VringState
+from .messages import (
+    U64,
+    LogDescription,
+    MemoryRegion,
+    MemoryTable,
+    VringAddr,
+    VringFd,
+    VringState,
+)
 
 _U64_LIMIT = 1 << 64
 _PROTOCOL_FEATURES_BIT = 1 << Feature.PROTOCOL_FEATURES
+_LOG_ALL_BIT = 1 << Feature.LOG_ALL
+_VRING_LOG_BIT = 1 << VRING_F_LOG
 
 HAS_OWN_REPLY = frozenset(
     {
@@ -94,6 +121,7 @@ HAS_OWN_REPLY = frozenset(
         Request.GET_MAX_MEM_SLOTS,
         Request.GET_STATUS,
         Request.POSTCOPY_ADVISE,
+        Request.SET_LOG_BASE,  # with LOG_SHMFD, the only way it is accepted
     }
 )
 """Requests answered by their own reply; NEED_REPLY adds nothing to them."""
@@ -140,6 +168,7 @@ class SessionSnapshot:
     protocol_features: int | None
     memory: tuple[MappedRegion, ...]
     rings: tuple[RingSnapshot, ...]
+    log: MappedLog | None = None
 
 
 @dataclass(slots=True)
@@ -189,6 +218,7 @@ class BackendSession:
         self._features: int | None = None
         self._protocol_features: int | None = None
         self._memory: tuple[MappedRegion, ...] = ()
+        self._log: MappedLog | None = None
         self._rings = [_Ring(i) for i in range(num_queues)]
         self._handlers: dict[Request, Callable[[Message], list[Effect]]] = {
             Request.GET_FEATURES: self._get_features,
@@ -200,6 +230,8 @@ class BackendSession:
             Request.RESET_DEVICE: self._reset,
             Request.GET_QUEUE_NUM: self._get_queue_num,
             Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.SET_LOG_BASE: self._set_log_base,
+            Request.SET_LOG_FD: self._set_log_fd,
             Request.SET_VRING_NUM: self._set_vring_num,
             Request.SET_VRING_BASE: self._set_vring_base,
             Request.SET_VRING_ADDR: self._set_vring_addr,
@@ -224,6 +256,8 @@ class BackendSession:
     def held_fds(self) -> frozenset[int]:
         """Every fd the session holds (the I/O layer uses but must not close them)."""
         fds = {m.fd for m in self._memory}
+        if self._log is not None:
+            fds.add(self._log.fd)
         for ring in self._rings:
             fds.update(fd for fd in (ring.kick_fd, ring.call_fd, ring.err_fd) if fd is not None)
         return frozenset(fds)
@@ -260,6 +294,7 @@ class BackendSession:
             features=self._features,
             protocol_features=self._protocol_features,
             memory=self._memory,
+            log=self._log,
             rings=tuple(
                 RingSnapshot(
                     index=r.index,
@@ -295,7 +330,10 @@ class BackendSession:
             ring.kick_fd = ring.call_fd = ring.err_fd = None
         if self._memory:
             effects.append(SetMemTable(()))
+        if self._log is not None:
+            effects.append(SetLog(None))
         self._memory = ()
+        self._log = None
         if held:
             effects.append(CloseFds(held))
         self.state = SessionState.CLOSED
@@ -363,7 +401,7 @@ class BackendSession:
         if value & ~self.offered_features:
             raise _Refused(f"features {value & ~self.offered_features:#x} were never offered")
         self._features = value
-        effects: list[Effect] = []
+        effects: list[Effect] = [SetLogging(bool(value & _LOG_ALL_BIT))]
         if not value & _PROTOCOL_FEATURES_BIT:
             # Without protocol features there is no SET_VRING_ENABLE: rings are enabled.
             for ring in self._rings:
@@ -441,6 +479,36 @@ class BackendSession:
             effects.append(CloseFds(tuple(m.fd for m in old)))
         return effects
 
+    def _set_log_base(self, message: Message) -> list[Effect]:
+        log = message.payload
+        assert isinstance(log, LogDescription)
+        # Without LOG_SHMFD the log would be an address in QEMU's own memory.
+        self._need_protocol(ProtocolFeature.LOG_SHMFD)
+        size, offset = log.mmap_size, log.mmap_offset
+        if not 0 < size <= LOG_MAX_BYTES:
+            raise _Refused(f"dirty log of {size:#x} bytes: allowed 1 to {LOG_MAX_BYTES:#x}")
+        # The log is read and written as 64-bit words (QEMU's vhost_log_chunk_t).
+        if size % 8 or offset % 8:
+            raise _Refused(f"dirty log of {size:#x} bytes at offset {offset:#x}: both must "
+                           "be multiples of 8")
+        if offset + size > _U64_LIMIT:
+            raise _Refused(f"dirty log offset {offset:#x} + size {size:#x} overflows")
+        (fd,) = message.fds
+        old, self._log = self._log, MappedLog(size, offset, fd)
+        effects: list[Effect] = [
+            SetLog(self._log),
+            # QEMU waits for this (any u64) before it counts on the log.
+            Reply(encode_reply(message.request, U64(0))),
+        ]
+        if old is not None:
+            effects.append(CloseFds((old.fd,)))
+        return effects
+
+    def _set_log_fd(self, message: Message) -> list[Effect]:
+        # An eventfd to tell the front-end the log changed: QEMU reads the
+        # log when it syncs, so this back-end never signals it.
+        return [CloseFds(message.fds)]
+
     def _set_vring_num(self, message: Message) -> list[Effect]:
         assert isinstance(message.payload, VringState)
         ring = self._stopped_ring(message.payload.index, "changing its size")
@@ -462,9 +530,22 @@ class BackendSession:
     def _set_vring_addr(self, message: Message) -> list[Effect]:
         addr = message.payload
         assert isinstance(addr, VringAddr)
-        ring = self._stopped_ring(addr.index, "changing its addresses")
-        if addr.flags:
-            raise _Refused(f"ring flags {addr.flags:#x}: dirty logging is not offered")
+        ring = self._ring(addr.index)
+        if addr.flags & ~_VRING_LOG_BIT:
+            raise _Refused(f"ring flags {addr.flags:#x}: only the log flag (bit 0) is known")
+        if addr.flags and addr.log_guest_addr + 6 + 8 * self.max_queue_size > _U64_LIMIT:
+            raise _Refused(f"used ring log address {addr.log_guest_addr:#x} overflows")
+        if ring.started:
+            # A migration turns logging on and off on running rings.
+            old = ring.addr
+            assert old is not None
+            if (old.desc_user_addr, old.avail_user_addr, old.used_user_addr) != (
+                addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr
+            ):
+                raise _Refused(f"ring {ring.index} is started; only its log flag and log "
+                               "address may change")
+            ring.addr = addr
+            return [SetRingLog(self._ring_config(ring))]
         if not self._memory:
             raise _Refused("ring addresses before any memory table")
         # Virtio 1.2, 2.7: alignment of descriptor table 16, avail 2, used 4.

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
 import mmap
 import struct
 from collections.abc import Sequence
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 
 from emulators.virtio.errors import GuestMemoryError
 
-__all__ = ["MAX_REGIONS", "GuestMemory", "MemoryRegion", "RegionBuffer"]
+__all__ = ["MAX_REGIONS", "GuestMemory", "MemoryRegion", "RegionBuffer", "buffer_address"]
 
 #: What can back a region: anything writable that memoryview accepts.
 RegionBuffer = bytearray | memoryview | mmap.mmap
@@ -104,6 +105,18 @@ class MemoryRegion:
         return self.userspace_addr + self.memory_size
 
 
+def buffer_address(buffer: RegionBuffer) -> int:
+    """The address of a writable, non-empty buffer's first byte.
+
+    The ctypes object that tells it is dropped at once, so the buffer holds
+    no export afterwards (an mmap under it can still be closed)."""
+    probe = ctypes.c_char.from_buffer(buffer)
+    try:
+        return ctypes.addressof(probe)
+    finally:
+        del probe
+
+
 def _check_disjoint(regions: Sequence[MemoryRegion], start: str, end: str, what: str) -> None:
     ordered = sorted(regions, key=lambda r: getattr(r, start))
     for prev, cur in zip(ordered, ordered[1:], strict=False):
@@ -121,7 +134,9 @@ class GuestMemory:
     guest physical addresses unless a method says otherwise.
     """
 
-    __slots__ = ("_regions", "_starts", "_ends", "_views", "_maps", "_closed", "_single")
+    __slots__ = (
+        "_regions", "_starts", "_ends", "_views", "_maps", "_closed", "_single", "_hosts"
+    )
 
     def __init__(
         self,
@@ -161,6 +176,7 @@ class GuestMemory:
         # Fast path: almost every VM small enough for this project has guest
         # RAM below 3 GiB in one or two regions; one region skips bisect.
         self._single = len(self._regions) == 1
+        self._hosts: list[int] | None = None  # each region's address here, once asked
 
     # ------------------------------------------------------------------
     # construction
@@ -289,6 +305,22 @@ class GuestMemory:
         i = max(range(len(self._views)), key=lambda k: len(self._views[k]))
         return self._starts[i], self._views[i]
 
+    def gpa_of(self, view: memoryview) -> int:
+        """The guest physical address of a non-empty view this memory handed
+        out (the dirty log needs it for buffers whose address the request
+        path did not keep). GuestMemoryError for any other buffer."""
+        self._check_open(0, 0)
+        hosts = self._hosts
+        if hosts is None:
+            hosts = self._hosts = [buffer_address(v) for v in self._views]
+        where = buffer_address(view)
+        length = len(view)
+        for host, start, end in zip(hosts, self._starts, self._ends, strict=True):
+            off = where - host
+            if off >= 0 and start + off + length <= end:
+                return start + off
+        raise GuestMemoryError("buffer is not a view of guest memory", where, length)
+
     def views(self, gpa: int, length: int) -> list[memoryview]:
         """Views covering ``[gpa, gpa + length)``, which may span adjacent regions.
 
@@ -375,6 +407,7 @@ class GuestMemory:
         self._starts = []
         self._ends = []
         self._single = False
+        self._hosts = None
         deferred = 0
         for m in self._maps:
             try:

@@ -34,7 +34,6 @@ from emulators.vhost_user.codec import encode_reply, encode_request
 from emulators.vhost_user.constants import Request
 from emulators.vhost_user.messages import (
     U64,
-    LogDescription,
     MemoryRegion,
     MemoryTable,
     Payload,
@@ -182,7 +181,7 @@ BAD_MESSAGES: list[tuple[str, Request, Payload, str]] = [
     ("enable-value", Request.SET_VRING_ENABLE, VringState(1, 2), "must be 0 or 1"),
     ("features", Request.SET_FEATURES, U64(1 << 63), "never offered"),
     ("get-base-index", Request.GET_VRING_BASE, VringState(9, 0), "ring 9 does not exist"),
-    ("unsupported", Request.SET_LOG_BASE, LogDescription(4096, 0), "not supported"),
+    ("unsupported", Request.SET_BACKEND_REQ_FD, None, "not supported"),
 ]
 
 
@@ -197,8 +196,8 @@ def test_bad_message_without_a_status_drops_only_its_controller(
     if "started" not in reason:
         c0.stop()  # as after a guest reset: the rings may be set up again
     fds: tuple[int, ...] = ()
-    if request_ is Request.SET_LOG_BASE:
-        fds = (os.memfd_create("log"),)
+    if request_ is Request.SET_BACKEND_REQ_FD:
+        fds = (os.memfd_create("channel"),)
     _send(c0, request_, payload, fds)
     for fd in fds:
         os.close(fd)

@@ -30,7 +30,6 @@ from emulators.vhost_user.constants import (
 )
 from emulators.vhost_user.messages import (
     U64,
-    LogDescription,
     MemoryRegion,
     MemoryTable,
     Payload,
@@ -300,8 +299,8 @@ def test_kick_of_a_ring_with_no_addresses_is_refused(record: BackendSession) -> 
 
 
 def test_unsupported_requests_are_refused(record: BackendSession) -> None:
-    log = msg(Request.SET_LOG_BASE, LogDescription(4096, 0), (RAM_FD,))
-    assert "not supported" in refused(record, log)
+    backend_channel = msg(Request.SET_BACKEND_REQ_FD, None, (RAM_FD,))
+    assert "not supported" in refused(record, backend_channel)
     assert "not supported" in refused(record, msg(Request.POSTCOPY_ADVISE))
 
 

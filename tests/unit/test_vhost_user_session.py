@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -249,7 +251,12 @@ BAD_AFTER_INIT: list[tuple[str, Request, Payload, int, str]] = [
     ("call index", Request.SET_VRING_CALL, VringFd(5), 1, "ring 5 does not exist"),
     ("enable value", Request.SET_VRING_ENABLE, VringState(0, 2), 0, "must be 0 or 1"),
     ("enable unacked", Request.SET_VRING_ENABLE, VringState(0, 1), 0, "PROTOCOL_FEATURES acked"),
-    ("log base", Request.SET_LOG_BASE, LogDescription(4096, 0), 1, "not supported"),
+    ("log base empty", Request.SET_LOG_BASE, LogDescription(0, 0), 1, "allowed 1 to"),
+    ("log base huge", Request.SET_LOG_BASE, LogDescription(1 << 40, 0), 1, "allowed 1 to"),
+    ("log base offset", Request.SET_LOG_BASE, LogDescription(4096, 4), 1, "multiples of 8"),
+    ("log base size", Request.SET_LOG_BASE, LogDescription(4100, 0), 1, "multiples of 8"),
+    ("log base wraps", Request.SET_LOG_BASE, LogDescription(4096, (1 << 64) - 8), 1,
+     "overflows"),
     ("backend req fd", Request.SET_BACKEND_REQ_FD, None, 1, "not supported"),
     ("empty table", Request.SET_MEM_TABLE, MemoryTable(()), 0, "no regions"),
     (
@@ -323,7 +330,7 @@ def _with_memory() -> SessionHarness:
         (addr(0, 0x1000, 0x2001, 0x3000), "avail ring at .* 2-byte"),
         (addr(0, 0x1000, 0x2000, 0x3002), "used ring at .* 4-byte"),
         (addr(0, 0x10_0000, 0x2000, 0x3000), "descriptor table .* not inside"),
-        (addr(0, 0x1000, 0x2000, 0x3000, flags=1), "dirty logging"),
+        (addr(0, 0x1000, 0x2000, 0x3000, flags=2), "only the log flag"),
         (VringAddr(0, 0, 0x1000, 0x3000, 0x2000, 0), "not inside"),
     ],
 )
@@ -348,7 +355,7 @@ def test_ring_must_fit_in_one_region_when_it_starts() -> None:
     [
         (Request.SET_VRING_NUM, VringState(0, 64)),
         (Request.SET_VRING_BASE, VringState(0, 1)),
-        (Request.SET_VRING_ADDR, ring_addr(0)),
+        (Request.SET_VRING_ADDR, replace(ring_addr(0), used_user_addr=ring_addr(1).used_user_addr)),
     ],
 )
 def test_started_ring_refuses_changes(request_code: Request, payload: Payload) -> None:
