@@ -1,0 +1,320 @@
+"""Live migration: how long each migration takes, QEMU's downtime, and the guest's I/O stall.
+
+Theory of operation. One VM migrates back and forth N times between two
+`mplaunch` on this host (tests/support/migration.py: sides A and B, their own
+VM names, run folders and uid ranges, the same image files), the guest
+writing and verifying the whole time: the chaos guest's write-verify workload
+(random 4 KiB O_DIRECT writes read back and compared, round after round, with
+its ledger, tests/chaos/guest.py) and, unless `--no-reader`, a reader in the
+background (busybox dd, 4 KiB O_DIRECT reads in a loop, one request at a
+time) so that completions come every few milliseconds and the stall is
+measured finely.
+
+Guest-visible progress is read as bench/recovery.py reads it: the request
+queue's used index in the emulator's state store (the file in the run folder
+that the emulator updates as it publishes completions), sampled about every
+millisecond on both sides. An advance is a completion the guest is about to
+see. At the destination the store starts at 0, and once its rings run holds
+the index the source stopped at: only a value other than those two is a
+completion there.
+
+Per migration:
+
+- total: from the `migrate` command to `completed` in the source's
+  `query-migrate` (the destination answered that its guest runs);
+- QEMU's downtime: the "downtime" of QEMU's query-migrate, as mplaunch
+  passes it on (None if it does not), in ms: QEMU's own stop-to-handover
+  time, which ends before mplaunch moves the emulators' state and `cont`s;
+- stall: from the last completion at the source to the first completion at
+  the destination (host monotonic clock), the I/O pause the guest sees;
+- gap: the largest gap between two consecutive completions in the window from
+  2 s before the switch to 2 s after it (the stall, unless the RAM phase
+  slowed I/O more); gap during the RAM phase and gap before (the 2 s before
+  the `migrate` command, the workload's own floor) beside it;
+- the load average, and QEMU's RAM figures.
+
+JSON to bench/out/migration.json. The guest's verdict over the whole run
+(no mismatch, no SCSI error, the image holds what it last wrote) is recorded
+too: a benchmark of a migration that corrupts is worth nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.recovery import UsedIndex  # noqa: E402
+from launcher.statestore.layout import StateStoreError  # noqa: E402
+from tests.support.migration import (  # noqa: E402
+    RUNNING,
+    Pair,
+    Side,
+    boot,
+    downtime_ms,
+    follow,
+    free_tcp_uri,
+    migrate,
+    start_incoming,
+    wait_rounds,
+)
+from tests.support.vm import Mplaunch  # noqa: E402
+
+UIDS = ("64900-64909", "64910-64919")  # no test's VM uses these
+SAMPLE_S = 0.001
+WINDOW_S = 2.0
+READER = ("(while :; do dd if=/dev/sda of=/dev/null bs=4096 count=256 iflag=direct "
+          "2>/dev/null; done) &\n")
+
+
+class Sampler(threading.Thread):
+    """Samples the used index of every state store it is told to watch and
+    keeps, per store, the (time, value) of every change."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="used-index sampler")
+        self._lock = threading.Lock()
+        self._paths: dict[str, Path] = {}
+        self._maps: dict[str, UsedIndex] = {}
+        self._last: dict[str, int] = {}
+        self.changes: dict[str, list[tuple[float, int]]] = {}
+        self._stop = threading.Event()
+
+    def watch(self, label: str, path: Path) -> None:
+        with self._lock:
+            self._paths[label] = path
+            self.changes.setdefault(label, [])
+
+    def forget(self, label: str) -> None:
+        with self._lock:
+            self._paths.pop(label, None)
+            self._maps.pop(label, None)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                for label, path in self._paths.items():
+                    used = self._maps.get(label)
+                    if used is None:
+                        with contextlib.suppress(OSError, StateStoreError, ValueError):
+                            self._maps[label] = used = UsedIndex(path)
+                        if used is None:
+                            continue
+                    value = used.read()
+                    if self._last.get(label) != value:
+                        self._last[label] = value
+                        self.changes[label].append((now, value))
+            time.sleep(SAMPLE_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(5)
+
+    def copy(self, label: str) -> list[tuple[float, int]]:
+        with self._lock:
+            return list(self.changes.get(label, []))
+
+
+def completions(source: list[tuple[float, int]], dest: list[tuple[float, int]]
+                ) -> tuple[list[float], list[float]]:
+    """Times of completions at the source, and at the destination (where the
+    store's 0 and the index the source stopped at are no completion)."""
+    src = [t for t, _ in source[1:]]  # the first sample is where it stood, not an advance
+    stopped_at = source[-1][1] if source else 0
+    dst = [t for t, v in dest if v not in (0, stopped_at)]
+    return src, dst
+
+
+def largest_gap(times: list[float], start: float, end: float) -> float | None:
+    inside = [t for t in times if start <= t <= end]
+    gaps = [b - a for a, b in zip(inside, inside[1:], strict=False)]
+    return max(gaps) if gaps else None
+
+
+@dataclass
+class Sample:
+    hop: int
+    uri: str
+    total_s: float
+    source_exit_s: float
+    downtime_ms: float | None
+    stall_ms: float | None
+    gap_ms: float | None
+    gap_ram_ms: float | None
+    gap_before_ms: float | None
+    ram_transferred_mib: float | None
+    statuses: list[str]
+    load: tuple[float, float, float]
+
+
+def first_after(sampler: Sampler, label: str, stopped_at: int, after: float,
+                timeout: float) -> float | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for t, v in sampler.copy(label):
+            if t >= after and v not in (0, stopped_at):
+                return t
+        time.sleep(0.05)
+    return None
+
+
+def one_migration(pair: Pair, source: Side, hop: int, uri: str, sampler: Sampler,
+                  launchers: list[Mplaunch], timeout: float) -> tuple[Side, Sample]:
+    dest = start_incoming(pair, hop, uri, launchers)
+    here, there = f"hop{hop - 1}", f"hop{hop}"
+    sampler.watch(there, dest.vm.run_dir / "state-e0.bin")
+    source.snapshot()
+    ram: dict[str, Any] = {}
+
+    def keep_ram(answer: dict[str, Any]) -> None:
+        if isinstance(answer.get("ram"), dict):
+            ram.update(answer["ram"])
+
+    started = time.monotonic()
+    migrate(source, uri)
+    seen = follow(source, timeout=timeout, period=0.02, each=keep_ram)
+    done = seen.first_time("completed") or time.monotonic()
+    if seen.status != "completed":
+        raise RuntimeError(f"migration {hop} {seen.status}: {seen.last}\n"
+                           f"source:\n{source.launcher.stderr[-3000:]}\n"
+                           f"destination:\n{dest.launcher.stderr[-3000:]}")
+    rc = source.launcher.wait(60)
+    exited = time.monotonic()
+    if rc != 0:
+        raise RuntimeError(f"the source mplaunch exited {rc}:\n{source.launcher.stderr}")
+    dest.launcher.wait_stderr(RUNNING, 30)
+    src_changes = sampler.copy(here)
+    stopped_at = src_changes[-1][1] if src_changes else 0
+    resumed = first_after(sampler, there, stopped_at, started, 30)
+    time.sleep(WINDOW_S)  # completions after the switch, for the gap
+    src, dst = completions(src_changes, sampler.copy(there))
+    sampler.forget(here)
+    switch = max((t for t in src if t <= (resumed or exited)), default=None)
+    stall = (resumed - switch) * 1e3 if resumed is not None and switch is not None else None
+    merged = sorted(src + dst)
+    gap = gap_ram = None
+    if switch is not None:
+        gap = largest_gap(merged, switch - WINDOW_S, switch + WINDOW_S)
+        gap_ram = largest_gap(src, started, switch)
+    before = largest_gap(src, started - WINDOW_S, started)
+    transferred = ram.get("transferred")
+    sample = Sample(
+        hop=hop, uri=uri.split(":")[0], total_s=done - started, source_exit_s=exited - started,
+        downtime_ms=downtime_ms(seen.last) or _downtime_in(seen.answers),
+        stall_ms=stall, gap_ms=gap * 1e3 if gap is not None else None,
+        gap_ram_ms=gap_ram * 1e3 if gap_ram is not None else None,
+        gap_before_ms=before * 1e3 if before is not None else None,
+        ram_transferred_mib=transferred / 2**20 if isinstance(transferred, int) else None,
+        statuses=seen.statuses, load=os.getloadavg())
+    return dest, sample
+
+
+def _downtime_in(answers: list[dict[str, Any]]) -> float | None:
+    for answer in reversed(answers):
+        value = downtime_ms(answer)
+        if value is not None:
+            return value
+    return None
+
+
+def summary(values: list[float | None]) -> dict[str, float] | None:
+    have = [v for v in values if v is not None]
+    if not have:
+        return None
+    return {"median": statistics.median(have), "max": max(have), "min": min(have),
+            "n": len(have)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix="mpl-migration-"))
+    pair = Pair(folder, "migbench", UIDS, count=args.count, memory=args.memory,
+                prelude="" if args.no_reader else READER)
+    launchers: list[Mplaunch] = []
+    samples: list[Sample] = []
+    sampler = Sampler()
+    sampler.start()
+    load_start = os.getloadavg()
+    verdict: dict[str, Any] = {}
+    try:
+        side = boot(pair, launchers, rounds=2)
+        sampler.watch("hop0", side.vm.run_dir / "state-e0.bin")
+        for hop in range(1, args.migrations + 1):
+            time.sleep(args.gap_s)
+            uri = free_tcp_uri() if args.uri == "tcp" else pair.unix_uri(hop)
+            side, sample = one_migration(pair, side, hop, uri, sampler, launchers,
+                                         args.timeout)
+            samples.append(sample)
+            if args.verbose:
+                print(f"{hop}: {sample}", flush=True)
+            wait_rounds(side, 1, 60)
+        pair.stop()
+        side.launcher.wait_console(r"^MPL DONE workload=shell", timeout=90)
+        rc = side.launcher.wait(60)
+        v = pair.verdict()
+        verdict = {"ok": v.ok and rc == 0, "last_exit": rc, "rounds": v.rounds,
+                   "verified": v.verified, "bad": v.bad, "scsi_errors": v.scsi_errors,
+                   "problems": v.problems, "mismatches": len(v.mismatches)}
+    finally:
+        sampler.stop()
+        for m in launchers:
+            if m.proc.poll() is None:
+                m.signal(signal.SIGTERM)
+                with contextlib.suppress(AssertionError):
+                    m.wait(60)
+        pair.cleanup()
+    return {
+        "migrations": len(samples), "memory": args.memory, "count": args.count,
+        "reader": not args.no_reader, "uri": args.uri,
+        "total_s": summary([s.total_s for s in samples]),
+        "downtime_ms": summary([s.downtime_ms for s in samples]),
+        "stall_ms": summary([s.stall_ms for s in samples]),
+        "gap_ms": summary([s.gap_ms for s in samples]),
+        "gap_ram_ms": summary([s.gap_ram_ms for s in samples]),
+        "gap_before_ms": summary([s.gap_before_ms for s in samples]),
+        "guest": verdict,
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                 "load_start": load_start, "load_end": os.getloadavg()},
+        "samples": [asdict(s) for s in samples],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--migrations", type=int, default=5, help="back and forth (default 5)")
+    p.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
+    p.add_argument("--count", type=int, default=8,
+                   help="blocks written and verified per round (default 8)")
+    p.add_argument("--uri", choices=("unix", "tcp"), default="unix",
+                   help="unix:PATH or tcp:127.0.0.1:PORT (default unix)")
+    p.add_argument("--no-reader", action="store_true",
+                   help="no background reader: progress from the write-verify rounds only")
+    p.add_argument("--gap-s", type=float, default=2.0, help="pause between migrations")
+    p.add_argument("--timeout", type=float, default=180, help="per migration, seconds")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "migration.json")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
+    return 0 if result["guest"].get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
