@@ -511,8 +511,10 @@ class EmulatorSlot(PolicyDriven):
         occupant = self.occupant
         if occupant is not None:
             occupant.proc.child.kill()  # it served no guest request: nothing to finish
-            await occupant.proc.exited
+            status = await occupant.proc.exited
             self._retire(occupant)
+            self.policy.on_exit(now_ns(), status, ExitReason.REQUESTED_RESTART,
+                                "restarted from the migration's state")
         transfer.load_image(self.state_fd, image)
         self._occupy(await self._launch_cold(first_start=False))
 

@@ -230,11 +230,10 @@ class MigrationSource:
             try:
                 await self._follow(qemu, uri, listener, peer)
             finally:
-                if not peer.done():
-                    peer.cancel()
+                if self._peer_waiting is not peer and not peer.done():
+                    peer.cancel()  # not carried into the state phase: nobody awaits it
                     with contextlib.suppress(BaseException):
                         await peer
-        self._peer_waiting = None
 
     async def _follow(self, qemu: Qemu, uri: MigrationUri, listener: Any,
                       peer: asyncio.Task[Message | ChannelClosed]) -> None:
@@ -320,9 +319,27 @@ class MigrationSource:
 
     async def _hand_over_state(self, stream: ChannelStream) -> None:
         """QEMU completed: the guest is paused here and its rings stopped."""
+        peer, self._peer_waiting = self._peer_waiting, None
+        if peer is None:
+            raise MigrationError("the state channel was not followed into the state phase")
+        try:
+            got = await self._send_state(stream, peer)
+        finally:
+            if not peer.done():
+                peer.cancel()
+                with contextlib.suppress(BaseException):
+                    await peer
+        if isinstance(got, Running):
+            return
+        if isinstance(got, Failed):
+            raise MigrationError(f"the destination could not start the guest: {got.reason}")
+        raise MigrationError("the destination closed the state channel before the guest ran")
+
+    async def _send_state(self, stream: ChannelStream,
+                          peer: asyncio.Task[Message | ChannelClosed]) -> Message | ChannelClosed:
+        """Flush, send every state store, then the destination's last word."""
         from launcher.slots import EmulatorSlot
 
-        peer = self._peer_waiting
         slots = [s for s in self.sv.slots if isinstance(s, EmulatorSlot)]
         for slot in slots:
             _flush(slot)
@@ -330,22 +347,15 @@ class MigrationSource:
             image = transfer.read_image(slot.state_fd)
             await stream.send(StateBlob(slot.id, layout.VERSION, image))
         await stream.send(Done(len(slots)))
-        assert peer is not None
         try:
-            got = await asyncio.wait_for(asyncio.shield(peer), RUNNING_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.shield(peer), RUNNING_TIMEOUT_S)
         except TimeoutError:
             await stream.send(Abort(f"no answer in {RUNNING_TIMEOUT_S:.0f} s"))
             try:
-                got = await asyncio.wait_for(peer, ABORT_GRACE_S)
+                return await asyncio.wait_for(asyncio.shield(peer), ABORT_GRACE_S)
             except TimeoutError:
-                peer.cancel()
                 raise MigrationError(f"the destination did not start the guest in "
                                      f"{RUNNING_TIMEOUT_S:.0f} s") from None
-        if isinstance(got, Running):
-            return
-        if isinstance(got, Failed):
-            raise MigrationError(f"the destination could not start the guest: {got.reason}")
-        raise MigrationError("the destination closed the state channel before the guest ran")
 
     async def _recover(self, qemu: Qemu, was_running: bool) -> None:
         """After a failure: QEMU's migration ended, and the guest running here

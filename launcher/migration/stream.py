@@ -148,20 +148,24 @@ class ChannelStream:
         self._loop = asyncio.get_running_loop()
         self._sent_preamble = False
 
+    def _preamble(self) -> bytes:
+        if self._sent_preamble:
+            return b""
+        self._sent_preamble = True
+        return self.channel.initiate()
+
     async def _write(self, data: bytes) -> None:
         try:
-            if not self._sent_preamble:
-                self._sent_preamble = True
-                data = self.channel.initiate() + data
             await self._loop.sock_sendall(self.sock, data)
         except OSError as e:
             raise MigrationError(f"the state channel broke: {e.strerror or e}") from None
 
     async def start(self) -> None:
-        await self._write(b"")
+        await self._write(self._preamble())
 
     async def send(self, msg: Message) -> None:
-        await self._write(self.channel.send(msg))
+        preamble = self._preamble()
+        await self._write(preamble + self.channel.send(msg))
 
     async def receive(self) -> Message | ChannelClosed:
         """The next message, or ChannelClosed; MigrationError for a broken
