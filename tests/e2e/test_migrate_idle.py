@@ -126,3 +126,31 @@ def test_a_size_mismatch_is_refused_and_the_source_runs_on(
         [sys.executable, "-m", "launcher.mpctl", "--json", "status",
          str(vm.run_dir / "mplaunch.sock")], capture_output=True, text=True, cwd=REPO, timeout=30)
     assert '"running": true' in status.stdout, status.stdout
+
+
+def test_a_destination_whose_launcher_dies_before_its_guest_ran_leaves_nothing_running(
+        tmp_path: Path, launchers: list[Mplaunch]) -> None:
+    """Its holder would keep QEMU for a re-attaching launcher; a guest that
+    never ran has nothing to keep, so the holder stops everything."""
+    import signal
+    import time
+
+    import psutil
+
+    vm = VmDef(tmp_path, "mig-tether-dst", disks=[DiskDef("d0", "scsi0", 0)],
+               controllers={"scsi0": ("disk-proc", 1)}, emulators={"disk-proc": {"kind": "scsi"}})
+    dest = Mplaunch(vm.write(), "--incoming", f"unix:{tmp_path / 'm.sock'}", console=vm.console)
+    launchers.append(dest)
+    dest.wait_stderr("incoming migration: waiting on", 60)
+    qemu = dest.qemu_pid()
+    everything = {p.pid for p in dest.descendants()}
+    dest.signal(signal.SIGKILL)
+    dest.proc.wait(10)
+    deadline = time.monotonic() + 15
+    alive = everything
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in everything if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE}
+        time.sleep(0.1)
+    assert not alive, f"left running after the launcher died: {alive} (QEMU {qemu})"
+    assert not vm.console.exists() or "MPL BOOT" not in vm.console.read_text()

@@ -147,3 +147,22 @@ def test_a_store_of_another_shape_or_garbage_is_refused(tmp_path: Path) -> None:
         transfer.load_image(dst, b"x" * 100)
     for fd in (dst, other):
         os.close(fd)
+
+
+def test_migrate_is_refused_for_a_vm_with_an_lsi_emulator(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from launcher.migration.source import MigrationSource
+
+    (tmp_path / "d.img").write_bytes(bytes(1 << 20))
+    (tmp_path / "vm.toml").write_text(
+        '[vm]\nname = "v"\n'
+        '[[emulator]]\nid = "old-hba"\nkind = "lsi"\n'
+        '[[controller]]\nid = "c0"\nemulator = "old-hba"\n'
+        '[[disk]]\nid = "d0"\ncontroller = "c0"\nlun = 0\nimage = "d.img"\n')
+    sv = SimpleNamespace(spec=load_spec(tmp_path / "vm.toml"), backends_only=False,
+                         qemu=object(), stopping=False, incoming_pending=False)
+    source = MigrationSource(sv)  # type: ignore[arg-type]
+    assert source.refused() == ("emulator 'old-hba' is of kind lsi, which cannot migrate "
+                                "(only scsi emulators do)")
+    assert source.cancel() == "no migration is under way"
