@@ -99,6 +99,7 @@ class IncomingMigration:
                 await self._incoming_done(qemu, peer)
                 LOG.info("%s RAM and devices received", PREFIX)
                 blobs = await self._wait(qemu, peer)
+                arrived = time.monotonic()
             finally:
                 if not peer.done():
                     peer.cancel()
@@ -121,7 +122,8 @@ class IncomingMigration:
                 stream.close()
             self.close()
         self.done = True
-        LOG.info("%s guest running", PREFIX)
+        LOG.info("%s guest running (%.0f ms after the source's state arrived)", PREFIX,
+                 (time.monotonic() - arrived) * 1000)
         self._set(Status.COMPLETED)
         return True
 

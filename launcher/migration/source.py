@@ -92,6 +92,7 @@ class MigrationSource:
         self._cancel = asyncio.Event()
         self._qemu_started = False
         self._last_log = 0.0
+        self._completed_at = 0.0
         self._peer_waiting: asyncio.Task[Message | ChannelClosed] | None = None
 
     # -- management
@@ -173,9 +174,14 @@ class MigrationSource:
         finally:
             if stream is not None:
                 stream.close()
+        handover_ms = (time.monotonic() - self._completed_at) * 1000
+        qemu_ms = self.progress.qemu_downtime_ms
+        self.progress.handover_ms = round(handover_ms, 1)
         self._set(Status.COMPLETED)
-        LOG.info("migration to %s: completed; the guest runs at the destination: "
-                 "stopping here", uri)
+        LOG.info("migration to %s: completed; the guest runs at the destination (paused for "
+                 "%.0f ms: QEMU's downtime %s ms, then %.0f ms to hand the state over and "
+                 "start it there): stopping here", uri,
+                 handover_ms + (qemu_ms or 0), "?" if qemu_ms is None else qemu_ms, handover_ms)
         self.sv.migrated()
 
     async def _guest_running(self, qemu: Qemu) -> bool:
@@ -259,6 +265,7 @@ class MigrationSource:
                     return
                 qemu_status = await self._read_qemu()
                 if qemu_status == "completed":
+                    self._completed_at = time.monotonic()
                     self.progress.phase = Phase.STATE
                     LOG.info("migration to %s: QEMU completed (%s): handing the emulators' "
                              "state over", uri, _mib(self.progress.ram))
@@ -290,6 +297,9 @@ class MigrationSource:
         ram = info.get("ram")
         if isinstance(ram, dict):
             self.progress.ram = ram
+        downtime = info.get("downtime")
+        if isinstance(downtime, int):
+            self.progress.qemu_downtime_ms = downtime
         if qemu_status == "failed":
             self.progress.error = str(info.get("error-desc") or "QEMU's migration failed")
             return qemu_status

@@ -57,6 +57,10 @@ class Progress:
     uri: str | None = None
     error: str | None = None
     ram: dict[str, Any] = field(default_factory=dict)
+    #: QEMU's own downtime (ms: from its stop to its completion), once known.
+    qemu_downtime_ms: int | None = None
+    #: From QEMU's completion to the destination's "running" (ms), once done.
+    handover_ms: float | None = None
 
     @property
     def under_way(self) -> bool:
@@ -65,6 +69,7 @@ class Progress:
     def begin(self, uri: str) -> None:
         self.status, self.phase, self.uri, self.error, self.ram = (
             Status.SETUP, Phase.RAM, uri, None, {})
+        self.qemu_downtime_ms = self.handover_ms = None
 
     def set(self, status: Status, error: str | None = None) -> bool:
         """Move to `status` (a final status stays: the first one wins)."""
@@ -90,4 +95,8 @@ class Progress:
             out["phase"] = str(self.phase)
         if self.ram and self.status in (Status.ACTIVE, Status.COMPLETED):
             out["ram"] = dict(self.ram)
+        if self.status is Status.COMPLETED and self.handover_ms is not None:
+            out["handover-ms"] = self.handover_ms
+            if self.qemu_downtime_ms is not None:
+                out["downtime"] = round(self.qemu_downtime_ms + self.handover_ms)
         return out

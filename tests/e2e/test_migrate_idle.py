@@ -90,6 +90,7 @@ def test_an_idle_guest_moves_and_answers_at_the_destination(
     assert not lines_of(console, "BOOT")  # it did not boot again
     assert dest.wait(60) == 0, dest.stderr
     dest.assert_nothing_left(tmp_path / "dst" / "run")
+    print(f"--- source:\n{source.stderr}\n--- destination:\n{dest.stderr}")  # with -s
 
 
 def test_a_size_mismatch_is_refused_and_the_source_runs_on(
