@@ -244,11 +244,11 @@ class SupervisorControl:
         self.sv.migration.start(parse_uri(uri))
 
     async def query_migrate(self) -> dict[str, Any]:
+        if self.sv.migration is not None:  # a VM that arrived may leave again: this first
+            return await self.sv.migration.answer()
         if self.sv.incoming is not None:
             return await self.sv.incoming.answer()
-        if self.sv.migration is None:
-            return {"status": "none"}
-        return await self.sv.migration.answer()
+        return {"status": "none"}
 
     async def migrate_cancel(self) -> None:
         refused = ("no migration is under way" if self.sv.migration is None
