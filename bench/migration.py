@@ -5,10 +5,11 @@ Theory of operation. One VM migrates back and forth N times between two
 VM names, run folders and uid ranges, the same image files), the guest
 writing and verifying the whole time: the chaos guest's write-verify workload
 (random 4 KiB O_DIRECT writes read back and compared, round after round, with
-its ledger, tests/chaos/guest.py) and, unless `--no-reader`, a reader in the
-background (busybox dd, 4 KiB O_DIRECT reads in a loop, one request at a
-time) so that completions come every few milliseconds and the stall is
-measured finely.
+its ledger, tests/chaos/guest.py) and, unless `--no-reader`, a verifying
+reader in the background (tests/support/migration.py READER: dd after dd of
+eight 4 KiB O_DIRECT reads, one request at a time, each checked against a
+known pattern) so that completions come every few milliseconds and the stall
+is measured finely.
 
 Guest-visible progress is read as bench/recovery.py reads it: the request
 queue's used index in the emulator's state store (the file in the run folder
@@ -20,11 +21,14 @@ completion there.
 
 Per migration:
 
-- total: from the `migrate` command to `completed` in the source's
-  `query-migrate` (the destination answered that its guest runs);
-- QEMU's downtime: the "downtime" of QEMU's query-migrate, as mplaunch
-  passes it on (None if it does not), in ms: QEMU's own stop-to-handover
-  time, which ends before mplaunch moves the emulators' state and `cont`s;
+- total: from the `migrate` command to the source's `MIGRATION` event
+  `completed` (the destination answered that its guest runs; the event's
+  own timestamp);
+- QEMU's downtime (ms): QEMU's own, from its stop to its completion; then
+  how long the guest was paused in all (mplaunch's `query-migrate`
+  "downtime" once completed: QEMU's plus the hand-over) and the hand-over
+  alone ("handover-ms": the emulators' state moved, the destination's
+  emulators restarted from it, its QEMU `cont`ed, "running" answered);
 - stall: from the last completion at the source to the first completion at
   the destination (host monotonic clock), the I/O pause the guest sees;
 - gap: the largest gap between two consecutive completions in the window from
@@ -45,6 +49,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import sys
@@ -62,12 +67,13 @@ if str(REPO) not in sys.path:
 from bench.recovery import UsedIndex  # noqa: E402
 from launcher.statestore.layout import StateStoreError  # noqa: E402
 from tests.support.migration import (  # noqa: E402
+    FINAL,
     RUNNING,
+    MonitorError,
     Pair,
     Side,
     boot,
     downtime_ms,
-    follow,
     free_tcp_uri,
     migrate,
     start_incoming,
@@ -78,8 +84,6 @@ from tests.support.vm import Mplaunch  # noqa: E402
 UIDS = ("64900-64909", "64910-64919")  # no test's VM uses these
 SAMPLE_S = 0.001
 WINDOW_S = 2.0
-READER = ("(while :; do dd if=/dev/sda of=/dev/null bs=4096 count=256 iflag=direct "
-          "2>/dev/null; done) &\n")
 
 
 class Sampler(threading.Thread):
@@ -93,7 +97,7 @@ class Sampler(threading.Thread):
         self._maps: dict[str, UsedIndex] = {}
         self._last: dict[str, int] = {}
         self.changes: dict[str, list[tuple[float, int]]] = {}
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def watch(self, label: str, path: Path) -> None:
         with self._lock:
@@ -106,7 +110,7 @@ class Sampler(threading.Thread):
             self._maps.pop(label, None)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             now = time.monotonic()
             with self._lock:
                 for label, path in self._paths.items():
@@ -123,7 +127,7 @@ class Sampler(threading.Thread):
             time.sleep(SAMPLE_S)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join(5)
 
     def copy(self, label: str) -> list[tuple[float, int]]:
@@ -154,6 +158,8 @@ class Sample:
     total_s: float
     source_exit_s: float
     downtime_ms: float | None
+    paused_ms: float | None
+    handover_ms: float | None
     stall_ms: float | None
     gap_ms: float | None
     gap_ram_ms: float | None
@@ -180,20 +186,25 @@ def one_migration(pair: Pair, source: Side, hop: int, uri: str, sampler: Sampler
     here, there = f"hop{hop - 1}", f"hop{hop}"
     sampler.watch(there, dest.vm.run_dir / "state-e0.bin")
     source.snapshot()
-    ram: dict[str, Any] = {}
-
-    def keep_ram(answer: dict[str, Any]) -> None:
-        if isinstance(answer.get("ram"), dict):
-            ram.update(answer["ram"])
-
+    mon = source.connect()
+    mark = len(mon.events)
+    wall = time.time()
     started = time.monotonic()
     migrate(source, uri)
-    seen = follow(source, timeout=timeout, period=0.02, each=keep_ram)
-    done = seen.first_time("completed") or time.monotonic()
-    if seen.status != "completed":
-        raise RuntimeError(f"migration {hop} {seen.status}: {seen.last}\n"
+    final, answers = wait_final(source, mark, timeout)
+    done = _event_time(final) - wall + started
+    if final["data"]["status"] != "completed":
+        raise RuntimeError(f"migration {hop}: {final['data']}\n"
                            f"source:\n{source.launcher.stderr[-3000:]}\n"
                            f"destination:\n{dest.launcher.stderr[-3000:]}")
+    # Only answers of this migration: from its first "active" one on.
+    ours = answers[next((i for i, a in enumerate(answers) if a.get("status") == "active"),
+                        len(answers)):]
+    figures = pause_figures(source.launcher.stderr, ours)
+    ram: dict[str, Any] = {}
+    for answer in ours:
+        if isinstance(answer.get("ram"), dict):
+            ram.update(answer["ram"])
     rc = source.launcher.wait(60)
     exited = time.monotonic()
     if rc != 0:
@@ -216,21 +227,71 @@ def one_migration(pair: Pair, source: Side, hop: int, uri: str, sampler: Sampler
     transferred = ram.get("transferred")
     sample = Sample(
         hop=hop, uri=uri.split(":")[0], total_s=done - started, source_exit_s=exited - started,
-        downtime_ms=downtime_ms(seen.last) or _downtime_in(seen.answers),
+        downtime_ms=figures[0], paused_ms=figures[1], handover_ms=figures[2],
         stall_ms=stall, gap_ms=gap * 1e3 if gap is not None else None,
         gap_ram_ms=gap_ram * 1e3 if gap_ram is not None else None,
         gap_before_ms=before * 1e3 if before is not None else None,
         ram_transferred_mib=transferred / 2**20 if isinstance(transferred, int) else None,
-        statuses=seen.statuses, load=os.getloadavg())
+        statuses=[str(e["data"]["status"]) for e in mon.events[mark:]
+                  if e.get("event") == "MIGRATION"],
+        load=os.getloadavg())
     return dest, sample
 
 
-def _downtime_in(answers: list[dict[str, Any]]) -> float | None:
+def wait_final(source: Side, mark: int, timeout: float
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Poll query-migrate every 20 ms (for QEMU's figures) until a MIGRATION
+    event after `mark` says the migration ended: that event (its timestamp is
+    mplaunch's), and every query-migrate answer on the way."""
+    mon = source.connect()
+    answers: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        gone = False
+        try:
+            answers.append(mon.execute("query-migrate"))
+        except MonitorError:
+            raise
+        except Exception:  # the source stopped and closed its socket
+            gone = True
+            mon.drain()
+        ends = [e for e in mon.events[mark:] if e.get("event") == "MIGRATION"
+                and e.get("data", {}).get("status") in FINAL]
+        if ends:
+            with contextlib.suppress(Exception):  # the final answer, while the socket is open
+                answers.append(mon.execute("query-migrate"))
+            return ends[0], answers
+        if gone or time.monotonic() > deadline:
+            why = "socket closed" if gone else "timeout"
+            raise RuntimeError(f"no final MIGRATION event ({why}): {mon.events[mark:]}\n"
+                               f"{source.launcher.stderr[-3000:]}")
+        time.sleep(0.02)
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    stamp = event["timestamp"]
+    return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
+
+
+_PAUSED = re.compile(r"completed; .*\(paused for (\d+) ms: QEMU's downtime (\d+|\?) ms, "
+                     r"then (\d+) ms to hand the state over")
+
+
+def pause_figures(stderr: str, answers: list[dict[str, Any]]
+                  ) -> tuple[float | None, float | None, float | None]:
+    """(QEMU's downtime, how long the guest was paused, the hand-over), in
+    ms: from the completed query-migrate answer if one was read ('downtime'
+    is QEMU's plus 'handover-ms'), else from the source's "completed" line."""
     for answer in reversed(answers):
-        value = downtime_ms(answer)
-        if value is not None:
-            return value
-    return None
+        if answer.get("status") == "completed" and "handover-ms" in answer:
+            handover = float(answer["handover-ms"])
+            paused = downtime_ms(answer)
+            return (paused - handover if paused is not None else None, paused, handover)
+    found = _PAUSED.findall(stderr)
+    if not found:
+        return None, None, None
+    paused, qemu, handover = found[-1]
+    return (None if qemu == "?" else float(qemu)), float(paused), float(handover)
 
 
 def summary(values: list[float | None]) -> dict[str, float] | None:
@@ -244,7 +305,7 @@ def summary(values: list[float | None]) -> dict[str, float] | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="mpl-migration-"))
     pair = Pair(folder, "migbench", UIDS, count=args.count, memory=args.memory,
-                prelude="" if args.no_reader else READER)
+                reader=not args.no_reader)
     launchers: list[Mplaunch] = []
     samples: list[Sample] = []
     sampler = Sampler()
@@ -268,7 +329,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rc = side.launcher.wait(60)
         v = pair.verdict()
         verdict = {"ok": v.ok and rc == 0, "last_exit": rc, "rounds": v.rounds,
-                   "verified": v.verified, "bad": v.bad, "scsi_errors": v.scsi_errors,
+                   "verified": v.verified, "reader_reads": pair.reader_reads(), "bad": v.bad,
+                   "scsi_errors": v.scsi_errors,
                    "problems": v.problems, "mismatches": len(v.mismatches)}
     finally:
         sampler.stop()
@@ -283,6 +345,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "reader": not args.no_reader, "uri": args.uri,
         "total_s": summary([s.total_s for s in samples]),
         "downtime_ms": summary([s.downtime_ms for s in samples]),
+        "paused_ms": summary([s.paused_ms for s in samples]),
+        "handover_ms": summary([s.handover_ms for s in samples]),
         "stall_ms": summary([s.stall_ms for s in samples]),
         "gap_ms": summary([s.gap_ms for s in samples]),
         "gap_ram_ms": summary([s.gap_ram_ms for s in samples]),

@@ -3,10 +3,13 @@
 Two mplaunch on this host take turns running one VM (tests/support/migration.py:
 sides A and B, different VM names, run folders and uid ranges, the same image
 files). The guest runs the chaos guest's write-verify workload with its ledger
-the whole time; at the end the guest must have counted no mismatch and seen
-no SCSI error, and the image must hold what it last wrote (the chaos verdict
-over the consoles of every hop, in order). Progress is asserted with deadlines
-on the guest's verified I/O rounds on the side that should be running it.
+the whole time, and a reader beside it that checks a known pattern read with
+O_DIRECT into fresh buffers (data DMA'd into guest RAM just before a switch
+and missing at the destination would show); at the end the guest must have
+counted no mismatch and seen no SCSI error, and the image must hold what it
+last wrote (the chaos verdict over the consoles of every hop, in order).
+Progress is asserted with deadlines on the guest's verified I/O rounds on the
+side that should be running it.
 
 - five migrations back and forth (unix and tcp URIs, one through
   `mpctl migrate`): after each, the source mplaunch exits 0 and nothing of it
@@ -93,7 +96,7 @@ def finish(pair: Pair, side: Side) -> None:
     assert_side_gone(side)
     verdict = pair.verdict()
     assert verdict.ok, (verdict, pair.console_text()[-3000:])
-    assert verdict.verified > 0
+    assert verdict.verified > 0 and pair.reader_reads() > 0
 
 
 def hop_completes(pair: Pair, source: Side, hop: int, side: str, uri: str,
@@ -135,6 +138,9 @@ def test_five_migrations_back_and_forth(pairs: Callable[[str], Pair],
         else:
             migrate(side, uri)
             seen = follow(side, timeout=MIGRATION_TIMEOUT)
+            # This migration's status, not one left by the VM's own arrival.
+            assert seen.statuses[0] in ("setup", "active") and "active" in seen.statuses, \
+                (hop, seen.statuses, seen.answers[:2])
             assert seen.status == "completed", (seen.statuses, seen.last,
                                                 side.launcher.stderr)
         assert side.launcher.wait(60) == 0, side.launcher.stderr

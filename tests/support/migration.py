@@ -24,6 +24,7 @@ no run folder.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import socket
 import subprocess
@@ -50,8 +51,57 @@ FINAL = frozenset({"completed", "failed", "cancelled"})
 WAITING = r"incoming migration: waiting on "
 RUNNING = r"incoming migration: guest running"
 RESTARTED = r"emulator e0 restarted \(pid (\d+)"
+#: The reader's pattern: 4 KiB blocks of the script disk past the 64 KiB the
+#: guest's loader reads, each block's bytes its own.
+PATTERN_FIRST = 16
+PATTERN_BLOCKS = 8
+#: A verifying reader in the background of the write-verify workload: the
+#: pattern blocks, read with O_DIRECT into each new dd's fresh (zeroed)
+#: buffer, compared with what the host wrote there; one `MPL IO name=reader`
+#: line per 50 reads (at once on a mismatch). A read that completed just
+#: before a switch and whose data the destination did not get (a DMA write
+#: into guest RAM missing from the dirty log) shows as a mismatch. It ends
+#: with the host's stop token (checked every 5 reads, and before reporting a
+#: mismatch), so that a read cut short by the power-off that follows the
+#: workload is no mismatch.
+READER = r"""
+(rdisk=$(for d in /sys/block/sd*; do [ "$(cat $d/size)" = @SECTORS@ ] && echo ${d##*/}; done)
+ told() {
+     dd if=/dev/$rdisk bs=4096 skip=@STOPBLOCK@ count=1 iflag=direct 2>/dev/null |
+         head -c 32 | tr -d '\000' | grep -q '^MPLSTOP 1$'
+ }
+ n=0; ok=0; bad=0; i=0
+ while :; do
+     got=$(dd if=/dev/$rdisk bs=4096 skip=@FIRST@ count=@BLOCKS@ iflag=direct 2>/dev/null | md5sum)
+     if [ "${got%% *}" = @WANT@ ]; then ok=$((ok + 1)); else bad=$((bad + 1)); fi
+     i=$((i + 1))
+     if [ $bad -gt 0 ] || [ $((i % 5)) = 0 ]; then told && break; fi
+     if [ $((ok + bad)) -ge 50 ] || [ $bad -gt 0 ]; then
+         n=$((n + 1)); echo "MPL IO name=reader round=$n ok=$ok bad=$bad" >/dev/console
+         ok=0; bad=0
+     fi
+ done
+ [ $ok = 0 ] || echo "MPL IO name=reader round=$((n + 1)) ok=$ok bad=0" >/dev/console) &
+"""
 POLICY: dict[str, object] = {"kind": "scsi", "restart_burst": 1000, "restart_window_s": 1,
                              "heartbeat_ms": 200, "hang_timeout_ms": 3000}
+
+
+def pattern() -> bytes:
+    """The reader's blocks: each 4 KiB its own text, none of it zero."""
+    return b"".join((f"mplaunch migration pattern, block {i}; ".encode() * 120)[:guest.BLOCK]
+                    for i in range(PATTERN_BLOCKS))
+
+
+def reader_prelude() -> str:
+    """`READER` for the script disk `Pair` writes."""
+    values = {"@SECTORS@": guest.SCRIPT_DISK_SIZE // 512, "@FIRST@": PATTERN_FIRST,
+              "@STOPBLOCK@": guest.STOP_BLOCK,
+              "@BLOCKS@": PATTERN_BLOCKS, "@WANT@": hashlib.md5(pattern()).hexdigest()}
+    text = READER
+    for key, value in values.items():
+        text = text.replace(key, str(value))
+    return text.lstrip()
 
 
 def need_migration() -> str | None:
@@ -98,7 +148,7 @@ class Pair:
 
     def __init__(self, root: Path, name: str, uid_ranges: tuple[str, str], *,
                  count: int = 8, seed: int = 1, memory: str = "256M",
-                 prelude: str = "") -> None:
+                 reader: bool = True) -> None:
         self.root = root
         self.name = name
         self.uid_ranges = uid_ranges
@@ -106,9 +156,12 @@ class Pair:
         self.images = root / "images"
         self.images.mkdir(parents=True, exist_ok=True)
         # 0 seconds: the I/O runs until `stop` (at most guest.MAX_SECONDS).
-        # `prelude`: shell run first, e.g. a reader started in the background.
-        guest.script_image(self.images / "script.img",
-                           prelude + guest.script(0, count, 1, DATA_DISK_SIZE, seed))
+        script = self.images / "script.img"
+        guest.script_image(script, (reader_prelude() if reader else "")
+                           + guest.script(0, count, 1, DATA_DISK_SIZE, seed))
+        with open(script, "r+b") as f:
+            f.seek(PATTERN_FIRST * guest.BLOCK)
+            f.write(pattern())
         # unix: socket paths must stay short; the test's folder may not be.
         self.sockets = Path(tempfile.mkdtemp(prefix="mplm-", dir="/tmp"))
         self.hops: dict[int, SideVm] = {}
@@ -142,6 +195,11 @@ class Pair:
         """The guest's console over every hop, in order."""
         return "".join(vm.console.read_text(errors="replace")
                        for _, vm in sorted(self.hops.items()) if vm.console.exists())
+
+    def reader_reads(self) -> int:
+        """How many reads the background reader checked, over every hop."""
+        return sum(int(m.group(1)) for m in re.finditer(
+            r"^MPL IO name=reader round=\d+ ok=(\d+) bad=\d+$", self.console_text(), re.M))
 
     def verdict(self) -> GuestVerdict:
         """The chaos verdict over the whole run: no mismatch, no SCSI error, a
@@ -198,8 +256,22 @@ class Monitor:
         with contextlib.suppress(Exception):
             self.events += self._qmp.get_events(wait=False)
 
-    def migration_events(self) -> list[str]:
+    def drain(self, wait: float = 0.3) -> None:
+        """Take the events that arrive within `wait` s of each other: the
+        client reads its socket only while it is called, so the last events
+        of a peer that went away are still unread in its buffer."""
         self.pull()
+        while True:
+            try:
+                event = self._qmp.pull_event(wait=wait)
+            except Exception:  # asyncio's TimeoutError, or the connection's end
+                return
+            if event is None:
+                return
+            self.events.append(event)
+
+    def migration_events(self) -> list[str]:
+        self.drain()
         return [e.get("data", {}).get("status", "?") for e in self.events
                 if e.get("event") == "MIGRATION"]
 
@@ -266,8 +338,9 @@ def start_incoming(pair: Pair, hop: int, uri: str, launchers: list[Mplaunch],
     return incoming
 
 
-def io_lines(side: Side) -> list[dict[str, str]]:
-    return lines_of(side.vm.console, "IO")
+def io_lines(side: Side, reader: bool = False) -> list[dict[str, str]]:
+    """The side's `MPL IO` lines: write-verify rounds (or the reader's)."""
+    return [r for r in lines_of(side.vm.console, "IO") if (r.get("name") == "reader") == reader]
 
 
 def wait_rounds(side: Side, more: int, timeout: float, since: int | None = None) -> int:
@@ -277,7 +350,7 @@ def wait_rounds(side: Side, more: int, timeout: float, since: int | None = None)
     deadline = time.monotonic() + timeout
     while True:
         lines = io_lines(side)
-        bad = [r for r in lines if r.get("bad") != "0"]
+        bad = [r for r in lines + io_lines(side, reader=True) if r.get("bad") != "0"]
         assert not bad, f"{side.vm.name}: the guest counted mismatches: {bad}"
         if len(lines) >= start + more:
             return len(lines)
