@@ -25,6 +25,7 @@ from emulators.vhost_user.effects import CloseFds, Effect, RingConfig, SetMemTab
 from emulators.vhost_user.errors import VhostUserError
 from emulators.vhost_user.messages import (
     U64,
+    LogDescription,
     MemoryRegion,
     MemoryTable,
     Payload,
@@ -89,6 +90,23 @@ def _hotplug_steps() -> list[Step]:
     ]
 
 
+def _log_steps(rings: range) -> list[Step]:
+    """A migration as QEMU runs it on started rings: the dirty log (whose answer
+    QEMU waits for), SET_LOG_FD, each ring's log flag with a status asked, a
+    new log replacing the first, and logging turned off again."""
+    log = LogDescription(RAM // 4096 // 8, 0)
+    steps: list[Step] = [
+        (Request.SET_LOG_BASE, log, 1, False),
+        (Request.SET_LOG_FD, None, 1, False),
+    ]
+    steps += [(Request.SET_VRING_ADDR, replace(ring_addr(i), flags=1,
+                                               log_guest_addr=ring_addr(i).used_user_addr - UVA),
+               0, True) for i in rings]
+    steps += [(Request.SET_LOG_BASE, replace(log, mmap_offset=4096), 1, False)]
+    steps += [(Request.SET_VRING_ADDR, ring_addr(i), 0, True) for i in rings]
+    return steps
+
+
 def _encode_steps(steps: list[Step], tag: Callable[[int], int] = lambda n: n) -> bytes:
     out = b""
     for request, payload, nfds, need_reply in steps:
@@ -109,6 +127,8 @@ def _stream_seeds(first: bytes) -> list[bytes]:
         first + _encode_steps(_init_steps() + _start_steps(_FEATURES, range(1))
                               + _hotplug_steps()),
         first + _encode_steps([(Request.RESET_OWNER, None, 0, False)] + _init_steps(1)),
+        first + _encode_steps(_init_steps() + _start_steps(_FEATURES, rings) + _log_steps(rings)
+                              + _stop_steps(rings)),
     ]
 
 
@@ -241,7 +261,7 @@ def _facts(inp: Input, fds: tuple[int, ...]) -> dict[int, FdFacts]:
 def _admission_seeds() -> list[bytes]:
     # Every fd of the seeds is what QEMU sends: memory is a 16 MiB file, the rest eventfds.
     def facts(request: Request, nfds: int) -> bytes:
-        if request in (Request.SET_MEM_TABLE, Request.ADD_MEM_REG):
+        if request in (Request.SET_MEM_TABLE, Request.ADD_MEM_REG, Request.SET_LOG_BASE):
             return (bytes((0,)) + (RAM >> 12).to_bytes(4, "little") + b"\1") * nfds
         return bytes((1, 0, 0, 0, 0, 0)) * nfds
 
@@ -257,6 +277,7 @@ def _admission_seeds() -> list[bytes]:
         b"\0" + encode(_init_steps()),
         b"\0" + encode(_init_steps() + _start_steps(_FEATURES, rings) + _stop_steps(rings)),
         b"\0" + encode(_init_steps() + _start_steps(_FEATURES, range(1)) + _hotplug_steps()),
+        b"\0" + encode(_init_steps() + _start_steps(_FEATURES, rings) + _log_steps(rings)),
     ]
 
 
