@@ -226,6 +226,13 @@ class Supervisor:
         """Carry on with a VM whose launcher went away (crashed, killed or
         upgraded): everything it needs is in the holder and the run folder."""
         self._attachment = attachment
+        if self.incoming is not None:
+            # Run again with --incoming (an upgrade keeps the arguments): a VM whose
+            # holder outlived its launcher had its guest run (else the tether
+            # stopped it), so there is nothing to receive.
+            LOG.info("--incoming %s: the VM arrived already; re-attaching to it",
+                     self.incoming.uri)
+            self.incoming = None
         self.spec = attachment.spec
         self.spec_text = attachment.state.spec_text
         self.accel = AccelChoice(Accel(attachment.state.accel), "as the VM was started")

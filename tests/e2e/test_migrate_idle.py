@@ -84,6 +84,15 @@ def test_an_idle_guest_moves_and_answers_at_the_destination(
     # The guest goes on where it was: the next ticks, then its disk through the
     # destination's emulator, then it powers off and the destination exits 0.
     dest.wait_console(rf"^MPL TICK n={last_at_source + 1}$", 60)
+    # The destination's launcher is now a plain one: it can be upgraded (exec'd
+    # with the same arguments, --incoming included) and re-attaches.
+    dest_sock = str(tmp_path / "dst" / "run" / "mplaunch.sock")
+    upgrade = subprocess.run([sys.executable, "-m", "launcher.mpctl", "upgrade", dest_sock],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert upgrade.returncode == 0, (upgrade.stdout, upgrade.stderr, dest.stderr)
+    dest.wait_stderr("the VM arrived already; re-attaching to it", 30)
+    dest.wait_stderr(r"re-attached to VM mig-idle-dst", 30)
+    dest.wait_console(rf"^MPL TICK n={last_at_source + 4}$", 60)
     dest.wait_console(r"^MPL DONE workload=shell rc=0", 180)
     assert ticks(console)[0] == last_at_source + 1
     assert "MPL OUT verify=ok" in console.read_text(), console.read_text()
