@@ -14,6 +14,11 @@ and read once first, so both sides read from a warm page cache.
 Also reported: the emulator's RSS and its CPU time per request (psutil on
 the child, before and after each case).
 
+With ``--log`` the bench plays a migration under way first: it gives the
+emulator a dirty log (SET_LOG_BASE), acks VHOST_F_LOG_ALL and sets the
+request ring's log flag, so every request also marks its pages and the used
+ring's in the log: the cost of dirty logging.
+
     .venv/bin/python bench/emulator_rate.py [--seconds 2] [--profile out.prof]
 """
 
@@ -35,6 +40,9 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from emulators.vhost_user.codec import encode_request  # noqa: E402
+from emulators.vhost_user.constants import Feature, Request  # noqa: E402
+from emulators.vhost_user.messages import U64, LogDescription, VringAddr  # noqa: E402
 from tests.support.emulator_harness import (  # noqa: E402
     FIRST_REQUEST_QUEUE,
     RESP_SIZE,
@@ -44,6 +52,7 @@ from tests.support.emulator_harness import (  # noqa: E402
     EmulatorHarness,
     request_header,
 )
+from tests.support.vhost_frontend import UVA_BASE  # noqa: E402
 
 KIB = 1024
 MIB = 1 << 20
@@ -164,6 +173,25 @@ def emulator_rate(
     return done / (now - start), done
 
 
+def start_logging(rig: ControllerRig) -> int:
+    """Play QEMU starting a migration: a dirty log covering guest RAM, LOG_ALL
+    acked, the request ring's used ring logged. Returns the log's fd."""
+    frontend = rig.frontend
+    size = max(8, frontend.memory_size // 4096 // 8)
+    fd = os.memfd_create("bench-dirty-log", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    frontend.send_raw(encode_request(Request.SET_LOG_BASE, LogDescription(size, 0), fds=(fd,)),
+                      (fd,))
+    frontend.read_reply(Request.SET_LOG_BASE)
+    frontend.features |= 1 << Feature.LOG_ALL
+    frontend.request(Request.SET_FEATURES, U64(frontend.features), need_reply=frontend.reply_ack)
+    lay = rig.drivers[QUEUE].layout
+    addr = VringAddr(QUEUE, 1, lay.desc_gpa + UVA_BASE, lay.used_gpa + UVA_BASE,
+                     lay.avail_gpa + UVA_BASE, lay.used_gpa)
+    frontend.request(Request.SET_VRING_ADDR, addr, need_reply=frontend.reply_ack)
+    return fd
+
+
 def run(args: argparse.Namespace) -> list[Case]:
     workdir = Path(tempfile.mkdtemp(prefix="emulator-rate-"))
     image = workdir / "disk.img"
@@ -190,7 +218,10 @@ def run(args: argparse.Namespace) -> list[Case]:
         sys.executable = python
     fd = os.open(image, os.O_RDONLY)
     cases: list[Case] = []
+    log_fd = -1
     try:
+        if args.log:
+            log_fd = start_logging(emu.rig)
         child = psutil.Process(emu.proc.pid)
         # A first round so the emulator's own start-up is not measured.
         emulator_rate(emu.rig, 4 * KIB, 1, offsets(image_size, 4 * KIB, 64), 0.2)
@@ -226,6 +257,8 @@ def run(args: argparse.Namespace) -> list[Case]:
         os.close(fd)
         status, err = emu.stop()
     finally:
+        if log_fd >= 0:
+            os.close(log_fd)
         image.unlink()
         for leftover in workdir.iterdir():
             leftover.unlink()
@@ -270,6 +303,10 @@ def main() -> int:
         "--lockdown", choices=["on", "log", "off"], default="on",
         help="the emulator's seccomp mode (the launcher's default is on)",
     )
+    parser.add_argument(
+        "--log", action="store_true",
+        help="with dirty logging on, as while a migration runs (LOG_ALL and a log)",
+    )
     args = parser.parse_args()
     if any(d < 1 or d > 64 for d in args.depths):
         parser.error("depths must be 1..64 (ring size 128)")
@@ -284,6 +321,7 @@ def main() -> int:
                 "seconds": args.seconds,
                 "image_mib": args.image_mib,
                 "poll_us": args.poll_us,
+                "dirty_log": args.log,
                 "load_1m": os.getloadavg()[0],
                 "cases": [asdict(c) for c in cases],
             },

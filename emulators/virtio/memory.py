@@ -50,6 +50,8 @@ RegionBuffer = bytearray | memoryview | mmap.mmap
 MAX_REGIONS = 8
 
 _U64_LIMIT = 1 << 64
+_c_char_from_buffer = ctypes.c_char.from_buffer
+_addressof = ctypes.addressof
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -309,16 +311,23 @@ class GuestMemory:
         """The guest physical address of a non-empty view this memory handed
         out (the dirty log needs it for buffers whose address the request
         path did not keep). GuestMemoryError for any other buffer."""
-        self._check_open(0, 0)
         hosts = self._hosts
         if hosts is None:
+            self._check_open(0, 0)
             hosts = self._hosts = [buffer_address(v) for v in self._views]
-        where = buffer_address(view)
+        probe = _c_char_from_buffer(view)
+        where = _addressof(probe)
+        del probe  # no export left on the view
         length = len(view)
-        for host, start, end in zip(hosts, self._starts, self._ends, strict=True):
-            off = where - host
-            if off >= 0 and start + off + length <= end:
-                return start + off
+        if self._single:
+            off = where - hosts[0]
+            if off >= 0 and self._starts[0] + off + length <= self._ends[0]:
+                return self._starts[0] + off
+        else:
+            for host, start, end in zip(hosts, self._starts, self._ends, strict=True):
+                off = where - host
+                if off >= 0 and start + off + length <= end:
+                    return start + off
         raise GuestMemoryError("buffer is not a view of guest memory", where, length)
 
     def views(self, gpa: int, length: int) -> list[memoryview]:
