@@ -32,7 +32,7 @@ from launcher.holder.client import HolderClient, start_holder
 from launcher.libvirt import backend_socket, frontend_group_warning
 from launcher.management.server import EventBus, ManagementServer, resolve_group
 from launcher.migration.destination import IncomingMigration
-from launcher.migration.source import MigrationSource
+from launcher.migration.source import MigrationSource, settle_orphaned_migration
 from launcher.migration.stream import MigrationError
 from launcher.migration.uri import MigrationUri
 from launcher.qemu import Qemu, QemuStartError, bind_qmp_listener
@@ -585,6 +585,8 @@ class Supervisor:
                 self._stop.set()
             return
         LOG.debug("connected to QEMU's QMP")
+        if self._attachment is not None and self.run_folder is not None:
+            await settle_orphaned_migration(qemu, self.run_folder.path)  # its launcher died
         self.notifier.ready(f"VM {self.spec.vm.name} running")
         await self._follow_events(qemu)
 

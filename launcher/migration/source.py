@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.management.commands import mplaunch_version
@@ -174,6 +175,7 @@ class MigrationSource:
         finally:
             if stream is not None:
                 stream.close()
+        self._mark_state_sent(False)  # the guest runs there: the folder goes as on quit
         handover_ms = (time.monotonic() - self._completed_at) * 1000
         qemu_ms = self.progress.qemu_downtime_ms
         self.progress.handover_ms = round(handover_ms, 1)
@@ -322,8 +324,7 @@ class MigrationSource:
                 info = await qemu.execute("query-migrate")
             except Exception:
                 return
-            if info.get("status") not in ("setup", "active", "cancelling", "pre-switchover",
-                                          "device", "wait-unplug"):
+            if info.get("status") not in _QEMU_UNDER_WAY:
                 return
             await asyncio.sleep(0.05)
 
@@ -353,6 +354,7 @@ class MigrationSource:
         slots = [s for s in self.sv.slots if isinstance(s, EmulatorSlot)]
         for slot in slots:
             _flush(slot)
+        self._mark_state_sent(True)
         for slot in slots:
             image = transfer.read_image(slot.state_fd)
             await stream.send(StateBlob(slot.id, layout.VERSION, image))
@@ -367,9 +369,23 @@ class MigrationSource:
                 raise MigrationError(f"the destination did not start the guest in "
                                      f"{RUNNING_TIMEOUT_S:.0f} s") from None
 
+    def _mark_state_sent(self, sent: bool) -> None:
+        run = self.sv.run_folder
+        if run is None:
+            return
+        mark = run.path / STATE_SENT_MARK
+        try:
+            if sent:
+                mark.touch()
+            else:
+                mark.unlink(missing_ok=True)
+        except OSError as e:
+            LOG.warning("migration: %s: %s", mark, e.strerror)
+
     async def _recover(self, qemu: Qemu, was_running: bool) -> None:
         """After a failure: QEMU's migration ended, and the guest running here
         again if it ran before."""
+        self._mark_state_sent(False)
         if qemu.exited.done():
             return
         if self._qemu_started:
@@ -383,6 +399,50 @@ class MigrationSource:
                 await qemu.execute("cont")
         except Exception as e:
             LOG.error("migration: cannot resume the guest: %s", e)
+
+
+STATE_SENT_MARK = "migration-state-sent"
+"""In the run folder from the first state frame sent until the migration
+ends here: a launcher that re-attaches then cannot tell whether the guest
+runs at the destination."""
+
+
+async def settle_orphaned_migration(qemu: Qemu, run_path: Path) -> None:
+    """A launcher re-attached to a VM whose previous launcher died during a
+    migration. QEMU's migration, if still going, is cancelled (the state
+    channel died with that launcher). A guest QEMU left paused by its
+    completion (postmigrate) runs on here if no state was sent (the
+    destination then never ran it); if some was, it may run there, and it
+    stays paused here, loudly, for the operator to decide."""
+    try:
+        info = await qemu.execute("query-migrate")
+        if info.get("status") in _QEMU_UNDER_WAY:
+            LOG.warning("migration: QEMU was migrating when its launcher died: cancelling")
+            await qemu.execute("migrate_cancel")
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while time.monotonic() < deadline:
+                info = await qemu.execute("query-migrate")
+                if info.get("status") not in _QEMU_UNDER_WAY:
+                    break
+                await asyncio.sleep(0.05)
+        status = await qemu.execute("query-status")
+        if status.get("status") != "postmigrate":
+            return
+        if (run_path / STATE_SENT_MARK).exists():
+            LOG.error("migration: the last launcher died after sending the guest's state to "
+                      "the destination: the guest may run there, so it stays paused here; "
+                      "if it does not run there, resume it with QMP 'cont' on %s",
+                      run_path / "qemu.sock")
+            return
+        LOG.warning("migration: QEMU completed a migration whose launcher died before the "
+                    "destination had the state; the guest runs on here (cont)")
+        await qemu.execute("cont")
+    except Exception as e:
+        LOG.error("migration: cannot settle a migration left by the last launcher: %s", e)
+
+
+_QEMU_UNDER_WAY = frozenset({"setup", "active", "cancelling", "pre-switchover", "device",
+                             "wait-unplug"})
 
 
 def _flush(slot: EmulatorSlot) -> None:
