@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from launcher.standby import LIVENESS_ENV as STANDBY_LIVENESS_ENV  # noqa: E402
 from launcher.statestore import layout  # noqa: E402
 from tests.support.vm import DiskDef, Mplaunch, VmDef, shell_cmd  # noqa: E402
 
@@ -75,7 +76,8 @@ DEEP_WORKLOAD = " ".join(
 _STARTED = re.compile(r"emulator e0 (?:started|restarted) \(pid (\d+)")
 _RESTARTED = re.compile(r"emulator e0 restarted \(pid (\d+)(?:, ([^)]+))?\) ([\d.]+) ms")
 _HUNG = re.compile(r"emulator e0 hung: ")
-_TOOK_OVER = re.compile(r"predecessor gone; serving \(seen at (\d+) ns, active at (\d+) ns\)")
+_TOOK_OVER = re.compile(
+    r"predecessor gone; serving \(seen at (\d+) ns, active at (\d+) ns(?:, by its ([\w ]+))?\)")
 
 
 @dataclass
@@ -91,6 +93,8 @@ class Sample:
     active_ms: float | None = None
     #: When this benchmark saw the old process's pidfd readable.
     dead_ms: float | None = None
+    #: What told the standby: "liveness lock" or "pidfd".
+    seen_by: str | None = None
 
 
 class UsedIndex:
@@ -170,7 +174,9 @@ def _measure(m: Mplaunch, used: UsedIndex, mode: str, pid: int, pidfd: int, rest
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
     # The old process may complete a request or two between the kill and
-    # its death: advances until its pidfd says it is gone are its own.
+    # its death: advances until its pidfd says it is gone are its own, or,
+    # with a standby, until the standby saw the death (below): a standby
+    # told by the liveness lock serves before the pidfd is readable.
     dead: float | None = None
     first_after: float | None = None
     detected: float | None = None
@@ -199,12 +205,17 @@ def _measure(m: Mplaunch, used: UsedIndex, mode: str, pid: int, pidfd: int, rest
     mm = _RESTARTED.search(line)
     assert mm is not None
     seen_ms = active_ms = None
+    seen_by = None
     standby = [t for ln in m.stderr_lines if (t := _TOOK_OVER.search(ln))][took_over:]
     if standby:
         seen_ms = (int(standby[0].group(1)) / 1e9 - killed) * 1e3
         active_ms = (int(standby[0].group(2)) / 1e9 - killed) * 1e3
+        seen_by = standby[0].group(3)
+        seen = int(standby[0].group(1)) / 1e9
+        if dead is None or seen < dead:  # its first completion may come before the pidfd
+            first_after = next((t for t in advances if t >= seen), first_after)
     return Sample(
-        seen_ms=seen_ms, active_ms=active_ms,
+        seen_ms=seen_ms, active_ms=active_ms, seen_by=seen_by,
         dead_ms=(dead - killed) * 1e3 if dead is not None else None,
         stall_ms=(first_after - killed) * 1e3,
         gap_ms=max(gaps) * 1e3,
@@ -247,7 +258,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if args.no_spare:  # the range's one uid is the emulator's: QEMU needs another
         vm.vm_extra["qemu_user"] = "nobody"
     rng = random.Random(args.seed)
-    m = Mplaunch(vm.write(), "-v", console=vm.console)
+    env = {**os.environ, STANDBY_LIVENESS_ENV: "0"} if args.pidfd_only else None
+    m = Mplaunch(vm.write(), "-v", console=vm.console, env=env)
     samples: list[Sample] = []
     try:
         m.wait_stderr(r"QEMU started", 60)
@@ -267,6 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     gaps = [s.gap_ms for s in samples]
     result: dict[str, object] = {
         "mode": args.mode, "spare": not args.no_spare, "events": len(samples),
+        "liveness_lock": not args.pidfd_only,
         "workload": args.workload,
         "heartbeat_ms": args.heartbeat_ms, "hang_timeout_ms": args.hang_timeout_ms,
         "stall_ms": summary(stalls), "gap_ms": summary(gaps),
@@ -277,6 +290,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "standby_active_ms": summary(active) if (active := [
             s.active_ms for s in samples if s.active_ms is not None]) else None,
         "via": {v: sum(1 for s in samples if s.via == v) for v in {s.via for s in samples}},
+        "standby_seen_by": {v: sum(1 for s in samples if s.seen_by == v)
+                            for v in {s.seen_by for s in samples if s.seen_by}},
+        "old_pidfd_readable_ms": summary(dead_ms) if (dead_ms := [
+            s.dead_ms for s in samples if s.dead_ms is not None]) else None,
         "stall_histogram": histogram(stalls, [2, 5, 10, 20, 50, 100, 200, 500]),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
                  "load": os.getloadavg()},
@@ -301,13 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hang-timeout-ms", type=int, default=500)
     p.add_argument("--gap-s", type=float, default=1.2, help="pause between events")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--pidfd-only", action="store_true",
+                   help="the standby learns of the death from the pidfd alone, not from "
+                        "the liveness lock (for comparison)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     result = run(args)
     out = REPO / "bench" / "out"
     out.mkdir(exist_ok=True)
     name = f"recovery-{args.mode}-{'nospare' if args.no_spare else 'standby'}" + \
-        ("-deep" if args.workload == "deep" else "") + ".json"
+        ("-deep" if args.workload == "deep" else "") + \
+        ("-pidfd" if args.pidfd_only else "") + ".json"
     (out / name).write_text(json.dumps(result, indent=1) + "\n")
     brief = {k: v for k, v in result.items() if k != "samples"}
     print(json.dumps(brief, indent=1))

@@ -48,6 +48,9 @@ class EmulatorConfig:
     #: nothing (no ring, no state store write) until that fd says the
     #: predecessor is dead (emulators.process, "Hot standby"). -1: serve now.
     predecessor_fd: int = -1
+    #: The slot's liveness page (launcher.statestore.liveness): the serving
+    #: emulator holds its lock, a standby waits on it. -1: the slot has none.
+    liveness_fd: int = -1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -67,6 +70,8 @@ class EmulatorConfig:
                 first_start=_bool(raw, "first_start"),
                 predecessor_fd=_int(raw, "predecessor_fd", -1, 1 << 20)
                 if "predecessor_fd" in raw else -1,
+                liveness_fd=_int(raw, "liveness_fd", -1, 1 << 20)
+                if "liveness_fd" in raw else -1,
             )
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"bad emulator configuration: {e}") from None
@@ -88,8 +93,9 @@ class EmulatorConfig:
         )
         state_fd = new[self.state_fd] if self.state_fd >= 0 else -1
         predecessor_fd = new[self.predecessor_fd] if self.predecessor_fd >= 0 else -1
+        liveness_fd = new[self.liveness_fd] if self.liveness_fd >= 0 else -1
         return EmulatorConfig(self.id, controllers, self.control_fd, state_fd, self.first_start,
-                              predecessor_fd)
+                              predecessor_fd, liveness_fd)
 
     def assigned_fds(self) -> list[int]:
         """The fds that travel with an assignment: all but the control fd."""
@@ -102,6 +108,8 @@ class EmulatorConfig:
             fds.extend(lun.fd for lun in c.luns)
         if self.predecessor_fd >= 0:
             fds.append(self.predecessor_fd)
+        if self.liveness_fd >= 0:
+            fds.append(self.liveness_fd)
         return fds
 
 

@@ -32,8 +32,10 @@ class LockdownError(Exception):
     """The allow list could not be applied; the emulator must exit, not serve."""
 
 
-def lockdown(mode: LockdownMode) -> None:
-    """Confine this process for good (``OFF``: do nothing, the spec asked for it)."""
+def lockdown(mode: LockdownMode, standby_thread: bool = False) -> None:
+    """Confine this process for good (``OFF``: do nothing, the spec asked for it).
+    `standby_thread`: a warm spare's, which may make the one thread a hot
+    standby waits in (``profiles.STANDBY_THREAD``)."""
     if mode is LockdownMode.OFF:
         return
     try:
@@ -42,7 +44,10 @@ def lockdown(mode: LockdownMode) -> None:
         prctl.set_dumpable(False)
         prctl.set_no_new_privs(True)
         # A process a test armed with a fault point may SIGKILL itself.
-        extra = (profiles.fault_kill(os.getpid()),) if faults.armed() else ()
+        extra: tuple[profiles.Rule, ...] = (
+            (profiles.fault_kill(os.getpid()),) if faults.armed() else ())
+        if standby_thread:
+            extra += profiles.STANDBY_THREAD
         seccomp.load(seccomp.build_allow_list(profiles.STAGE2_ALLOW + extra,
                                               log_only=mode is LockdownMode.LOG))
     except (OSError, seccomp.FilterError) as e:

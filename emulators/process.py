@@ -51,6 +51,7 @@ from emulators.lockdown import LockdownError, LockdownMode, lockdown
 from emulators.scsi.lun import LogicalUnit
 from emulators.vhost_user.errors import RemoteProtocolError, SessionError
 from launcher.heartbeat import protocol as proto
+from launcher.statestore import liveness
 from launcher.statestore.layout import VERSION as STORE_VERSION
 from launcher.statestore.layout import StateStore, StateStoreError
 
@@ -83,6 +84,10 @@ class Emulator:
         self.selector = selectors.EpollSelector()
         self.stopping = False
         self._watched: dict[int, object] = {}
+        #: The slot's liveness lock (held while serving) and, in a standby,
+        #: the thread waiting on it (see `_on_death_watch`).
+        self._liveness: liveness.LivenessLock | None = None
+        self._death_watch: liveness.DeathWatch | None = None
         # A signal only sets a flag; without this pipe in the selector, select()
         # would resume after the handler and SIGTERM would wait out its timeout.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -116,17 +121,71 @@ class Emulator:
         self.config = config
         if standby:
             self.selector.register(config.predecessor_fd, selectors.EVENT_READ, _PREDECESSOR)
+        if config.liveness_fd >= 0:
+            self._use_liveness(config.liveness_fd, standby)
 
-    def _predecessor_gone(self) -> None:
-        """The emulator this standby stood by for is dead: serve in its place
-        now (the launcher's PROMOTE comes later)."""
+    def _use_liveness(self, fd: int, standby: bool) -> None:
+        """Map the slot's liveness page (`fd`, closed here) and, serving,
+        hold its lock or, standing by, wait on it in a thread. Without it
+        (it cannot be mapped, no thread may start) a standby has its pidfd,
+        which is enough, only later."""
         assert self.config is not None
-        seen_ns = time.monotonic_ns()
-        fd = self.config.predecessor_fd
-        if fd >= 0:
-            self.selector.unregister(fd)
+        self.config = dataclasses.replace(self.config, liveness_fd=-1)
+        try:
+            self._liveness = liveness.LivenessLock(fd)
+            if standby:
+                self._death_watch = liveness.DeathWatch(self._liveness, self._wake_w)
+            else:
+                self._hold_liveness()
+        except (OSError, ValueError, RuntimeError) as e:
+            LOG.warning("%s: no liveness lock (%s): a standby's takeover waits for the "
+                        "pidfd", self.name, e)
+        finally:
             os.close(fd)
-            self.config = dataclasses.replace(self.config, predecessor_fd=-1)
+
+    def _hold_liveness(self) -> None:
+        """Take the slot's liveness lock in this, the main thread: the one
+        that touches the rings and the store, so that the lock is let go only
+        once that thread can run no more. Held until the process ends."""
+        if self._liveness is None or self._liveness.held:
+            return
+        taken = self._liveness.take()
+        if taken is not liveness.Taken.HELD:
+            LOG.warning("%s: the liveness lock is %s: a standby will learn of this "
+                        "emulator's end from its pidfd only", self.name, taken.value)
+
+    def _on_death_watch(self) -> None:
+        """News from the standby's waiting thread. The predecessor died: serve
+        now (unless the pidfd said so first). It did not hold the lock: wait
+        for the pidfd alone. Once the thread is done with the lock and this
+        process serves, the lock is taken for the next standby."""
+        watch = self._death_watch
+        assert watch is not None and watch.outcome is not None and self.config is not None
+        if self.config.predecessor_fd >= 0 and not watch.reported:
+            watch.reported = True
+            if watch.outcome is liveness.Outcome.DIED:
+                self._predecessor_gone(watch.seen_ns, "liveness lock")
+            else:
+                LOG.info("%s: the predecessor's liveness lock: %s; waiting for its pidfd",
+                         self.name, watch.outcome.value)
+        if watch.done:
+            self._death_watch = None
+            if self.config.predecessor_fd < 0:
+                self._hold_liveness()
+
+    def _predecessor_gone(self, seen_ns: int = 0, seen_by: str = "pidfd") -> None:
+        """The emulator this standby stood by for is dead: serve in its place
+        now (the launcher's PROMOTE comes later). `seen_ns`: when its death
+        was seen (the liveness lock's waiting thread's clock), by `seen_by`.
+        Once only: the later of the two signals finds nothing to do."""
+        assert self.config is not None
+        seen_ns = seen_ns or time.monotonic_ns()
+        fd = self.config.predecessor_fd
+        if fd < 0:
+            return
+        self.selector.unregister(fd)
+        os.close(fd)
+        self.config = dataclasses.replace(self.config, predecessor_fd=-1)
         for c in self.controllers:
             # What the keepers sent before the death is the session as the
             # predecessor left it: apply all of it before serving, whichever
@@ -138,8 +197,10 @@ class Emulator:
         for c in self.controllers:  # what waited for the takeover, before the log line
             c.serve_pending()
         # Monotonic times (host-wide) so a benchmark can place them.
-        LOG.info("%s: predecessor gone; serving (seen at %d ns, active at %d ns)",
-                 self.name, seen_ns, active_ns)
+        LOG.info("%s: predecessor gone; serving (seen at %d ns, active at %d ns, by its %s)",
+                 self.name, seen_ns, active_ns, seen_by)
+        if self._death_watch is None:  # else once the watch is done with the lock
+            self._hold_liveness()
 
     def _on_promote(self, message: proto.Promote) -> None:
         """PROMOTE: only a standby whose predecessor is dead may be promoted."""
@@ -223,6 +284,8 @@ class Emulator:
                     while _drain(self._wake_r):
                         pass
                     dirty = True
+                    if self._death_watch is not None and self._death_watch.outcome:
+                        self._on_death_watch()
                 elif data == _CONTROL:
                     control = True
                 elif data == _PREDECESSOR:
@@ -430,7 +493,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.set_wakeup_fd(emulator._wake_w, warn_on_full_buffer=False)
     try:
-        lockdown(mode)  # stage 2 of the sandbox: nothing from QEMU has been read yet
+        # Stage 2 of the sandbox: nothing from QEMU has been read yet. A spare
+        # may become a hot standby, which waits in a thread of its own.
+        lockdown(mode, standby_thread=spare)
     except LockdownError as e:
         LOG.error("%s: %s", emulator.name, e)
         return EXIT_SANDBOX

@@ -56,6 +56,8 @@ class EmulatorResources:
     sandbox: SandboxMode = SandboxMode.ON
     uid: int = 0
     address_space: int = 0
+    #: RLIMIT_NPROC: 0 (no thread, no process) but for a warm spare's.
+    nproc: int = 0
 
     @classmethod
     def for_vm(
@@ -222,7 +224,7 @@ async def reaped(child: children.Child, relay: asyncio.Task[None] | None) -> int
 def jail_spec(res: EmulatorResources) -> JailSpec:
     """The emulator runs in the jail's interpreter under an empty root."""
     return JailSpec(uid=res.uid, gid=res.uid, keep_fds=tuple(res.config.all_fds()),
-                    address_space=res.address_space, new_root=True)
+                    address_space=res.address_space, nproc=res.nproc, new_root=True)
 
 
 def output_pipe() -> tuple[int, int]:

@@ -415,7 +415,8 @@ class EmulatorSlot(PolicyDriven):
                 ControllerConfig(controller.id, emu_end.fileno(), controller.queues, luns)
             )
         config = EmulatorConfig(
-            self.id, tuple(controllers), state_fd=self.state_fd, first_start=first_start
+            self.id, tuple(controllers), state_fd=self.state_fd, first_start=first_start,
+            liveness_fd=self.hot_standby.liveness_fd if self.hot_standby is not None else -1,
         )
         return config, ours, theirs
 
@@ -825,6 +826,8 @@ class EmulatorSlot(PolicyDriven):
 
     def close(self) -> None:
         self._drop_standby("the slot closes")
+        if self.hot_standby is not None:
+            self.hot_standby.close()
         if self.occupant is not None:
             self.occupant.link.close()
         for keeper in self.keepers.values():

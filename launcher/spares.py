@@ -39,6 +39,7 @@ from emulators.config import EmulatorConfig
 from launcher import emulators
 from launcher.heartbeat.link import ControlLink, LinkClosed, ProtocolBroken, control_pair
 from launcher.occupant import EXIT_GRACE_S, Occupant
+from launcher.sandbox import jail
 from launcher.spec import Spec
 from launcher.status import LOG
 from launcher.uidpool import UidPool
@@ -123,6 +124,7 @@ class SparePool:
             res = emulators.EmulatorResources.for_vm(
                 self.spec, emulator, config, uid, self._controllers
             )
+            res.nproc = jail.SPARE_NPROC  # it may wait in a thread as a hot standby
             command = [sys.executable, "-I", "-m", "emulators", "--spare",
                        str(theirs.fileno()), self.spec.vm.sandbox.value]
             proc = await emulators.start(res, command=command, quiet=True, tag="spare")

@@ -58,6 +58,7 @@ from launcher.restart_policy import describe_status
 from launcher.sessionkeeper import SessionKeeper
 from launcher.spares import SparePool
 from launcher.spec import EmulatorSpec, Spec
+from launcher.statestore import liveness
 from launcher.status import LOG
 from launcher.uidpool import UidPool
 
@@ -65,6 +66,11 @@ HOT_STANDBY = True
 """Whether the VM's first scsi emulator keeps a hot standby."""
 STANDBY_RECHECK_S = 0.05
 """How often the standby task looks again for an occupant to stand by for."""
+LIVENESS_ENV = "MPLAUNCH_STANDBY_LIVENESS"
+""""0" in mplaunch's environment: no liveness page, so a standby learns of
+its predecessor's death from the pidfd alone (bench/recovery.py
+``--pidfd-only`` measures the difference)."""
+LIVENESS_LOCK = os.environ.get(LIVENESS_ENV, "1") != "0"
 
 ConfigMaker = Callable[[], tuple[EmulatorConfig, dict[str, socket.socket], list[socket.socket]]]
 """The slot's config for a next occupant, with fresh sockets to the keepers:
@@ -121,7 +127,15 @@ class StandbyKeeper:
         self._may_stand_by = may_stand_by
         self.standby: Standby | None = None
         self._paused = 0  # disk changes under way
+        #: The slot's liveness page, in every occupant's and standby's config.
+        self.liveness_fd = liveness.create() if LIVENESS_LOCK else -1
         spares.on_renew.append(lambda: self.drop("the emulator code was renewed"))
+
+    def close(self) -> None:
+        """Close the liveness page (the slot closes); its processes keep their maps."""
+        if self.liveness_fd >= 0:
+            os.close(self.liveness_fd)
+            self.liveness_fd = -1
 
     def drop(self, why: str) -> None:
         """Kill the standby now (its watch reaps it and gives its uid back)

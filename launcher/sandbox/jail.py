@@ -112,6 +112,11 @@ UNLIMITED = -1
 """``address_space`` for a process that needs no bound (QEMU maps as it needs)."""
 
 NOFILE = 1024
+SPARE_NPROC = 2
+"""A warm spare's RLIMIT_NPROC (per uid, threads counted, its uid its own):
+itself and the one thread it waits in as a hot standby
+(launcher.statestore.liveness); its seccomp filter allows that thread's
+clone and no other (profiles.STANDBY_THREAD). Every other emulator: 0."""
 ADDRESS_SPACE_HEADROOM = 1 << 30
 """Address space for the interpreter itself, added to the guest RAM it maps."""
 

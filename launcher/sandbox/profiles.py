@@ -150,6 +150,28 @@ execve, fork, clone, clone3, ptrace, kill, tgkill, setuid, mount, and every
 other call."""
 
 
+CLONE_THREAD = 0x00010000
+CLONE_NEW_NAMESPACES = 0x7E020000
+"""CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID and NEWNET."""
+
+STANDBY_THREAD: tuple[Rule, ...] = (
+    Rule("clone", "the standby's one waiting thread; only a thread of this process (no "
+         "new process, no new namespace)", when=(ArgCheck(
+             0, Cmp.MASKED_EQ, CLONE_THREAD, CLONE_THREAD | CLONE_NEW_NAMESPACES),)),
+    Rule("clone3", "its flags are behind a pointer no filter can read; ENOSYS makes "
+         "glibc fall back to clone, whose flags are checked", refuse=errno.ENOSYS),
+    Rule("set_robust_list", "a new thread registers its robust futex list (glibc)"),
+    Rule("rseq", "a new thread registers its restartable sequences area (glibc)"),
+    Rule("gettid", "a new thread learns its id (glibc and the interpreter)"),
+)
+"""Added to stage 2 in a warm spare only: it may become a hot standby,
+which waits for its predecessor's liveness lock in a thread of its own
+(launcher.statestore.liveness); an emulator started with its config never
+makes a thread and keeps :data:`STAGE2_ALLOW` alone. The jail lets a spare's
+uid have :data:`launcher.sandbox.jail.SPARE_NPROC` tasks: that thread and
+no more."""
+
+
 def fault_kill(pid: int) -> Rule:
     """Added to stage 2 only in a process a test armed with a fault point
     (:mod:`emulators.faults`): it may SIGKILL itself, and nothing else."""
@@ -233,8 +255,6 @@ def stage1_deny(exec_path_address: int) -> tuple[Rule, ...]:
     return (*STAGE1_DENY, Rule("execve", "only the jail's exec",
                                (ArgCheck(0, Cmp.NE, exec_path_address),)))
 
-
-CLONE_THREAD = 0x00010000
 
 NO_SPAWN: tuple[Rule, ...] = (
     Rule("fork", "no new process: the program runs threads only"),

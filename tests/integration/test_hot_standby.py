@@ -7,6 +7,12 @@ The predecessor is a real emulator process driven by a recording front-end
 standby is a real spare process (`python -m emulators --spare`) given the
 same config with a pidfd of the predecessor, as the launcher's slot gives
 it, and fed the keeper's record on a socketpair of its own.
+
+Each test runs three ways (the `rr` fixture): with no liveness page (the
+pidfd alone tells the death), with one shared by the predecessor and the
+standby as the launcher's slot shares it (its robust lock tells it first),
+and with one the predecessor does not hold (the standby's waiting thread
+learns nothing; the pidfd tells).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +35,14 @@ from emulators.vhost_user.codec import Decoder, Role
 from emulators.vhost_user.constants import Request
 from emulators.vhost_user.replay import replay_messages
 from launcher.heartbeat import protocol as proto
-from launcher.statestore import layout
+from launcher.statestore import layout, liveness
 from tests.support.emulator_harness import FIRST_REQUEST_QUEUE, REPO, ControllerSpec, Disk
 from tests.support.recovery_rig import RecoveryRig
 
 Q = FIRST_REQUEST_QUEUE
 BLOCK = 512
 FROZEN_S = 1.0
+PAGES = ("no liveness page", "liveness lock", "lock not held")
 
 
 def write10(lba: int, blocks: int = 1) -> bytes:
@@ -107,12 +115,15 @@ def readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
-def assign_standby(rr: RecoveryRig, standby: StandbyProcess) -> socket.socket:
-    """Give the standby the predecessor's config with a pidfd of it, then the
-    keeper's record on its own socket; returns the keeper's end of it."""
+def assign_standby(rr: RecoveryRig, standby: StandbyProcess,
+                   predecessor: int | None = None) -> socket.socket:
+    """Give the standby the predecessor's config with a pidfd of it (the
+    rig's emulator unless `predecessor` names another pid) and the rig's
+    liveness page, then the keeper's record on its own socket; returns the
+    keeper's end of it."""
     assert rr.proc is not None
     keeper_end, emu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pidfd = os.pidfd_open(rr.proc.pid)
+    pidfd = os.pidfd_open(rr.proc.pid if predecessor is None else predecessor)
     luns = tuple(
         LunConfig(d.lun, d.disk_id or f"{rr.spec.id}-lun{d.lun}", fd, d.readonly, d.block_size)
         for d, fd in zip(rr.spec.disks, rr.disk_fds, strict=True)
@@ -120,6 +131,7 @@ def assign_standby(rr: RecoveryRig, standby: StandbyProcess) -> socket.socket:
     config = EmulatorConfig(
         "emu", (ControllerConfig(rr.spec.id, emu_end.fileno(), rr.spec.queues, luns),),
         state_fd=rr.state_fd, first_start=False, predecessor_fd=pidfd,
+        liveness_fd=getattr(rr, "standby_liveness_fd", -1),
     )
     standby.send(proto.Assign(config.to_json(), tuple(config.assigned_fds())))
     emu_end.close()
@@ -134,14 +146,43 @@ def assign_standby(rr: RecoveryRig, standby: StandbyProcess) -> socket.socket:
     return keeper_end
 
 
-@pytest.fixture
-def rr(tmp_path: Path) -> RecoveryRig:
+@pytest.fixture(params=PAGES)
+def rr(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RecoveryRig]:
     spec = ControllerSpec("scsi0", (Disk(tmp_path / "disk.img"),))
-    rig = RecoveryRig.start(spec, tmp_path)
+    page = -1 if request.param == PAGES[0] else liveness.create()
+    rig = RecoveryRig.start(spec, tmp_path, liveness_fd=page if request.param == PAGES[1] else -1)
+    rig.standby_liveness_fd = page  # type: ignore[attr-defined]
     yield rig
     if rig.proc is not None and rig.proc.poll() is None:
         os.kill(rig.proc.pid, signal.SIGCONT)
     rig.close()
+    if page >= 0:
+        os.close(page)
+
+
+def took_over_by(standby: StandbyProcess) -> str:
+    """Which signal the standby served on, from its log line."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in standby.stderr().splitlines():
+            if "predecessor gone; serving" in line:
+                return line.rpartition("by its ")[2].rstrip(")")
+        time.sleep(0.01)
+    raise AssertionError(f"no takeover logged: {standby.stderr()}")
+
+
+def expected_signals(rr: RecoveryRig) -> set[str]:
+    return {"liveness lock", "pidfd"} if rr.liveness_fd >= 0 else {"pidfd"}
+
+
+@pytest.fixture
+def bystander() -> Iterator[subprocess.Popen[bytes]]:
+    """A process that lives through the test: a pidfd of it never says
+    "dead", so a standby given it learns of a death by the lock alone."""
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    proc.kill()
+    proc.wait()
 
 
 def test_standby_keeps_off_the_rings_of_a_frozen_predecessor(rr: RecoveryRig,
@@ -187,6 +228,8 @@ def test_standby_keeps_off_the_rings_of_a_frozen_predecessor(rr: RecoveryRig,
         assert store_bytes(rr) != store_before  # its progress, stored
         # Served without any word from the launcher: no PROMOTE was sent yet.
         assert took_over_ms < 5000
+        # Whichever told it first (with a small guest RAM, the pidfd can).
+        assert took_over_by(standby) in expected_signals(rr)
 
         # Promoted, it answers the keeper on the socket it followed on.
         standby.send(proto.Promote(7))
@@ -226,3 +269,62 @@ def test_a_standby_is_not_promoted_while_its_predecessor_lives(rr: RecoveryRig,
 def test_store_layout_is_what_the_rig_made(rr: RecoveryRig) -> None:
     """The store the checks above compare byte for byte is the real layout."""
     assert os.fstat(rr.state_fd).st_size == layout.Layout(1, 2 + 16, 256).size
+
+
+@pytest.mark.parametrize("rr", [PAGES[1]], indirect=True)
+def test_the_lock_alone_tells_the_death_and_a_frozen_holder_keeps_it(
+        rr: RecoveryRig, tmp_path: Path, bystander: subprocess.Popen[bytes]) -> None:
+    """The standby's pidfd here is of a process that lives on: only the
+    liveness lock can tell it of the death. A SIGSTOP does not let it go."""
+    assert rr.proc is not None
+    standby = StandbyProcess(tmp_path)
+    try:
+        keeper_end = assign_standby(rr, standby, predecessor=bystander.pid)
+        os.kill(rr.proc.pid, signal.SIGSTOP)
+        head = rr.rig.submit_command(read10(0), queue=Q, data_in=[BLOCK])
+        time.sleep(FROZEN_S / 2)
+        assert standby.progress() == {}, "a frozen holder let the lock go"
+        rr.kill()
+        rr.rig.wait(Q, head, timeout=5.0)  # served by the standby
+        assert took_over_by(standby) == "liveness lock"
+        assert bystander.poll() is None
+        keeper_end.close()
+    finally:
+        standby.close()
+
+
+@pytest.mark.parametrize("rr", [PAGES[1], PAGES[2]], indirect=True)
+def test_the_promoted_standby_holds_the_lock_its_own_standby_waits_on(
+        rr: RecoveryRig, tmp_path: Path, bystander: subprocess.Popen[bytes]) -> None:
+    """Two takeovers in a row: the lock passes to each process that takes
+    over, so that the next standby learns of its death through it (its
+    pidfd is of a bystander: the lock alone can tell it), whether the
+    first holder held it or not."""
+    assert rr.rig.command(write10(0), queue=Q, data_out=[b"\x01" * BLOCK]).status == 0
+    first = StandbyProcess(tmp_path)
+    (tmp_path / "second").mkdir()
+    second = StandbyProcess(tmp_path / "second")
+    try:
+        keeper_first = assign_standby(rr, first)
+        rr.kill()
+        assert rr.rig.command(write10(1), queue=Q, data_out=[b"\x02" * BLOCK]).status == 0
+        first.send(proto.Promote(1))
+        result = first.receive()
+        assert isinstance(result, proto.Result) and result.ok
+        assert took_over_by(first) in expected_signals(rr)
+
+        keeper_second = assign_standby(rr, second, predecessor=bystander.pid)
+        assert second.progress() == {}  # following, serving nothing
+        head = rr.rig.submit_command(read10(1), queue=Q, data_in=[BLOCK])
+        used, writable = rr.rig.wait(Q, head, timeout=5.0)  # the first one serves it
+        assert writable[1][:BLOCK] == b"\x02" * BLOCK
+        assert "predecessor gone" not in second.stderr()
+        first.proc.kill()
+        first.proc.wait(5)
+        assert rr.rig.command(write10(2), queue=Q, data_out=[b"\x03" * BLOCK]).status == 0
+        assert took_over_by(second) == "liveness lock", second.stderr()
+        keeper_first.close()
+        keeper_second.close()
+    finally:
+        first.close()
+        second.close()

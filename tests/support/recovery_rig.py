@@ -118,10 +118,14 @@ class RecoveryRig:
     proc: subprocess.Popen[bytes] | None = None
     control: socket.socket | None = None
     stderr_paths: list[Path] = field(default_factory=list)
+    #: A liveness page (launcher.statestore.liveness) each emulator started
+    #: here is given, as the launcher gives a slot's; -1: none.
+    liveness_fd: int = -1
     _seq: int = 0
 
     @classmethod
-    def start(cls, spec: ControllerSpec, workdir: Path, *, fault: str = "") -> RecoveryRig:
+    def start(cls, spec: ControllerSpec, workdir: Path, *, fault: str = "",
+              liveness_fd: int = -1) -> RecoveryRig:
         shape = layout.Layout(1, QUEUE_SLOTS, LUN_SLOTS)
         state_fd = layout.create(workdir / "state", shape)
         disk_fds = [_open_disk(d) for d in spec.disks]
@@ -137,7 +141,7 @@ class RecoveryRig:
             for i in range(rings)
         }
         rig = ControllerRig(spec, frontend, memory, drivers)
-        self = cls(spec, workdir, state_fd, disk_fds, rig)
+        self = cls(spec, workdir, state_fd, disk_fds, rig, liveness_fd=liveness_fd)
         try:
             self._spawn(theirs, first_start=False, fault=fault)
             frontend.init()
@@ -165,6 +169,7 @@ class RecoveryRig:
             control_fd=control_theirs.fileno(),
             state_fd=self.state_fd,
             first_start=first_start,
+            liveness_fd=self.liveness_fd,
         )
         fd, name = tempfile.mkstemp(prefix="emulator-stderr-", dir=self.workdir)
         self.stderr_paths.append(Path(name))

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 LEAVES = frozenset({
     "launcher.statestore.layout",
+    "launcher.statestore.liveness",
     "launcher.heartbeat.protocol",
     "launcher.sandbox.profiles",
     "launcher.sandbox.seccomp",
