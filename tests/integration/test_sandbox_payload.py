@@ -14,6 +14,7 @@ nothing here (no tests); test_sandbox_hostile.py drives it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import selectors
@@ -32,6 +33,10 @@ AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 PTRACE_ATTACH = 16
 SIGCHLD = 17
+CLONE_VM = 0x100
+CLONE_SIGHAND = 0x800
+CLONE_THREAD = 0x10000
+CLONE_NEWNET = 0x40000000
 
 
 def main(argv: list[str]) -> int:
@@ -78,6 +83,9 @@ def main(argv: list[str]) -> int:
         "fork": lambda: os.fork(),
         "clone": lambda: syscall(libc.syscall(SYS_CLONE, SIGCHLD, 0, 0, 0, 0)),
         "clone3": lambda: syscall(libc.syscall(SYS_CLONE3, 0, 0)),
+        # A thread's flags, and a new network namespace.
+        "clone_thread_newnet": lambda: syscall(libc.syscall(
+            SYS_CLONE, CLONE_VM | CLONE_SIGHAND | CLONE_THREAD | CLONE_NEWNET, 0, 0, 0, 0)),
         "ptrace": lambda: syscall(libc.ptrace(PTRACE_ATTACH, target_pid(), 0, 0)),
         "kill": lambda: os.kill(target_pid(), 9),
         "kill0": lambda: os.kill(target_pid(), 0),
@@ -89,8 +97,29 @@ def main(argv: list[str]) -> int:
         "process_vm_readv": lambda: syscall(libc.process_vm_readv(target_pid(), None, 0,
                                                                   None, 0, 0)),
     }
+    if action in ("thread", "two_threads"):  # a liveness page, made before the lockdown
+        from launcher.statestore import liveness
+        lock = liveness.LivenessLock(liveness.create())
+        wake_r, wake_w = os.pipe()
+
+        def threads(count: int) -> None:
+            if count > 1:
+                lock.take()  # held: each waiting thread stays
+            try:
+                watches = [liveness.DeathWatch(lock, wake_w) for _ in range(count)]
+            except RuntimeError:  # the thread could not be made (RLIMIT_NPROC)
+                raise OSError(errno.EAGAIN, "no thread") from None
+            while not watches[0].done:
+                os.read(wake_r, 1)
+            if watches[0].outcome is not liveness.Outcome.FREE:
+                syscall(-1)
+
+        actions["thread"] = lambda: threads(1)
+        actions["two_threads"] = lambda: threads(2)
     run = actions[action]
-    if mode != "jail-only":
+    if mode == "spare":  # a warm spare's stage 2: it may make a standby's thread
+        lockdown(LockdownMode.ON, standby_thread=True)
+    elif mode != "jail-only":
         lockdown(LockdownMode(mode))
     # The go signal: the first byte from the other side, waited for as the loop would.
     emulator.selector.register(sock_fd, selectors.EVENT_READ)
