@@ -164,3 +164,49 @@ def test_a_destination_whose_launcher_dies_before_its_guest_ran_leaves_nothing_r
         time.sleep(0.1)
     assert not alive, f"left running after the launcher died: {alive} (QEMU {qemu})"
     assert not vm.console.exists() or "MPL BOOT" not in vm.console.read_text()
+
+
+def test_the_source_launcher_killed_mid_migration_leaves_the_guest_running_here(
+        tmp_path: Path, launchers: list[Mplaunch]) -> None:
+    """The state channel dies with the source's launcher: the destination
+    exits 1 with its guest never run, and the source's guest (kept by its
+    holder) runs on; the launcher run again re-attaches to it."""
+    import json
+    import signal
+
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    vm = VmDef(src_dir, "mig-srcdeath", workload="shell", extra_append=shell_cmd(GUEST),
+               disks=[DiskDef("d0", "scsi0", 0)], controllers={"scsi0": ("disk-proc", 1)},
+               emulators={"disk-proc": {"kind": "scsi"}}, memory="512M")
+    source = Mplaunch(vm.write(), console=vm.console)
+    launchers.append(source)
+    source.wait_console(r"^MPL TICK n=2$", 180)
+    spec, console = destination_spec(vm, tmp_path / "dst", "mig-srcdeath-dst")
+    uri = f"unix:{tmp_path / 'migrate.sock'}"
+    dest = Mplaunch(spec, "--incoming", uri, console=console)
+    launchers.append(dest)
+    dest.wait_stderr("incoming migration: waiting on", 60)
+    sock = str(vm.run_dir / "mplaunch.sock")
+    mpctl = subprocess.Popen([sys.executable, "-m", "launcher.mpctl", "migrate", sock, uri],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    source.wait_stderr(r"migration to .*: active", 60)
+    source.signal(signal.SIGKILL)
+    source.proc.wait(10)
+    mpctl.communicate(timeout=60)
+    assert mpctl.returncode == 1
+    assert dest.wait(60) == 1, dest.stderr
+    assert "the source closed the state channel before its state arrived" in dest.stderr
+    assert not lines_of(console, "TICK")  # that guest never ran
+    dest.assert_nothing_left(tmp_path / "dst" / "run")
+    # Run again, the source's mplaunch attaches to its VM, whose guest runs on.
+    again = Mplaunch(vm.spec_path, console=vm.console)
+    launchers.append(again)
+    again.wait_stderr("re-attached to VM mig-srcdeath", 60)
+    status = subprocess.run([sys.executable, "-m", "launcher.mpctl", "--json", "status", sock],
+                            capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert json.loads(status.stdout)["running"] is True, (status.stdout, again.stderr)
+    last = max(ticks(vm.console))
+    again.wait_console(rf"^MPL TICK n={last + 2}$", 60)
+    again.signal(signal.SIGTERM)
+    assert again.wait(60) == 0, again.stderr
