@@ -129,7 +129,9 @@ class Outcome(enum.Enum):
 
 
 class LivenessLock:
-    """One process's mapping of a liveness page (`fd` stays the caller's)."""
+    """One process's mapping of a liveness page (`fd` stays the caller's).
+    Keep it for as long as a thread may hold the lock through it: glibc
+    links a held robust mutex into its thread's list, inside the page."""
 
     def __init__(self, fd: int) -> None:
         if os.fstat(fd).st_size < LIVENESS_PAGE:
