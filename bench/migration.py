@@ -161,6 +161,10 @@ class Sample:
     paused_ms: float | None
     handover_ms: float | None
     stall_ms: float | None
+    #: The stall split at the source's "completed" (the destination said
+    #: "running"): before it, and from it to the first completion there.
+    stall_before_running_ms: float | None
+    stall_after_running_ms: float | None
     gap_ms: float | None
     gap_ram_ms: float | None
     gap_before_ms: float | None
@@ -228,7 +232,10 @@ def one_migration(pair: Pair, source: Side, hop: int, uri: str, sampler: Sampler
     sample = Sample(
         hop=hop, uri=uri.split(":")[0], total_s=done - started, source_exit_s=exited - started,
         downtime_ms=figures[0], paused_ms=figures[1], handover_ms=figures[2],
-        stall_ms=stall, gap_ms=gap * 1e3 if gap is not None else None,
+        stall_ms=stall,
+        stall_before_running_ms=(done - switch) * 1e3 if switch is not None else None,
+        stall_after_running_ms=(resumed - done) * 1e3 if resumed is not None else None,
+        gap_ms=gap * 1e3 if gap is not None else None,
         gap_ram_ms=gap_ram * 1e3 if gap_ram is not None else None,
         gap_before_ms=before * 1e3 if before is not None else None,
         ram_transferred_mib=transferred / 2**20 if isinstance(transferred, int) else None,
@@ -280,18 +287,19 @@ _PAUSED = re.compile(r"completed; .*\(paused for (\d+) ms: QEMU's downtime (\d+|
 def pause_figures(stderr: str, answers: list[dict[str, Any]]
                   ) -> tuple[float | None, float | None, float | None]:
     """(QEMU's downtime, how long the guest was paused, the hand-over), in
-    ms: from the completed query-migrate answer if one was read ('downtime'
-    is QEMU's plus 'handover-ms'), else from the source's "completed" line."""
+    ms: from the source's "completed" line, else from the completed
+    query-migrate answer if one was read ('downtime' is QEMU's plus
+    'handover-ms')."""
+    found = _PAUSED.findall(stderr)
+    if found:  # QEMU's own figure, not a difference of rounded ones
+        paused, qemu, handover = found[-1]
+        return (None if qemu == "?" else float(qemu)), float(paused), float(handover)
     for answer in reversed(answers):
         if answer.get("status") == "completed" and "handover-ms" in answer:
             handover = float(answer["handover-ms"])
-            paused = downtime_ms(answer)
-            return (paused - handover if paused is not None else None, paused, handover)
-    found = _PAUSED.findall(stderr)
-    if not found:
-        return None, None, None
-    paused, qemu, handover = found[-1]
-    return (None if qemu == "?" else float(qemu)), float(paused), float(handover)
+            total = downtime_ms(answer)
+            return (round(total - handover) if total is not None else None, total, handover)
+    return None, None, None
 
 
 def summary(values: list[float | None]) -> dict[str, float] | None:
@@ -311,27 +319,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sampler = Sampler()
     sampler.start()
     load_start = os.getloadavg()
-    verdict: dict[str, Any] = {}
+    verdict: dict[str, Any] = {"folder": str(folder)}  # the consoles stay there
+    hop = 0
     try:
         side = boot(pair, launchers, rounds=2)
         sampler.watch("hop0", side.vm.run_dir / "state-e0.bin")
         for hop in range(1, args.migrations + 1):
             time.sleep(args.gap_s)
             uri = free_tcp_uri() if args.uri == "tcp" else pair.unix_uri(hop)
+            source = side
             side, sample = one_migration(pair, side, hop, uri, sampler, launchers,
                                          args.timeout)
             samples.append(sample)
             if args.verbose:
                 print(f"{hop}: {sample}", flush=True)
-            wait_rounds(side, 1, 60)
+            wait_rounds(side, 1, 60, source=source)
         pair.stop()
         side.launcher.wait_console(r"^MPL DONE workload=shell", timeout=90)
         rc = side.launcher.wait(60)
         v = pair.verdict()
-        verdict = {"ok": v.ok and rc == 0, "last_exit": rc, "rounds": v.rounds,
-                   "verified": v.verified, "reader_reads": pair.reader_reads(), "bad": v.bad,
-                   "scsi_errors": v.scsi_errors,
-                   "problems": v.problems, "mismatches": len(v.mismatches)}
+        verdict.update({"ok": v.ok and rc == 0, "last_exit": rc, "rounds": v.rounds,
+                        "verified": v.verified, "reader_reads": pair.reader_reads(),
+                        "bad": v.bad, "scsi_errors": v.scsi_errors, "problems": v.problems,
+                        "mismatches": len(v.mismatches)})
+    except (AssertionError, RuntimeError) as e:  # recorded: what was measured still counts
+        print(f"migration {hop} failed: {e}", file=sys.stderr, flush=True)
+        verdict.update({"ok": False, "failed_at": hop, "error": str(e)[-6000:]})
     finally:
         sampler.stop()
         for m in launchers:
@@ -348,6 +361,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "paused_ms": summary([s.paused_ms for s in samples]),
         "handover_ms": summary([s.handover_ms for s in samples]),
         "stall_ms": summary([s.stall_ms for s in samples]),
+        "stall_before_running_ms": summary([s.stall_before_running_ms for s in samples]),
+        "stall_after_running_ms": summary([s.stall_after_running_ms for s in samples]),
         "gap_ms": summary([s.gap_ms for s in samples]),
         "gap_ram_ms": summary([s.gap_ram_ms for s in samples]),
         "gap_before_ms": summary([s.gap_before_ms for s in samples]),

@@ -111,7 +111,7 @@ def hop_completes(pair: Pair, source: Side, hop: int, side: str, uri: str,
     assert source.launcher.wait(60) == 0, source.launcher.stderr
     assert_side_gone(source)
     dest.launcher.wait_stderr(RUNNING, 30)
-    wait_rounds(dest, 2, 60)
+    wait_rounds(dest, 2, 60, source=source)
     return dest
 
 
@@ -152,7 +152,7 @@ def test_five_migrations_back_and_forth(pairs: Callable[[str], Pair],
         dest.launcher.wait_stderr(RUNNING, 30)
         assert dest.connect().execute("query-migrate")["status"] == "completed"
         assert dest.connect().execute("query-status")["running"] is True
-        wait_rounds(dest, 2, 60)  # the guest's I/O goes on at the destination
+        wait_rounds(dest, 2, 60, source=side)  # the guest's I/O goes on at the destination
         side = dest
     finish(pair, side)
     # Every destination's console carries its part of the guest's I/O.
@@ -187,7 +187,7 @@ def test_an_emulator_killed_at_the_source_during_the_migration(
         assert source.launcher.wait(60) == 0, source.launcher.stderr
         assert_side_gone(source)
         dest.launcher.wait_stderr(RUNNING, 30)
-        wait_rounds(dest, 2, 60)
+        wait_rounds(dest, 2, 60, source=source)
         running = dest
     else:
         # Failed cleanly: the guest runs on at the source; the destination
@@ -219,7 +219,7 @@ def test_an_emulator_killed_at_the_destination_right_after_the_switch(
     assert seen.status == "completed", (seen.statuses, seen.last)
     assert source.launcher.wait(60) == 0, source.launcher.stderr
     assert_side_gone(source)
-    wait_rounds(dest, 3, 60)
+    wait_rounds(dest, 3, 60, source=source)
     assert dest.emulator_pid() != victim
     finish(pair, dest)
 

@@ -343,9 +343,11 @@ def io_lines(side: Side, reader: bool = False) -> list[dict[str, str]]:
     return [r for r in lines_of(side.vm.console, "IO") if (r.get("name") == "reader") == reader]
 
 
-def wait_rounds(side: Side, more: int, timeout: float, since: int | None = None) -> int:
+def wait_rounds(side: Side, more: int, timeout: float, since: int | None = None,
+                source: Side | None = None) -> int:
     """Wait until the side's console shows `more` I/O rounds beyond `since`
-    (default: those it shows now), all verified; the count reached."""
+    (default: those it shows now), all verified; the count reached. A
+    failure shows the `source`'s log too (the side the guest came from)."""
     start = len(io_lines(side)) if since is None else since
     deadline = time.monotonic() + timeout
     while True:
@@ -358,7 +360,9 @@ def wait_rounds(side: Side, more: int, timeout: float, since: int | None = None)
             raise AssertionError(
                 f"{side.vm.name}: {len(lines) - start} of {more} I/O rounds in {timeout} s "
                 f"(no I/O progress)\nconsole tail:\n{_tail(side.vm.console)}\n"
-                f"mplaunch:\n{side.launcher.stderr[-3000:]}")
+                f"mplaunch:\n{side.launcher.stderr[-3000:]}"
+                + (f"\nthe source's mplaunch:\n{source.launcher.stderr[-3000:]}"
+                   if source is not None else ""))
         if side.launcher.proc.poll() is not None:
             raise AssertionError(f"{side.vm.name}: mplaunch exited "
                                  f"({side.launcher.proc.returncode}) while waiting for I/O:\n"
@@ -367,8 +371,12 @@ def wait_rounds(side: Side, more: int, timeout: float, since: int | None = None)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
+    """The console's last lines but the reader's, and any kernel message
+    (an oops, a SCSI error printed at the console's log level) before them."""
     text = path.read_text(errors="replace") if path.exists() else "(no console file)"
-    return "\n".join(text.splitlines()[-lines:])
+    kept = [line for line in text.splitlines() if "name=reader" not in line]
+    kernel = [line for line in kept[:-lines] if line.startswith("[")][:40]
+    return "\n".join(kernel + kept[-lines:])
 
 
 def migrate(source: Side, uri: str) -> None:
@@ -454,7 +462,8 @@ def assert_side_gone(side: Side, timeout: float = 20) -> None:
 def console_has_guest(side: Side) -> bool:
     """Whether the guest said anything on this side's console (a destination
     whose migration failed must never have run it)."""
-    return bool(re.search(r"^MPL ", _tail(side.vm.console, 10_000), re.M))
+    path = side.vm.console
+    return path.exists() and bool(re.search(r"^MPL ", path.read_text(errors="replace"), re.M))
 
 
 def downtime_ms(answer: dict[str, Any]) -> float | None:
