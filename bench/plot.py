@@ -222,12 +222,53 @@ def footprint(results: Path) -> Figure:
     return fig
 
 
+MIGRATION_RUNS = (("migration.json", "unix"), ("migration-tcp.json", "tcp"))
+
+
+def migration(results: Path) -> Figure:
+    """Per migration of each bench/migration.py result present: the guest's
+    pause stacked as QEMU's downtime and the hand-over, the guest-visible I/O
+    stall beside it; the runs' load averages in the title."""
+    runs = []
+    for name, label in MIGRATION_RUNS:
+        try:
+            runs.append((label, load(results / name)))
+        except ResultMissing as e:
+            print(f"migration.png: without {label}: {e}", file=sys.stderr)
+    rows = [(f"{label} {s['hop']}", s) for label, data in runs for s in data["samples"]
+            if s.get("paused_ms") is not None and s.get("stall_ms") is not None]
+    if not rows:
+        raise ResultMissing(f"no migration samples in {results}/migration*.json")
+    fig = figure()
+    ax = fig.add_subplot()
+    xs = list(range(len(rows)))
+    qemu = [float(s.get("downtime_ms") or 0.0) for _, s in rows]
+    handover = [float(s["paused_ms"]) - q for q, (_, s) in zip(qemu, rows, strict=True)]
+    left = [x - 0.2 for x in xs]
+    ax.bar(left, qemu, 0.38, label="QEMU's downtime", color="tab:blue")
+    paused = ax.bar(left, handover, 0.38, bottom=qemu, label="hand-over (state, restart, cont)",
+                    color="tab:cyan")
+    ax.bar_label(paused, labels=[f"{s['paused_ms']:.0f}" for _, s in rows], fontsize="small")
+    stall = ax.bar([x + 0.2 for x in xs], [float(s["stall_ms"]) for _, s in rows], 0.38,
+                   label="guest I/O stall", color="tab:orange")
+    ax.bar_label(stall, fmt="%.0f", fontsize="small")
+    loads = [x for _, data in runs for x in (data["host"]["load_start"][0],
+                                             data["host"]["load_end"][0])]
+    ax.set_xticks(xs, [label for label, _ in rows])
+    ax.set(ylabel="ms", xlabel="run, migration",
+           title=f"Live migration, {runs[0][1].get('memory', '?')} guest writing and "
+                 f"verifying: pause and I/O stall (load {min(loads):.1f}-{max(loads):.1f})")
+    ax.legend(loc="upper left", fontsize="small")
+    return fig
+
+
 CHARTS: tuple[tuple[str, Callable[[Path], Figure]], ...] = (
     ("request-rate.png", request_rate),
     ("throughput.png", throughput),
     ("recovery-cdf.png", recovery_cdf),
     ("fio-matrix.png", fio_matrix),
     ("footprint.png", footprint),
+    ("migration.png", migration),
 )
 
 

@@ -178,6 +178,35 @@ def test_request_rate_throughput_and_recovery_charts(tmp_path: Path) -> None:
     assert ax.get_xscale() == "log"
 
 
+def _migration(hops: list[tuple[float | None, float, float]], load: float) -> dict[str, Any]:
+    samples = [{"hop": i + 1, "downtime_ms": q, "paused_ms": p, "stall_ms": st}
+               for i, (q, p, st) in enumerate(hops)]
+    return {"memory": "256M", "samples": samples,
+            "host": {"load_start": [load, 0, 0], "load_end": [load + 0.5, 0, 0]}}
+
+
+def test_migration_stacks_qemus_downtime_and_the_hand_over_beside_the_stall(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write(tmp_path, "migration.json", _migration([(50.0, 90.0, 240.0), (None, 60.0, 200.0)],
+                                                  1.0))
+    (ax,) = plot.migration(tmp_path).axes
+    # QEMU's part (0 where it was not reported), the hand-over on it, the stall.
+    assert _bars(ax) == [[50.0, 0.0], [40.0, 60.0], [240.0, 200.0]]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["unix 1", "unix 2"]
+    assert {"90", "60", "240", "200"} <= set(_texts(ax))
+    assert "load 1.0-1.5" in ax.get_title()
+    assert "without tcp" in capsys.readouterr().err
+
+    _write(tmp_path, "migration-tcp.json", _migration([(10.0, 30.0, 100.0)], 2.0))
+    (ax,) = plot.migration(tmp_path).axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["unix 1", "unix 2", "tcp 1"]
+    assert "load 1.0-2.5" in ax.get_title()
+
+    _write(tmp_path / "none", "migration.json", {"samples": [], "host": {}})
+    with pytest.raises(plot.ResultMissing):
+        plot.migration(tmp_path / "none")
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     head = path.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
