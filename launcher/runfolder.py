@@ -56,7 +56,8 @@ OWN_PATTERNS = (LOCK_NAME, MARKER_NAME,
                 ".*.sock.[0-9]*",  # a socket bound under its temporary name
                 "state-*.bin",
                 VM_STATE_NAME, f".{VM_STATE_NAME}.tmp[0-9]*",  # written as .NAME.tmpPID
-                "keeper-*.rec", ".keeper-*.rec.tmp[0-9]*")  # the same (keeperrecord)
+                "keeper-*.rec", ".keeper-*.rec.tmp[0-9]*",  # the same (keeperrecord)
+                "migration-state-sent")  # launcher.migration.source.STATE_SENT_MARK
 #: The subfolder holding the vhost-user sockets (launcher.libvirt.backend_socket).
 FRONTEND_DIR_NAME = "vhost-user"
 #: What cleanup unlinks inside it: a socket, or one bound under a temporary name.

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
+from launcher.migration.source import STATE_SENT_MARK
 from launcher.runfolder import (
     LOCK_NAME,
     MARKER_NAME,
@@ -62,11 +63,13 @@ def test_a_live_owner_in_another_process_is_refused(tmp_path: Path) -> None:
     # mplaunch makes there is removed; a file someone put there stays.
     (path / "leftover.sock").write_text("")
     (path / "state-e0.bin").write_text("")
+    (path / STATE_SENT_MARK).write_text("")  # a source that died while migrating
     (path / "notes.txt").write_text("mine")
     with RunFolder.acquire(path, "vm1") as run:
         assert run.stale_cleaned
         assert not (path / "leftover.sock").exists()
         assert not (path / "state-e0.bin").exists()
+        assert not (path / STATE_SENT_MARK).exists()
         assert (path / "notes.txt").read_text() == "mine"
     assert sorted(os.listdir(path)) == ["notes.txt"]
 
