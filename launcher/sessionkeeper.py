@@ -363,14 +363,20 @@ class SessionKeeper:
             if not self._fresh or self.qemu is not None or self.attached or self.closed:
                 raise RuntimeError(f"{self.controller_id}: restore on a keeper already in use")
             record = keeperrecord.decode(data, fds)
-            mine = (self.record.num_queues, self.record.offered_features,
-                    self.record.offered_protocol_features, self.record.max_queue_size)
-            theirs = (record.num_queues, record.offered_features,
-                      record.offered_protocol_features, record.max_queue_size)
-            if mine != theirs:
+            mine = (self.record.num_queues, self.record.max_queue_size)
+            theirs = (record.num_queues, record.max_queue_size)
+            # A record from an older launcher offered less (an upgrade under a
+            # running VM): what was negotiated from it is within this offer too.
+            fewer = (record.offered_features & ~self.record.offered_features
+                     or record.offered_protocol_features
+                     & ~self.record.offered_protocol_features)
+            if mine != theirs or fewer:
                 raise keeperrecord.KeeperRecordError(
-                    "made by a keeper with other queues, features or ring size "
-                    f"({theirs}, this one has {mine})")
+                    "made by a keeper with other queues, ring size or features "
+                    f"(queues and ring size {theirs}, this one has {mine}; features "
+                    f"{record.offered_features:#x}/{record.offered_protocol_features:#x}, "
+                    f"this one offers {self.record.offered_features:#x}/"
+                    f"{self.record.offered_protocol_features:#x})")
         except BaseException:
             for fd in set(fds):
                 with contextlib.suppress(OSError):

@@ -10,6 +10,7 @@ restart must replay what the first keepers would have.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from emulators.vhost_user.codec import encode_request
-from emulators.vhost_user.constants import Request
+from emulators.vhost_user.constants import Feature, Request
 from emulators.vhost_user.messages import U64, VringFd
 from emulators.vhost_user.replay import replay_messages
 from launcher import keeperrecord
@@ -144,6 +145,32 @@ def test_refused_record_leaves_a_fresh_keeper_and_closes_the_fds(rig: KeeperRig)
             os.fstat(fd)
     assert rig.call(other.encode_record) == keeperrecord.encode(
         keeperrecord.from_session(other.record))
+    rig.call(other.close)
+
+
+def test_a_record_from_a_keeper_that_offered_less_is_taken(rig: KeeperRig) -> None:
+    """An upgrade under a running VM: the old launcher's keeper offered fewer
+    features (no dirty logging); what was negotiated is within the new offer."""
+    sync(rig)
+    original = rig.keepers[1]
+    recorded = rig.call(original.encode_record)[1]
+    older = dataclasses.replace(
+        keeperrecord.decode(*rig.call(original.encode_record)),
+        offered_features=original.record.offered_features & ~(1 << Feature.LOG_ALL))
+    data, fds = keeperrecord.encode(older)
+    assert sorted(fds) == sorted(recorded)
+    copies = {fd: os.dup(fd) for fd in fds}
+    fresh = rig.call(lambda: SessionKeeper("c1", None, FIRST_REQUEST_QUEUE + 2))
+    try:
+        rig.call(functools.partial(fresh.restore, data, [copies[fd] for fd in fds]))
+        assert fresh.record.snapshot().features == original.record.snapshot().features
+    finally:
+        rig.call(fresh.close)
+    newer = dataclasses.replace(older, offered_features=older.offered_features | (1 << 40))
+    data, fds = keeperrecord.encode(newer)
+    other = rig.call(lambda: SessionKeeper("c1", None, FIRST_REQUEST_QUEUE + 2))
+    with pytest.raises(keeperrecord.KeeperRecordError, match="features"):
+        rig.call(functools.partial(other.restore, data, [os.dup(fd) for fd in fds]))
     rig.call(other.close)
 
 
