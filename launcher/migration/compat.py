@@ -7,6 +7,8 @@ difference is one sentence naming the disk or emulator and both values.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from launcher.migration.channel import DiskInfo, EmulatorInfo, Hello
 from launcher.spec import EmulatorKind, Spec
 
@@ -34,12 +36,17 @@ def hello_problems(ours: Hello, theirs: Hello) -> list[str]:
     return problems
 
 
+def _one_side_only(what: str, ours: Mapping[str, object],
+                   theirs: Mapping[str, object]) -> list[str]:
+    """The ids one end has and the other lacks, each named with its end."""
+    return ([f"{what} {i}: at the source, not in this spec"
+             for i in sorted(theirs.keys() - ours.keys())]
+            + [f"{what} {i}: in this spec, not at the source"
+               for i in sorted(ours.keys() - theirs.keys())])
+
+
 def _disk_problems(ours: dict[str, DiskInfo], theirs: dict[str, DiskInfo]) -> list[str]:
-    out = []
-    for disk_id in sorted(theirs.keys() - ours.keys()):
-        out.append(f"disk {disk_id}: at the source, not in this spec")
-    for disk_id in sorted(ours.keys() - theirs.keys()):
-        out.append(f"disk {disk_id}: in this spec, not at the source")
+    out = _one_side_only("disk", ours, theirs)
     for disk_id in sorted(ours.keys() & theirs.keys()):
         here, there = ours[disk_id], theirs[disk_id]
         if here.size != there.size:
@@ -53,11 +60,7 @@ def _disk_problems(ours: dict[str, DiskInfo], theirs: dict[str, DiskInfo]) -> li
 
 def _emulator_problems(ours: dict[str, EmulatorInfo],
                        theirs: dict[str, EmulatorInfo]) -> list[str]:
-    out = []
-    for emu_id in sorted(theirs.keys() - ours.keys()):
-        out.append(f"emulator {emu_id}: at the source, not in this spec")
-    for emu_id in sorted(ours.keys() - theirs.keys()):
-        out.append(f"emulator {emu_id}: in this spec, not at the source")
+    out = _one_side_only("emulator", ours, theirs)
     for emu_id in sorted(ours.keys() & theirs.keys()):
         here, there = ours[emu_id], theirs[emu_id]
         if here.kind != there.kind:
