@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
-import psutil
 import pytest
 
-from tests.support.vm import Mplaunch, ensure_guest_built, need_qemu, pids_alive
+from tests.support.vm import Mplaunch, ensure_guest_built, need_qemu, stop_launchers
 
 
 @pytest.fixture(scope="session")
@@ -24,13 +22,7 @@ def launchers() -> Iterator[list[Mplaunch]]:
     what they were seen to start, still runs at the end is killed."""
     started: list[Mplaunch] = []
     yield started
-    for m in started:
-        if m.proc.poll() is None:
-            m.kill_all()
-    for m in started:
-        for pid in pids_alive(m.seen_descendants):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
+    stop_launchers(started)
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,9 @@ side that should be running it.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,7 +56,7 @@ from tests.support.migration import (
     wait_rounds,
 )
 from tests.support.reattach import vm_processes, wait_gone
-from tests.support.vm import REPO, Mplaunch
+from tests.support.vm import REPO, Mplaunch, stop_launchers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("guest", "migration"),
               pytest.mark.timeout(240)]
@@ -72,18 +74,69 @@ def migration() -> None:
         pytest.skip(missing)
 
 
+class Pairs:
+    """Makes the test's Pair, named (its sides are NAME-a and NAME-b), each
+    in a folder of its own (a test that starts over gets a fresh one)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: list[Pair] = []
+
+    def __call__(self, name: str) -> Pair:
+        n = len(self.made)
+        self.made.append(Pair(self.root / f"try{n}", f"{name}{n or ''}", UIDS))
+        return self.made[-1]
+
+
 @pytest.fixture
-def pairs(tmp_path: Path) -> Iterator[Callable[[str], Pair]]:
-    """Make the test's Pair, named (its sides are NAME-a and NAME-b)."""
-    made: list[Pair] = []
-
-    def make(name: str) -> Pair:
-        made.append(Pair(tmp_path, name, UIDS))
-        return made[-1]
-
-    yield make
-    for p in made:
+def pairs(tmp_path: Path) -> Iterator[Pairs]:
+    made = Pairs(tmp_path)
+    yield made
+    for p in made.made:
         p.cleanup()
+
+
+#: What a guest kernel that crashed prints on its console.
+GUEST_CRASH = re.compile(r"^.*(BUG: |Oops: |kernel BUG at|soft lockup|invalid opcode: "
+                         r"|general protection fault).*$", re.M)
+#: Tries of a test whose guest kernel crashed after a switch (see below).
+TRIES = 3
+
+
+def tcg_migration_retried(test: Callable[[Pairs, list[Mplaunch]], None]
+                          ) -> Callable[[Pairs, list[Mplaunch]], None]:
+    """Start `test` over (at most TRIES times in all) when it failed and its
+    guest's kernel had crashed: nothing else is forgiven.
+
+    Why: QEMU 7.2 under TCG can lose the guest CPU's own writes to RAM
+    during a live migration (the fast path that clears the migration dirty
+    bitmap leaves the TLB's not-dirty state as it was, so later writes go
+    unrecorded; QEMU fixed it in 9.0, "physmem: Fix migration dirty bitmap
+    coherency with TCG memory access"). The guest's kernel then crashes at
+    the destination (NULL dereference, list corruption, a soft lockup), in
+    about one migration of ten on these machines, also with no emulator
+    killed, while the rings and indices the emulator writes were seen to
+    arrive intact. A failure of mplaunch's own (a mismatch, a SCSI error,
+    I/O that stops, a process left behind, a status not reached) with a
+    guest whose kernel did not crash fails at once."""
+
+    @functools.wraps(test)
+    def run(pairs: Pairs, launchers: list[Mplaunch]) -> None:
+        for attempt in range(1, TRIES + 1):
+            try:
+                test(pairs, launchers)
+                return
+            except Exception:
+                crash = GUEST_CRASH.search(pairs.made[-1].console_text()) if pairs.made else None
+                if crash is None or attempt == TRIES:
+                    raise
+                print(f"\ntry {attempt}: the guest's kernel crashed after a switch "
+                      f"({crash.group(0).strip()}): QEMU 7.2's TCG dirty tracking; again")
+                stop_launchers(launchers)
+                launchers.clear()
+                pairs.made[-1].cleanup()
+
+    return run
 
 
 def finish(pair: Pair, side: Side) -> None:
@@ -115,7 +168,8 @@ def hop_completes(pair: Pair, source: Side, hop: int, side: str, uri: str,
     return dest
 
 
-def test_five_migrations_back_and_forth(pairs: Callable[[str], Pair],
+@tcg_migration_retried
+def test_five_migrations_back_and_forth(pairs: Pairs,
                                        launchers: list[Mplaunch]) -> None:
     pair = pairs("mig-five")
     side = boot(pair, launchers)
@@ -168,8 +222,9 @@ def kill_when_active(source: Side, pid: int) -> dict[str, Any]:
     return seen.last
 
 
+@tcg_migration_retried
 def test_an_emulator_killed_at_the_source_during_the_migration(
-        pairs: Callable[[str], Pair], launchers: list[Mplaunch]) -> None:
+        pairs: Pairs, launchers: list[Mplaunch]) -> None:
     pair = pairs("mig-srckill")
     source = boot(pair, launchers)
     dest = start_incoming(pair, 1, pair.unix_uri(1), launchers)
@@ -203,8 +258,9 @@ def test_an_emulator_killed_at_the_source_during_the_migration(
     finish(pair, running)
 
 
+@tcg_migration_retried
 def test_an_emulator_killed_at_the_destination_right_after_the_switch(
-        pairs: Callable[[str], Pair], launchers: list[Mplaunch]) -> None:
+        pairs: Pairs, launchers: list[Mplaunch]) -> None:
     pair = pairs("mig-dstkill")
     source = boot(pair, launchers)
     dest = start_incoming(pair, 1, pair.unix_uri(1), launchers)
@@ -224,8 +280,9 @@ def test_an_emulator_killed_at_the_destination_right_after_the_switch(
     finish(pair, dest)
 
 
+@tcg_migration_retried
 def test_the_destination_launcher_killed_during_the_migration(
-        pairs: Callable[[str], Pair], launchers: list[Mplaunch]) -> None:
+        pairs: Pairs, launchers: list[Mplaunch]) -> None:
     pair = pairs("mig-dstdeath")
     source = boot(pair, launchers)
     dest = start_incoming(pair, 1, pair.unix_uri(1), launchers)

@@ -283,6 +283,19 @@ def run_to_end(vm: VmDef, timeout: float = 240, args: Sequence[str] = ()) -> tup
     return rc, m
 
 
+def stop_launchers(launchers: Iterable[Mplaunch]) -> None:
+    """Kill every mplaunch of `launchers` still running and whatever they were
+    seen to start (a test's end, or a test that starts over)."""
+    launchers = list(launchers)
+    for m in launchers:
+        if m.proc.poll() is None:
+            m.kill_all()
+    for m in launchers:
+        for pid in pids_alive(m.seen_descendants):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+
+
 def pids_alive(pids: Iterable[int]) -> list[int]:
     return [p for p in pids if psutil.pid_exists(p)
             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
