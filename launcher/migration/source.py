@@ -37,6 +37,7 @@ from launcher.migration.channel import (
 from launcher.migration.status import Phase, Progress, Status, from_qemu
 from launcher.migration.stream import ChannelStream, MigrationError, connect
 from launcher.migration.uri import MigrationUri
+from launcher.spec import Accel
 from launcher.statestore import layout, transfer
 from launcher.status import LOG
 
@@ -122,6 +123,10 @@ class MigrationSource:
         self._qemu_started = False
         self._emit()
         LOG.info("migration to %s: setup", uri)
+        if self.sv.accel.accel is Accel.TCG:
+            LOG.warning("migration to %s: the guest runs under TCG, where QEMU before 9.0 can "
+                        "lose the guest's own writes to its RAM during a migration (see "
+                        "docs/management.md, Live migration); use KVM to migrate", uri)
         self._task = self.sv.spawn_child(self._run(uri), "migration")
 
     def cancel(self) -> str | None:
