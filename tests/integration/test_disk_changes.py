@@ -107,7 +107,8 @@ async def rig(tmp_path: Path, *, hidden_lun: bool = False, pump: bool = True
     events: list[tuple[str, dict[str, Any]]] = []
     vm = SimpleNamespace(image_dirs=(tmp_path.resolve(),), devices=())
     supervisor = SimpleNamespace(slots=[slot], emit=lambda name, data: events.append((name, data)),
-                                 spec=SimpleNamespace(vm=vm))
+                                 spec=SimpleNamespace(vm=vm), incoming_pending=False,
+                                 migration=None)  # no migration under way
     control = SupervisorControl(supervisor)  # type: ignore[arg-type]
     r = Rig(control, slot, emulator, link, d0, events)
     if pump:

@@ -65,7 +65,8 @@ async def managed(tmp_path: Path, pool: Path, devices: tuple[Path, ...] = ()
     slot = FakeSlot(d0)
     vm = SimpleNamespace(image_dirs=(pool.resolve(),), devices=devices)
     supervisor = SimpleNamespace(slots=[slot], spec=SimpleNamespace(vm=vm),
-                                 emit=lambda name, data: None)
+                                 emit=lambda name, data: None,
+                                 incoming_pending=False, migration=None)  # none under way
     bus = EventBus()
     server = ManagementServer(tmp_path / "mplaunch.sock",
                               SupervisorControl(supervisor),  # type: ignore[arg-type]
