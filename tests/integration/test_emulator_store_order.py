@@ -58,7 +58,8 @@ def test_a_direct_start_reads_the_store_only_after_its_lockdown(
         loaded.append(state)
         return state
 
-    monkeypatch.setattr(process, "lockdown", lambda mode, standby_thread=False: events.append("lockdown"))
+    monkeypatch.setattr(process, "lockdown",
+                        lambda mode, standby_thread=False: events.append("lockdown"))
     monkeypatch.setattr(layout.StateStore, "__init__", recording_init)
     monkeypatch.setattr(LunState, "unpack", classmethod(recording_unpack))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
