@@ -301,6 +301,11 @@ def _fresh_interpreter_state(env: Mapping[str, str]) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Whatever the holder inherited from the shell that started mplaunch (a
+    # background job ignores SIGQUIT, nohup SIGHUP) or handles itself is not
+    # the child's: it starts with these at their defaults.
+    for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
