@@ -4,8 +4,8 @@ Theory of operation. The guest runs the shell workload of the test guest
 (launcher/guest/init.sh) with the script below, which does what the `io`
 workload does (random 4 KiB O_DIRECT writes, then O_DIRECT reads compared by
 checksum, every writable disk, round after round, an `MPL IO` line per disk
-and round) and two things more, so that the host can check the image files
-after power-off against what the guest last wrote:
+and round) and more: two things so that the host can check the image files
+after power-off against what the guest last wrote, and one on request:
 
 * every successful write appends `disk offset md5` to a ledger in the
   guest's RAM, and at the end of the boot the script prints the ledger's
@@ -18,7 +18,11 @@ after power-off against what the guest last wrote:
   nothing: init.sh reboots forever with mpl.then=reboot, and the host stops
   the VM some time after the last counted boot, so whatever boot is running
   then must not change the disks behind the ledger's back. Block 0 of every
-  disk is left out of the random offsets for that reason.
+  disk is left out of the random offsets for that reason;
+* with `watch_disks`, a background loop prints `MPL SCSI h:c:t:l=<bytes>
+  ...` whenever the guest's set of SCSI disks or a size changes, so that a
+  host that adds, resizes and removes disks under the guest can wait for
+  the guest to have settled one change before it makes the next.
 
 The script writes its lines straight to /dev/console so they show while it
 runs (init.sh collects a shell workload's stdout only at the end). The
@@ -81,6 +85,25 @@ put() {
 printf 'MPLBOOT %d\n' $boot | dd of=/tmp/blk bs=4096 count=1 conv=sync 2>/dev/null
 put $cdisk 0 /tmp/blk || { say "ERROR boot counter not written"; exit 1; }
 say "COUNTED boot=$boot"
+if [ @WATCH@ = 1 ]; then
+    # "MPL SCSI h:c:t:l=bytes ..." whenever the guest's set of SCSI disks or a
+    # size changes: the host waits for the guest to settle a disk change.
+    (
+        last=x
+        while :; do
+            now=
+            for d in /sys/class/scsi_disk/*; do
+                for b in "$d"/device/block/*; do
+                    read -r s 2>/dev/null <"$b/size" && now="$now ${d##*/}=$((s * 512))"
+                done
+            done
+            [ "$now" = "$last" ] || { say "SCSI$now"; last=$now; }
+            usleep 200000
+        done
+    ) >/dev/null 2>&1 &
+    watcher=$!
+    trap 'kill $watcher 2>/dev/null' EXIT
+fi
 rc=0
 start=$(cut -d. -f1 /proc/uptime)
 round=0
@@ -159,15 +182,17 @@ def stop_boot(path: Path, boot: int) -> None:
 
 
 def script(seconds: int | Sequence[int], count: int, boots: int, counter_disk_size: int,
-           seed: int) -> str:
+           seed: int, watch_disks: bool = False) -> str:
     """The shell command for `mpl.workload=shell` (see the module docstring).
     `seconds` is the I/O time of each boot, or a list of them, boot by boot
-    (the last value holds for later boots); 0 means until `stop_boot`."""
+    (the last value holds for later boots); 0 means until `stop_boot`.
+    `watch_disks` adds the `MPL SCSI` lines (:func:`guest_disks`) during
+    counted boots, for a host that changes disks under the guest."""
     secs = [seconds] if isinstance(seconds, int) else list(seconds)
     values = {"@SECS@": " ".join(str(x) for x in secs), "@COUNT@": count, "@BOOTS@": boots,
               "@CSIZE@": counter_disk_size, "@SEED@": seed % 30000,
               "@SSECTORS@": SCRIPT_DISK_SIZE // 512, "@STOPBLOCK@": STOP_BLOCK,
-              "@MAXSECS@": MAX_SECONDS}
+              "@MAXSECS@": MAX_SECONDS, "@WATCH@": int(watch_disks)}
     text = _SCRIPT
     for key, value in values.items():
         text = text.replace(key, str(value))
@@ -180,6 +205,19 @@ class Mismatch:
     block: int
     want: str
     got: str
+
+
+_SCSI = re.compile(r"^MPL SCSI((?: \d+:\d+:\d+:\d+=\d+)*)\n", re.M)
+
+
+def guest_disks(console_text: str) -> dict[str, int] | None:
+    """The guest's disks as its last complete `MPL SCSI` line gives them
+    ("h:c:t:l" -> bytes), or None before the first such line."""
+    found = _SCSI.findall(console_text)
+    if not found:
+        return None
+    return {name: int(size) for name, size in
+            (item.split("=") for item in found[-1].split())}
 
 
 _LEDGER = re.compile(r"^MPL LEDGER size=(\d+) off=(\d+) md5=([0-9a-f]{32})$", re.M)
