@@ -138,6 +138,7 @@ class ControllerLoop:
             close_fd=os.close,
             max_queue_size=MAX_QUEUE_SIZE,
         )
+        unannounced = [] if first_start or dormant else self._unsaved_luns()
         self.target = self._build_target(first_start)
         self.memory: GuestMemory | None = None
         self.rings: dict[int, Ring] = {}
@@ -156,6 +157,7 @@ class ControllerLoop:
         self._log_refused = False  # a write beyond the log was reported
         if not dormant:
             self._load_events()
+            self._announce(unannounced)
 
     def _build_target(self, first_start: bool) -> VirtioScsiTarget:
         """The LUNs with their state from the store (saved back, unless dormant)."""
@@ -184,10 +186,12 @@ class ControllerLoop:
         if not self.dormant or self.closed:
             return
         self.dormant = False
+        unannounced = self._unsaved_luns()
         for lun, unit in self.target.scsi.luns.items():  # built while dormant, state read now
             unit.state = self._lun_state(lun, first_start=False)
             self._save_lun(lun, unit.state)
         self._load_events()
+        self._announce(unannounced)
         self.kick_fds.update(self._dormant_kicks)
         self._dormant_kicks.clear()
         self.pending_kicks.update(self.kick_fds)
@@ -222,6 +226,35 @@ class ControllerLoop:
             finally:
                 body.release()
         return LunState.fresh(initial_unit_attention=first_start)
+
+    def _unsaved_luns(self) -> list[int]:
+        """The LUNs of this controller's config that have no state in the
+        store. A predecessor saves a LUN's state at its first start, and a
+        hot-added one's only once the guest's event about it is saved
+        (:meth:`add_lun`): a LUN without state is one the guest may never
+        have been told of, because the predecessor ended in the middle of
+        adding it (or of removing it, which the launcher then kept)."""
+        if self.store is None:
+            return []
+        unsaved = []
+        for lun in self.config.luns:
+            valid, stored_lun, body = self.store.lun_slot(self.index, lun.lun)
+            body.release()
+            if not valid or stored_lun != lun.lun:
+                unsaved.append(lun.lun)
+        return unsaved
+
+    def _announce(self, luns: list[int]) -> None:
+        """Make sure the guest ends up knowing `luns` (EventQueueState.lun_served):
+        a RESCAN event finds a disk it already knows again and keeps it."""
+        if not luns:
+            return
+        for lun in luns:
+            LOG.info("%s: LUN %d has no saved state: the guest is told of it", self.config.id,
+                     lun)
+            self.target.events.lun_served(lun)
+        self._save_events()
+        self.pending_kicks.add(EVENT_QUEUE)
 
     def _lun_saver(self, lun: int) -> Callable[[LunState], None]:
         return lambda state: self._save_lun(lun, state)
@@ -624,9 +657,12 @@ class ControllerLoop:
             LunState.fresh(initial_unit_attention=False),
             on_change=self._lun_saver(lun.lun),
         )
-        self._save_lun(lun.lun, unit.state)
         self.target.add_lun(lun.lun, unit)
         self._save_events()
+        # Saved last: a successor that finds no state for a LUN its config
+        # holds tells the guest of it (_unsaved_luns), whichever step this
+        # process ended at.
+        self._save_lun(lun.lun, unit.state)
         self.pending_kicks.add(EVENT_QUEUE)
 
     def remove_lun(self, lun: int) -> None:
@@ -642,10 +678,14 @@ class ControllerLoop:
         self.pending_kicks.add(EVENT_QUEUE)
 
     def resize_lun(self, lun: int) -> bool:
-        """The image grew (or shrank): the guest gets CAPACITY DATA HAS CHANGED."""
+        """The image grew (or shrank): the guest gets CAPACITY DATA HAS CHANGED.
+
+        Told even when this process already serves the new size: it started
+        after the image grew, when the launcher's first LUN_RESIZE went
+        unanswered, and the guest still holds the size it saw before."""
         if lun not in self.target.scsi.luns:
             raise ValueError(f"no LUN {lun} on {self.config.id}")
-        changed = self.target.refresh_capacity(lun)
+        changed = self.target.refresh_capacity(lun, always=True)
         if changed:
             self._save_events()
         self.pending_kicks.add(EVENT_QUEUE)

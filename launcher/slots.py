@@ -70,6 +70,9 @@ from launcher.uidpool import UidPool
 
 QUEUE_SLOTS = proto.MAX_RINGS  # every ring a controller may have
 COMMAND_TIMEOUT = 5.0
+RESIZE_SUCCESSOR_WAIT = 10.0
+"""How long a resize whose LUN_RESIZE went unanswered waits for the
+emulator's successor to show the guest the new size."""
 FRONTEND_BACKLOG = 4
 """Front-end connections a backend-only controller's listener queues: a new
 QEMU may connect while the emulator is still being made a fresh device."""
@@ -798,19 +801,41 @@ class EmulatorSlot(PolicyDriven):
             result = await self._command(proto.LunResizeCheck(disk.controller, disk.lun, size))
             if not result.ok:
                 raise self._refused(result)
+            grown_under = self.occupant
             os.ftruncate(fd, size)
             faults.strike("disk.resize.after_grow", self.occupant.proc.pid
                           if self.occupant is not None else None)
+            resize = proto.LunResize(disk.controller, disk.lun, size)
             try:
-                result = await self._command(proto.LunResize(disk.controller, disk.lun, size))
+                result = await self._command(resize)
             except DiskChangeError as e:
-                # Whether the emulator showed the new size is unknown: keep it.
-                raise DiskChangeError(f"{e}; the image now holds {size} bytes, which the "
-                                      "guest sees after the emulator's next start") from None
+                # Whether the guest was shown the new size is unknown, and the
+                # image keeps it (the guest may use it already): the successor,
+                # which serves the new size from its start, shows it again.
+                result = await self._on_successor(resize, grown_under, e)
             if not result.ok:
                 os.ftruncate(fd, st.st_size)
                 raise self._refused(result)
             return st.st_size
+
+    async def _on_successor(self, command: proto.LunResize, gone: Occupant | None,
+                            error: DiskChangeError) -> proto.Result:
+        """`command`'s answer from the first occupant after `gone`, once one
+        serves (within RESIZE_SUCCESSOR_WAIT); DiskChangeError after `error`
+        if none answers."""
+        deadline = asyncio.get_running_loop().time() + RESIZE_SUCCESSOR_WAIT
+        while asyncio.get_running_loop().time() < deadline and not self._stopping:
+            occupant = self.occupant
+            if occupant is not None and occupant is not gone and not occupant.link.closed:
+                try:
+                    return await self._command(command)
+                except DiskChangeError as e:
+                    error, gone = e, occupant
+            await asyncio.sleep(0.05)
+        raise DiskChangeError(f"{error}; the image now holds {command.size} bytes, and no "
+                              f"successor showed the guest that size within "
+                              f"{RESIZE_SUCCESSOR_WAIT:.0f} s: it sees it once it rescans "
+                              "the disk") from None
 
     async def stop(self) -> int | None:
         self._stopping = True

@@ -242,14 +242,16 @@ class LogicalUnit:
         if self.on_change is not None:
             self.on_change(self.state)
 
-    def refresh_capacity(self) -> bool:
+    def refresh_capacity(self, always: bool = False) -> bool:
         """Re-read the backend's size; on a change raise CAPACITY DATA HAS CHANGED.
 
-        Returns whether the capacity changed (the caller then sends a
+        Returns whether the attention was raised (the caller then sends a
         virtio-scsi PARAM_CHANGE event so the guest rereads it at once).
+        `always` raises it for a size this process already served: one that
+        started after the image grew, whose guest may still hold the old size.
         """
         blocks = self.backend.size_bytes() // self.block_size
-        if blocks == self.num_blocks:
+        if blocks == self.num_blocks and not always:
             return False
         self.num_blocks = blocks
         self.state.raise_ua(UA_CAPACITY_CHANGED)

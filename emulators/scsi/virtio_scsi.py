@@ -236,6 +236,23 @@ class EventQueueState:
     def lun_removed(self, lun: int) -> None:
         self.push(EventType.TRANSPORT_RESET, ResetReason.REMOVED, lun)
 
+    def lun_served(self, lun: int) -> None:
+        """`lun` is served (again) and the guest must end up knowing it: a
+        REMOVED of it still waiting is withdrawn (the guest never heard it
+        was gone, and a REMOVED and a RESCAN delivered together race in
+        Linux); else a RESCAN is queued, unless one waits already."""
+        for i in range(len(self._pending) - 1, -1, -1):
+            event, reason, at = self._pending[i]
+            if at != lun:
+                continue
+            if event == EventType.TRANSPORT_RESET and reason == ResetReason.REMOVED:
+                del self._pending[i]
+                return
+            if event == EventType.TRANSPORT_RESET and reason == ResetReason.RESCAN:
+                return
+            break
+        self.lun_added(lun)
+
     def capacity_changed(self, lun: int) -> None:
         """PARAM_CHANGE: reason is asc | ascq << 8 (CAPACITY DATA HAS CHANGED)."""
         self.push(EventType.PARAM_CHANGE, 0x2A | (0x09 << 8), lun)
@@ -304,9 +321,10 @@ class VirtioScsiTarget:
         self.events.lun_removed(lun)
         return lu
 
-    def refresh_capacity(self, lun: int) -> bool:
-        """After a resize: CAPACITY DATA HAS CHANGED as a UA and a PARAM_CHANGE event."""
-        changed = self.scsi.luns[lun].refresh_capacity()
+    def refresh_capacity(self, lun: int, always: bool = False) -> bool:
+        """After a resize: CAPACITY DATA HAS CHANGED as a UA and a PARAM_CHANGE
+        event (`always`: see :meth:`LogicalUnit.refresh_capacity`)."""
+        changed = self.scsi.luns[lun].refresh_capacity(always)
         if changed:
             self.events.capacity_changed(lun)
         return changed

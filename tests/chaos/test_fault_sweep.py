@@ -16,7 +16,11 @@ makes each entry's point reachable:
   (``emulator-restart``) and the spare takes over, replays the session and
   serves the guest's I/O;
 * the control points of disk changes need a disk change on the holder's
-  slot: the test adds, resizes and removes a small extra disk there;
+  slot: the test adds, resizes and removes a small extra disk there, and
+  after each change waits until the guest shows the disk as management has
+  it (the guest's `MPL SCSI` lines): it must, whatever step the change was
+  killed at, and a change made while the guest still probes the disk would
+  fail the guest's own commands;
 * ring stop, a ring's fresh start and vhost-user answers (a resumed session
   sends none) happen when the guest reboots: those points come last, one
   reboot each (a device reset QEMU never sends: FRONTEND_ONLY);
@@ -468,6 +472,10 @@ def test_every_fault_point_once_under_guest_io(tmp_path: Path) -> None:
     assert rc == 0, m.stderr[-6000:]
     missed = [o for o in sweep.outcomes if not o.reached]
     assert not missed, "\n".join(o.row() for o in missed) + "\n" + m.stderr[-6000:]
+    # Whatever step a disk change was killed at, the guest ends up seeing the
+    # disks as management has them (a successor tells it what is in doubt).
+    unsettled = [o for o in sweep.outcomes if "the guest shows" in o.note]
+    assert not unsettled, "\n".join(o.row() for o in unsettled)
     assert len(sweep.outcomes) == len(SWEPT)
     assert any(f"all {len(SWEPT)} entries spent" in line for line in m.stderr_lines)
 

@@ -89,6 +89,87 @@ def test_a_hot_added_disk_is_announced_by_the_successor(
     _close(third, peer)
 
 
+def _pending(c: ControllerLoop) -> list[tuple[int, int, int]]:
+    """(event, reason, LUN) of each event `c` has yet to deliver."""
+    found = []
+    while c.target.events.pending():
+        buffer = bytearray(16)
+        c.target.events.fill([memoryview(buffer)])
+        event, field, reason = struct.unpack("<I8sI", buffer)
+        found.append((event, reason, field[3]))
+    return found
+
+
+def test_a_disk_whose_add_the_dead_emulator_never_saved_is_announced(
+    tmp_path: Path, store: layout.StateStore
+) -> None:
+    """Killed in the middle of adding a LUN, before the guest's event was
+    saved: the launcher, in doubt, keeps the disk and the successor's config
+    holds it. The successor finds no state for it and tells the guest, or
+    the guest would never see a disk management says is attached."""
+    first, peer = _controller(tmp_path, store, (0,), first_start=True)
+    assert not first.target.events.pending()  # a first start announces nothing
+    _close(first, peer)  # LUN 0's state is saved; LUN 3's add never was
+
+    second, peer = _controller(tmp_path, store, (0, 3), first_start=False)
+    assert EVENT_QUEUE in second.pending_kicks
+    assert _pending(second) == [(EventType.TRANSPORT_RESET, ResetReason.RESCAN, 3)]
+    second._save_events()
+    _close(second, peer)
+
+    third, peer = _controller(tmp_path, store, (0, 3), first_start=False)
+    assert not third.target.events.pending()  # LUN 3's state is saved now
+    assert EVENT_QUEUE not in third.pending_kicks
+    _close(third, peer)
+
+
+def test_a_disk_whose_remove_went_unanswered_is_kept_for_the_guest(
+    tmp_path: Path, store: layout.StateStore
+) -> None:
+    """Killed after removing a LUN and before answering: the launcher keeps
+    the disk, so the successor serves it. A REMOVED still waiting is
+    withdrawn (the guest keeps the disk it never heard go); one delivered
+    already is followed by a RESCAN (the guest finds it again)."""
+    first, peer = _controller(tmp_path, store, (0, 3), first_start=True)
+    first.remove_lun(3)  # the REMOVED waits: no event buffer was posted
+    _close(first, peer)
+    second, peer = _controller(tmp_path, store, (0, 3), first_start=False)
+    assert _pending(second) == []
+    second._save_events()
+    _close(second, peer)
+
+    third, peer = _controller(tmp_path, store, (0, 3), first_start=False)
+    third.remove_lun(3)
+    assert _pending(third) == [(EventType.TRANSPORT_RESET, ResetReason.REMOVED, 3)]
+    third._save_events()  # delivered
+    _close(third, peer)
+    fourth, peer = _controller(tmp_path, store, (0, 3), first_start=False)
+    assert _pending(fourth) == [(EventType.TRANSPORT_RESET, ResetReason.RESCAN, 3)]
+    _close(fourth, peer)
+
+
+def test_lun_served_withdraws_or_rescans() -> None:
+    events = EventQueueState()
+    events.lun_added(2)
+    events.lun_served(2)  # a RESCAN waits already
+    events.capacity_changed(4)
+    events.lun_served(4)  # a PARAM_CHANGE tells nothing of presence
+    events.lun_removed(5)
+    events.lun_added(5)
+    events.lun_removed(5)
+    events.lun_served(5)  # the last REMOVED withdrawn: add, remove, add in effect
+    got = []
+    while events.pending():
+        buffer = bytearray(16)
+        events.fill([memoryview(buffer)])
+        event, field, reason = struct.unpack("<I8sI", buffer)
+        got.append((event, reason, field[3]))
+    rescan, removed = ResetReason.RESCAN, ResetReason.REMOVED
+    reset, param = EventType.TRANSPORT_RESET, EventType.PARAM_CHANGE
+    assert got == [(reset, rescan, 2), (param, 0x2A | 0x09 << 8, 4), (reset, rescan, 4),
+                   (reset, removed, 5), (reset, rescan, 5)]
+
+
 def _event_ring(driver: TestDriver) -> RingConfig:
     r = driver.layout
     return RingConfig(EVENT_QUEUE, r.size, 0,
