@@ -36,9 +36,9 @@ from launcher.migration.compat import hello_problems
 from launcher.migration.source import HELLO_TIMEOUT_S, MIGRATION_POLL_S, QEMU_FD_NAME, hello_of
 from launcher.migration.status import Progress, Status
 from launcher.migration.stream import (
+    Arrivals,
     ChannelStream,
     MigrationError,
-    accept_classified,
     listen,
     unlink_listener,
 )
@@ -53,6 +53,17 @@ if TYPE_CHECKING:
 PREFIX = "incoming migration:"
 
 
+async def read_hello(stream: ChannelStream) -> Hello | str:
+    """The source's hello, or what came instead (for the log)."""
+    try:
+        got = await asyncio.wait_for(stream.receive(), HELLO_TIMEOUT_S)
+    except TimeoutError:
+        return f"no hello in {HELLO_TIMEOUT_S:.0f} s"
+    except MigrationError as e:  # a broken channel or bad input, named
+        return str(e)
+    return got if isinstance(got, Hello) else "no hello before it closed"
+
+
 class IncomingMigration:
     """One incoming migration for a VM's supervisor; `open()` first (binds
     the URI, so a bad one fails before anything starts), then `receive()`."""
@@ -62,6 +73,7 @@ class IncomingMigration:
         self.uri = uri
         self.progress = Progress()
         self.listener: socket.socket | None = None
+        self.arrivals: Arrivals | None = None
         #: True once the guest ran here (from then on: a plain VM).
         self.done = False
 
@@ -69,6 +81,9 @@ class IncomingMigration:
         self.listener = listen(self.uri)
 
     def close(self) -> None:
+        if self.arrivals is not None:
+            self.arrivals.close()
+            self.arrivals = None
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -129,28 +144,26 @@ class IncomingMigration:
 
     async def _accept_source(self, qemu: Qemu) -> ChannelStream:
         """The state channel, hello checked and answered."""
-        assert self.listener is not None
         while True:
-            kind, conn = await self._race(qemu, accept_classified(self.listener))
-            if kind is Kind.STATE:
+            kind, conn = await self._race(qemu, self._arrivals().next())
+            if kind is not Kind.STATE:
+                LOG.warning("%s closed a connection that is %s before any state channel",
+                            PREFIX, "QEMU's stream" if kind is Kind.QEMU else "neither "
+                            "mplaunch's state channel nor QEMU's stream")
+                conn.close()
+                continue
+            stream = ChannelStream(conn, Role.DESTINATION)
+            try:
+                hello = await self._race(qemu, read_hello(stream))
+            except BaseException:
+                stream.close()
+                raise
+            if isinstance(hello, Hello):
                 break
-            LOG.warning("%s closed a connection that is %s before any state channel",
-                        PREFIX, "QEMU's stream" if kind is Kind.QEMU else "neither "
-                        "mplaunch's state channel nor QEMU's stream")
-            conn.close()
-        stream = ChannelStream(conn, Role.DESTINATION)
-        try:
-            hello = await self._race(qemu, asyncio.wait_for(stream.receive(), HELLO_TIMEOUT_S))
-        except TimeoutError:
+            # Not a source to refuse: one that cannot even say hello gets no
+            # say in this migration (anyone may connect to a tcp: URI).
             stream.close()
-            raise MigrationError(f"the source sent no hello in {HELLO_TIMEOUT_S:.0f} s") \
-                from None
-        except BaseException:
-            stream.close()
-            raise
-        if not isinstance(hello, Hello):
-            stream.close()
-            raise MigrationError("the source closed the state channel before its hello")
+            LOG.warning("%s closed a state channel that sent %s; still waiting", PREFIX, hello)
         ours = hello_of(self.sv)
         problems = hello_problems(ours, hello)
         if problems:
@@ -163,6 +176,12 @@ class IncomingMigration:
         LOG.info("%s source VM %s accepted (%d disks, sizes match)", PREFIX, hello.vm,
                  len(hello.disks))
         return stream
+
+    def _arrivals(self) -> Arrivals:
+        if self.arrivals is None:
+            assert self.listener is not None
+            self.arrivals = Arrivals(self.listener)
+        return self.arrivals
 
     async def _race(self, qemu: Qemu, aw: Any) -> Any:
         """`aw`'s result, unless QEMU exits first (then MigrationError)."""
@@ -205,9 +224,8 @@ class IncomingMigration:
                 raise MigrationError(f"the source sent {got} out of order")
 
     async def _take_qemu_stream(self, qemu: Qemu, peer: asyncio.Task[Any]) -> None:
-        assert self.listener is not None
         while True:
-            kind, conn = await self._wait(qemu, peer, accept_classified(self.listener))
+            kind, conn = await self._wait(qemu, peer, self._arrivals().next())
             if kind is Kind.QEMU:
                 break
             LOG.warning("%s closed a connection that is not QEMU's stream", PREFIX)

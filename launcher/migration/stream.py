@@ -26,6 +26,9 @@ CHANNEL_READ_SIZE = 1 << 20
 CONNECT_TIMEOUT_S = 15.0
 CLASSIFY_TIMEOUT_S = 30.0
 """How long an accepted connection may take to send its first bytes."""
+MAX_UNSORTED = 16
+"""Connections told apart at once; more that arrive meanwhile are closed."""
+ACCEPT_RETRY_S = 0.1
 
 
 class MigrationError(Exception):
@@ -111,32 +114,73 @@ def unlink_listener(uri: MigrationUri) -> None:
             os.unlink(uri.path)
 
 
-async def accept_classified(listener: socket.socket) -> tuple[Kind, socket.socket]:
-    """The next connection and what its first bytes say it is (UNKNOWN also
-    for one that sent too little in CLASSIFY_TIMEOUT_S). Nothing is read:
-    the bytes stay for whoever takes the connection."""
-    loop = asyncio.get_running_loop()
-    conn, _ = await loop.sock_accept(listener)
-    conn.setblocking(False)
+async def sort_connection(conn: socket.socket) -> Kind:
+    """What `conn` is from its first bytes (UNKNOWN also for one that sent
+    too little in CLASSIFY_TIMEOUT_S). Nothing is read: the bytes stay for
+    whoever takes the connection."""
     deadline = time.monotonic() + CLASSIFY_TIMEOUT_S
-    try:
+    while True:
+        try:
+            first = conn.recv(8, socket.MSG_PEEK)
+        except BlockingIOError:
+            first = None
+        if first == b"":
+            return Kind.UNKNOWN
+        if first is not None:
+            kind = classify(first)
+            if kind is not None:
+                return kind
+        if time.monotonic() > deadline:
+            return Kind.UNKNOWN
+        await asyncio.sleep(0.005)  # wait for more of the first bytes
+
+
+class Arrivals:
+    """The connections to a listener as they arrive, each told apart by its
+    first bytes (:func:`sort_connection`) in a task of its own, so that one
+    that sends nothing holds up none after it. Stops (and closes what it
+    holds) on :meth:`close`; the listener stays the caller's."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self._listener = listener
+        self._sorted: asyncio.Queue[tuple[Kind, socket.socket]] = asyncio.Queue()
+        self._sorting: set[asyncio.Task[None]] = set()
+        self._acceptor = asyncio.create_task(self._accept())
+
+    async def next(self) -> tuple[Kind, socket.socket]:
+        """The next connection told apart, and what it is; the caller's now."""
+        return await self._sorted.get()
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                first = conn.recv(8, socket.MSG_PEEK)
-            except BlockingIOError:
-                first = None
-            if first == b"":
-                return Kind.UNKNOWN, conn
-            if first is not None:
-                kind = classify(first)
-                if kind is not None:
-                    return kind, conn
-            if time.monotonic() > deadline:
-                return Kind.UNKNOWN, conn
-            await asyncio.sleep(0.005)  # wait for more of the first bytes
-    except BaseException:
-        conn.close()
-        raise
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError:  # out of fds, or a connection reset before accept
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
+            conn.setblocking(False)
+            if len(self._sorting) >= MAX_UNSORTED:
+                conn.close()
+                continue
+            task = asyncio.create_task(self._sort(conn))
+            self._sorting.add(task)
+            task.add_done_callback(self._sorting.discard)
+
+    async def _sort(self, conn: socket.socket) -> None:
+        try:
+            kind = await sort_connection(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._sorted.put_nowait((kind, conn))
+
+    def close(self) -> None:
+        self._acceptor.cancel()
+        for task in self._sorting:
+            task.cancel()
+        while not self._sorted.empty():
+            self._sorted.get_nowait()[1].close()
 
 
 class ChannelStream:
@@ -187,5 +231,5 @@ class ChannelStream:
         self.sock.close()
 
 
-__all__ = ["ChannelClosed", "ChannelStream", "MigrationError", "accept_classified", "connect",
-           "listen", "unlink_listener"]
+__all__ = ["Arrivals", "ChannelClosed", "ChannelStream", "MigrationError", "connect", "listen",
+           "sort_connection", "unlink_listener"]

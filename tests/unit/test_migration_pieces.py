@@ -3,14 +3,28 @@ status query-migrate reports, and a state store image moved whole."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
-from launcher.migration.channel import DiskInfo, EmulatorInfo, Hello
+from launcher.migration.channel import (
+    MAGIC,
+    QEMU_MAGIC,
+    Channel,
+    DiskInfo,
+    EmulatorInfo,
+    Hello,
+    Kind,
+    Role,
+)
 from launcher.migration.compat import hello_problems, unmigratable
+from launcher.migration.destination import read_hello
 from launcher.migration.status import Phase, Progress, Status, from_qemu
+from launcher.migration.stream import CLASSIFY_TIMEOUT_S, Arrivals, ChannelStream, listen
 from launcher.migration.uri import BadUri, parse_uri
 from launcher.spec import load_spec
 from launcher.statestore import layout, transfer
@@ -166,3 +180,65 @@ def test_migrate_is_refused_for_a_vm_with_an_lsi_emulator(tmp_path: Path) -> Non
     assert source.refused() == ("emulator 'old-hba' is of kind lsi, which cannot migrate "
                                 "(only scsi emulators do)")
     assert source.cancel() == "no migration is under way"
+
+
+def test_a_silent_connection_holds_up_none_after_it(tmp_path: Path) -> None:
+    """The destination tells its connections apart each on its own: one that
+    sends nothing (a port scan, a stuck peer) does not make the source's
+    state channel or QEMU's stream behind it wait CLASSIFY_TIMEOUT_S."""
+    path = str(tmp_path / "m.sock")
+
+    async def run() -> list[tuple[Kind, bytes, float]]:
+        listener = listen(parse_uri(f"unix:{path}"))
+        arrivals = Arrivals(listener)
+        clients = []
+        try:
+            for data in (b"", b"GET / HTTP/1.0\r\n", MAGIC + b"rest", QEMU_MAGIC + b"x"):
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.connect(path)
+                c.sendall(data)
+                if data.startswith(b"GET"):
+                    c.shutdown(socket.SHUT_WR)
+                clients.append(c)
+            got = []
+            began = time.monotonic()
+            for _ in range(3):
+                kind, conn = await asyncio.wait_for(arrivals.next(), 5)
+                got.append((kind, conn.recv(8, socket.MSG_PEEK), time.monotonic() - began))
+                conn.close()
+            return got
+        finally:
+            arrivals.close()
+            listener.close()
+            for c in clients:
+                c.close()
+
+    got = asyncio.run(run())
+    assert {(kind, first) for kind, first, _ in got} == {
+        (Kind.STATE, MAGIC), (Kind.QEMU, QEMU_MAGIC + b"x"), (Kind.UNKNOWN, b"GET / HT")}
+    assert all(after < 2 for _, _, after in got), got  # not CLASSIFY_TIMEOUT_S
+    assert CLASSIFY_TIMEOUT_S > 2
+
+
+def test_a_state_channel_without_a_hello_is_named_not_fatal() -> None:
+    """What the destination logs for a state channel that cannot say hello
+    before it drops it and waits on (`read_hello`): never an exception."""
+    async def run(data: bytes) -> object:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.sendall(data)
+        theirs.close()
+        stream = ChannelStream(ours, Role.DESTINATION)
+        try:
+            return await read_hello(stream)
+        finally:
+            stream.close()
+
+    source = Channel(Role.SOURCE)
+    preamble = source.initiate()
+    assert asyncio.run(run(preamble)) == "no hello before it closed"
+    bad = asyncio.run(run(MAGIC + b"\xff\xff\xff\xff"))
+    assert isinstance(bad, str) and "version" in bad, bad
+    hello = Hello("vm", (), (), layout.VERSION)
+    good = asyncio.run(run(preamble + source.send(hello)))
+    assert isinstance(good, Hello) and good.vm == "vm"
