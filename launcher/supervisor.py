@@ -97,11 +97,24 @@ async def _report_stragglers(tasks: list[asyncio.Task[object]]) -> None:
         return
     _, late = await asyncio.wait(pending, timeout=CANCEL_REPORT_S)
     for task in late:
-        frames = task.get_stack(limit=8)
-        where = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
-                          for f in frames) or "no frame"
         LOG.error("task %r has not ended %.0f s after it was cancelled: waits at %s",
-                  task.get_name(), CANCEL_REPORT_S, where)
+                  task.get_name(), CANCEL_REPORT_S, _awaiting(task))
+
+
+def _awaiting(task: asyncio.Task[object], depth: int = 12) -> str:
+    """Where `task` waits, outermost first, down to the innermost await: a
+    task's stack gives only its own coroutine's frame, and the await that
+    holds it up is usually several calls further in."""
+    where: list[str] = []
+    step: Any = task.get_coro()
+    while step is not None and len(where) < depth:
+        frame = getattr(step, "cr_frame", None) or getattr(step, "gi_frame", None)
+        if frame is None:
+            where.append(type(step).__name__)  # a future, or a coroutine that ended
+            break
+        where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        step = getattr(step, "cr_await", None) or getattr(step, "gi_yieldfrom", None)
+    return "; ".join(where) or "no frame"
 
 
 class Supervisor:

@@ -210,3 +210,57 @@ def test_the_source_launcher_killed_mid_migration_leaves_the_guest_running_here(
     again.wait_console(rf"^MPL TICK n={last + 2}$", 60)
     again.signal(signal.SIGTERM)
     assert again.wait(60) == 0, again.stderr
+
+
+def test_a_migration_cancelled_during_the_ram_copy_leaves_the_guest_running_here(
+        tmp_path: Path, launchers: list[Mplaunch]) -> None:
+    """`migrate_cancel` on mplaunch.sock while QEMU copies RAM: status and
+    event `cancelled`, the source guest runs on, and the destination, whose
+    guest never ran, exits 1 with nothing left."""
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    vm = VmDef(src_dir, "mig-cancel", workload="shell", extra_append=shell_cmd(GUEST),
+               disks=[DiskDef("d0", "scsi0", 0)], controllers={"scsi0": ("disk-proc", 1)},
+               emulators={"disk-proc": {"kind": "scsi"}}, memory="512M")
+    source = Mplaunch(vm.write(), console=vm.console)
+    launchers.append(source)
+    source.wait_console(r"^MPL TICK n=2$", 180)
+    spec, console = destination_spec(vm, tmp_path / "dst", "mig-cancel-dst")
+    uri = f"unix:{tmp_path / 'migrate.sock'}"
+    dest = Mplaunch(spec, "--incoming", uri, console=console)
+    launchers.append(dest)
+    dest.wait_stderr("incoming migration: waiting on", 60)
+
+    async def cancel() -> tuple[dict[str, object], list[str]]:
+        client = QMPClient("test")
+        await client.connect(str(vm.run_dir / "mplaunch.sock"))
+        statuses: list[str] = []
+        try:
+            with client.listener("MIGRATION") as events:
+                await client.execute("migrate", {"uri": uri})
+                async with asyncio.timeout(60):
+                    while (await client.execute("query-migrate")).get("phase") != "ram":
+                        await asyncio.sleep(0.02)
+                await client.execute("migrate_cancel")
+                async with asyncio.timeout(60):
+                    while not statuses or statuses[-1] not in ("cancelled", "failed",
+                                                               "completed"):
+                        statuses.append((await events.get())["data"]["status"])
+            return await client.execute("query-migrate"), statuses
+        finally:
+            await client.disconnect()
+
+    answer, statuses = asyncio.run(cancel())
+    assert answer["status"] == "cancelled", (answer, statuses, source.stderr)
+    assert statuses[-1] == "cancelled", statuses
+    assert dest.wait(60) == 1, dest.stderr
+    assert not lines_of(console, "TICK")  # that guest never ran
+    dest.assert_nothing_left(tmp_path / "dst" / "run")
+    assert source.proc.poll() is None
+    last = max(ticks(vm.console))
+    source.wait_console(rf"^MPL TICK n={last + 2}$", 60)  # runs on here
+    assert "cancelled" in source.stderr

@@ -17,11 +17,14 @@ def test_a_child_that_outlives_its_cancel_is_named(
 ) -> None:
     monkeypatch.setattr(supervisor, "CANCEL_REPORT_S", 0.05)
 
+    async def slow_cleanup() -> None:
+        await asyncio.sleep(0.3)  # a cleanup that takes its time
+
     async def stubborn() -> None:
         try:
             await asyncio.sleep(10)
         except asyncio.CancelledError:
-            await asyncio.sleep(0.3)  # a cleanup that takes its time
+            await slow_cleanup()
             raise
 
     async def quick() -> None:
@@ -42,4 +45,7 @@ def test_a_child_that_outlives_its_cancel_is_named(
         asyncio.run(test())
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(lines) == 1, lines
-    assert "'stubborn child'" in lines[0] and "stubborn" in lines[0].split("waits at")[1]
+    where = lines[0].split("waits at")[1]
+    assert "'stubborn child'" in lines[0] and "stubborn" in where
+    # down to the innermost await, not just the task's own frame
+    assert where.index("stubborn") < where.index("slow_cleanup") < where.index("sleep"), where
