@@ -95,14 +95,17 @@ class Sampler(threading.Thread):
         self._lock = threading.Lock()
         self._paths: dict[str, Path] = {}
         self._maps: dict[str, UsedIndex] = {}
-        self._last: dict[str, int] = {}
+        self._last: dict[str, tuple[int, int, int]] = {}
         self.changes: dict[str, list[tuple[float, int]]] = {}
+        #: (time, ring started, avail index taken, used index) at every change
+        self.rings: dict[str, list[tuple[float, int, int, int]]] = {}
         self._done = threading.Event()
 
     def watch(self, label: str, path: Path) -> None:
         with self._lock:
             self._paths[label] = path
             self.changes.setdefault(label, [])
+            self.rings.setdefault(label, [])
 
     def forget(self, label: str) -> None:
         with self._lock:
@@ -120,10 +123,13 @@ class Sampler(threading.Thread):
                             self._maps[label] = used = UsedIndex(path)
                         if used is None:
                             continue
-                    value = used.read()
-                    if self._last.get(label) != value:
-                        self._last[label] = value
-                        self.changes[label].append((now, value))
+                    ring = used.ring()
+                    last = self._last.get(label)
+                    if last != ring:
+                        self._last[label] = ring
+                        self.rings[label].append((now, *ring))
+                        if last is None or last[2] != ring[2]:
+                            self.changes[label].append((now, ring[2]))
             time.sleep(SAMPLE_S)
 
     def stop(self) -> None:
@@ -133,6 +139,21 @@ class Sampler(threading.Thread):
     def copy(self, label: str) -> list[tuple[float, int]]:
         with self._lock:
             return list(self.changes.get(label, []))
+
+    def ring_copy(self, label: str) -> list[tuple[float, int, int, int]]:
+        with self._lock:
+            return list(self.rings.get(label, []))
+
+
+def ring_steps(rings: list[tuple[float, int, int, int]], after: float, stopped_at: int
+               ) -> tuple[float | None, float | None]:
+    """When the destination's request ring started (its slot vouched for)
+    and when it took its first request (an avail index other than 0 and the
+    one the source stopped at), after `after`."""
+    started = next((t for t, valid, _, _ in rings if t >= after and valid == 1), None)
+    taken = next((t for t, _, avail, _ in rings
+                  if t >= after and avail not in (0, stopped_at)), None)
+    return started, taken
 
 
 def completions(source: list[tuple[float, int]], dest: list[tuple[float, int]]
@@ -165,6 +186,11 @@ class Sample:
     #: "running"): before it, and from it to the first completion there.
     stall_before_running_ms: float | None
     stall_after_running_ms: float | None
+    #: From the source's "completed" to the destination's request ring
+    #: starting (negative: before it), and to that ring taking its first
+    #: request; the first completion follows (stall_after_running_ms).
+    ring_start_after_running_ms: float | None
+    first_taken_after_running_ms: float | None
     gap_ms: float | None
     gap_ram_ms: float | None
     gap_before_ms: float | None
@@ -222,6 +248,7 @@ def one_migration(pair: Pair, source: Side, hop: int, uri: str, sampler: Sampler
     sampler.forget(here)
     switch = max((t for t in src if t <= (resumed or exited)), default=None)
     stall = (resumed - switch) * 1e3 if resumed is not None and switch is not None else None
+    ring_started, taken = ring_steps(sampler.ring_copy(there), started, stopped_at)
     merged = sorted(src + dst)
     gap = gap_ram = None
     if switch is not None:
@@ -235,6 +262,9 @@ def one_migration(pair: Pair, source: Side, hop: int, uri: str, sampler: Sampler
         stall_ms=stall,
         stall_before_running_ms=(done - switch) * 1e3 if switch is not None else None,
         stall_after_running_ms=(resumed - done) * 1e3 if resumed is not None else None,
+        ring_start_after_running_ms=(ring_started - done) * 1e3
+        if ring_started is not None else None,
+        first_taken_after_running_ms=(taken - done) * 1e3 if taken is not None else None,
         gap_ms=gap * 1e3 if gap is not None else None,
         gap_ram_ms=gap_ram * 1e3 if gap_ram is not None else None,
         gap_before_ms=before * 1e3 if before is not None else None,
@@ -363,6 +393,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "stall_ms": summary([s.stall_ms for s in samples]),
         "stall_before_running_ms": summary([s.stall_before_running_ms for s in samples]),
         "stall_after_running_ms": summary([s.stall_after_running_ms for s in samples]),
+        "ring_start_after_running_ms": summary([s.ring_start_after_running_ms
+                                                for s in samples]),
+        "first_taken_after_running_ms": summary([s.first_taken_after_running_ms
+                                                 for s in samples]),
         "gap_ms": summary([s.gap_ms for s in samples]),
         "gap_ram_ms": summary([s.gap_ram_ms for s in samples]),
         "gap_before_ms": summary([s.gap_before_ms for s in samples]),

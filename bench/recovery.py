@@ -107,11 +107,20 @@ class UsedIndex:
         finally:
             os.close(fd)
         shape = layout.Layout.read_header(memoryview(self._map)[: layout.HEADER_SIZE].tobytes())
-        self._off = shape.queue_offset(0, REQUEST_QUEUE) + 8 + 8 * USED_WORD
+        self._slot = shape.queue_offset(0, REQUEST_QUEUE)
+        self._off = self._slot + 8 + 8 * USED_WORD
 
     def read(self) -> int:
         value: int = struct.unpack_from("<Q", self._map, self._off)[0]
         return value
+
+    def ring(self) -> tuple[int, int, int]:
+        """(1 once the ring's slot is vouched for, i.e. the ring started; the
+        avail index taken so far; the used index): when a ring starts, takes
+        its first request and completes it, for a finer split of a stall."""
+        valid: int = struct.unpack_from("<I", self._map, self._slot)[0]
+        avail, used = struct.unpack_from("<QQ", self._map, self._slot + 8)
+        return valid, avail, used
 
 
 def current_pid(m: Mplaunch) -> int:
