@@ -260,8 +260,14 @@ def write_atomically(
     where: int | str | os.PathLike[str], name: str | bytes, data: bytes | None = None
 ) -> None:
     """Replace a file by `data` so a reader sees the old or the new one whole,
-    even after a crash: a temporary file (mode 0600) written and fsynced,
-    renamed over the name, and the directory fsynced.
+    even after the writer's crash: a temporary file (mode 0600) written, then
+    renamed over the name.
+
+    No fsync (as launcher.vmstate): the record has to outlive the launcher,
+    not the host, whose crash ends the VM anyway. On a run folder that is not
+    a tmpfs a sync costs milliseconds per vhost-user message, and QEMU's ring
+    set-up (a VM start, a reboot, the end of an incoming migration) is twenty
+    of them while the guest waits.
 
     `write_atomically(path, data)`, or `write_atomically(dir, name, data)`
     with `dir` a directory's path or open fd.
@@ -289,11 +295,9 @@ def _write_in(directory: int | str | os.PathLike[str], name: str, data: bytes) -
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
     finally:
         if not isinstance(directory, int):
             os.close(dir_fd)
