@@ -44,6 +44,27 @@ def destination_spec(source: VmDef, folder: Path, name: str) -> tuple[Path, Path
     return spec, console
 
 
+def ticking_pair(tmp_path: Path, launchers: list[Mplaunch], name: str
+                 ) -> tuple[VmDef, Mplaunch, Mplaunch, Path, str]:
+    """A source whose guest ticks (512 MiB of RAM: a RAM copy long enough to
+    act during), and a destination waiting on a unix: URI: (the source's VM,
+    its mplaunch, the destination's, the destination's console, the URI)."""
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    vm = VmDef(src_dir, name, workload="shell", extra_append=shell_cmd(GUEST),
+               disks=[DiskDef("d0", "scsi0", 0)], controllers={"scsi0": ("disk-proc", 1)},
+               emulators={"disk-proc": {"kind": "scsi"}}, memory="512M")
+    source = Mplaunch(vm.write(), console=vm.console)
+    launchers.append(source)
+    source.wait_console(r"^MPL TICK n=2$", 180)
+    spec, console = destination_spec(vm, tmp_path / "dst", f"{name}-dst")
+    uri = f"unix:{tmp_path / 'migrate.sock'}"
+    dest = Mplaunch(spec, "--incoming", uri, console=console)
+    launchers.append(dest)
+    dest.wait_stderr("incoming migration: waiting on", 60)
+    return vm, source, dest, console, uri
+
+
 def ticks(console: Path) -> list[int]:
     return [int(f["n"]) for f in lines_of(console, "TICK")]
 
@@ -174,19 +195,7 @@ def test_the_source_launcher_killed_mid_migration_leaves_the_guest_running_here(
     import json
     import signal
 
-    src_dir = tmp_path / "src"
-    src_dir.mkdir()
-    vm = VmDef(src_dir, "mig-srcdeath", workload="shell", extra_append=shell_cmd(GUEST),
-               disks=[DiskDef("d0", "scsi0", 0)], controllers={"scsi0": ("disk-proc", 1)},
-               emulators={"disk-proc": {"kind": "scsi"}}, memory="512M")
-    source = Mplaunch(vm.write(), console=vm.console)
-    launchers.append(source)
-    source.wait_console(r"^MPL TICK n=2$", 180)
-    spec, console = destination_spec(vm, tmp_path / "dst", "mig-srcdeath-dst")
-    uri = f"unix:{tmp_path / 'migrate.sock'}"
-    dest = Mplaunch(spec, "--incoming", uri, console=console)
-    launchers.append(dest)
-    dest.wait_stderr("incoming migration: waiting on", 60)
+    vm, source, dest, console, uri = ticking_pair(tmp_path, launchers, "mig-srcdeath")
     sock = str(vm.run_dir / "mplaunch.sock")
     mpctl = subprocess.Popen([sys.executable, "-m", "launcher.mpctl", "migrate", sock, uri],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -221,19 +230,7 @@ def test_a_migration_cancelled_during_the_ram_copy_leaves_the_guest_running_here
 
     from qemu.qmp import QMPClient
 
-    src_dir = tmp_path / "src"
-    src_dir.mkdir()
-    vm = VmDef(src_dir, "mig-cancel", workload="shell", extra_append=shell_cmd(GUEST),
-               disks=[DiskDef("d0", "scsi0", 0)], controllers={"scsi0": ("disk-proc", 1)},
-               emulators={"disk-proc": {"kind": "scsi"}}, memory="512M")
-    source = Mplaunch(vm.write(), console=vm.console)
-    launchers.append(source)
-    source.wait_console(r"^MPL TICK n=2$", 180)
-    spec, console = destination_spec(vm, tmp_path / "dst", "mig-cancel-dst")
-    uri = f"unix:{tmp_path / 'migrate.sock'}"
-    dest = Mplaunch(spec, "--incoming", uri, console=console)
-    launchers.append(dest)
-    dest.wait_stderr("incoming migration: waiting on", 60)
+    vm, source, dest, console, uri = ticking_pair(tmp_path, launchers, "mig-cancel")
 
     async def cancel() -> tuple[dict[str, object], list[str]]:
         client = QMPClient("test")
