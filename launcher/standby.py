@@ -271,7 +271,12 @@ class StandbyKeeper:
             if over.done() and over.result() == "promoted":
                 promoted = True
                 return
-            if spare.proc.exited.done():
+            if any(keeper.closed for keeper in self.keepers.values()):
+                # QEMU closed the session (a power-off, QEMU's exit): the
+                # keeper closed the standby's socket too, and it ended.
+                LOG.debug("emulator %s: its standby (pid %d) ended with the session", self.id,
+                          spare.proc.pid)
+            elif spare.proc.exited.done():
                 LOG.warning("emulator %s: its standby (pid %d) died (%s)", self.id,
                             spare.proc.pid, describe_status(spare.proc.exited.result()))
             elif spare.link.hung.done():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launcher.runfolder import MARKER_NAME, Marker
-from tests.support.vm import Mplaunch, VmDef, lines_of, run_to_end, shell_cmd
+from tests.support.vm import DiskDef, Mplaunch, VmDef, lines_of, run_to_end, shell_cmd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("guest")]
 SLEEP = shell_cmd("sleep 600")
@@ -25,6 +25,22 @@ def test_boots_and_exits_0_when_the_guest_powers_off(tmp_path: Path) -> None:
     assert lines_of(vm.console, "DONE") == [{"workload": "boot", "rc": "0"}]
     assert "guest powered off" in m.stderr
     assert f"run folder {vm.run_dir}" in m.stderr
+    m.assert_nothing_left(vm.run_dir)
+
+
+def test_a_power_off_ends_the_hot_standby_without_a_warning(tmp_path: Path) -> None:
+    """QEMU closes the session at the power-off, the keeper closes the
+    standby's socket with it, and the standby ends: expected, so not
+    reported as a standby that broke its control protocol."""
+    vm = VmDef(tmp_path, "life-standby", workload="shell", extra_append=shell_cmd("sleep 4"),
+               disks=[DiskDef("d0", "scsi0", 0)], controllers={"scsi0": ("e0", 1)},
+               emulators={"e0": {}})
+    rc, m = run_to_end(vm, args=("-v",))
+    assert rc == 0, m.stderr
+    assert "guest powered off" in m.stderr
+    assert [line for line in m.stderr_lines if "follows pid" in line], m.stderr  # it stood by
+    assert not [line for line in m.stderr_lines if "its standby" in line
+                and "ended with the session" not in line], m.stderr
     m.assert_nothing_left(vm.run_dir)
 
 
